@@ -1,0 +1,21 @@
+"""Typed config of the training data (the ``data`` node of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Pile-format ``.jsonl.zst`` shards (paths or glob patterns, relative to the working directory)."""
+    val_files: list[str] = field(default_factory=list)
+    """Held-out shards for validation loss (optional)."""
+    tokenizer: str = ""
+    """Path to a sentencepiece ``.model``."""
+    seq_len: int = 128
+    """Tokens per training sequence; windows of seq_len + 1 tokens give inputs and shifted labels."""
+    count_bytes: int = 50_000_000
+    """Bytes of training text sampled to count token frequencies (for loss.name=pdl)."""
+    shuffle_buffer: int = 256
+    """Documents held in a seeded shuffle buffer while streaming (0 = corpus order)."""

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval harness integration for losslab checkpoints."""

@@ -1,0 +1,49 @@
+"""Architecture config of the decoder. Knows nothing of training, data or DeepSpeed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GPTConfig:
+    """A GPT-NeoX-style decoder, fully resolved (no optional fields)."""
+
+    vocab_size: int
+    """Number of real tokens (from the tokenizer). The embedding is padded to ``padded_vocab_size``."""
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    """Width of the GELU MLP (NeoX uses 2 matrices; 1.5x a SwiGLU width matches LLaMA's parameter count)."""
+    max_seq_len: int
+    rotary_pct: float = 0.25
+    """Fraction of each head's dimensions that get rotary embeddings (GPT-NeoX ``rotary_pct``)."""
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    parallel_residual: bool = True
+    bias: bool = True
+    vocab_multiple: int = 128
+    """The embedding and head rows are padded to a multiple of this for fast matmuls; padding is never predicted."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct={self.rotary_pct} must be in [0, 1]")
+        if self.rotary_dims % 2:
+            raise ValueError(f"rotary dims {self.rotary_dims} (head_dim x rotary_pct) must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m

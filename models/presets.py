@@ -1,0 +1,39 @@
+"""Named model sizes. Presets fix the shape; the vocabulary always comes from the tokenizer.
+
+The paper sizes follow the MiLe paper's LLaMA configs (arXiv 2310.19531, github.com/suu990901/LLaMA-MiLe-Loss)
+with a GPT-NeoX block whose MLP is 1.5x the SwiGLU width so that parameter counts match
+(468.2M / 1.205B / 6.738B at vocab 32000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    max_seq_len: int
+    init_std: float = 0.02
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests and smoke runs: seconds on a laptop CPU.
+    "debug": Preset(n_layers=2, d_model=64, n_heads=4, d_mlp=256, max_seq_len=256),
+    # The CPU demo: small enough to train a few hundred steps on 2 cores in minutes.
+    "tiny": Preset(n_layers=4, d_model=128, n_heads=4, d_mlp=512, max_seq_len=256),
+    # MiLe paper shapes (the paper's LLaMA uses init std 0.01).
+    "468m": Preset(n_layers=24, d_model=1024, n_heads=16, d_mlp=6144, max_seq_len=1024, init_std=0.01),
+    "1.2b": Preset(n_layers=16, d_model=2048, n_heads=8, d_mlp=12288, max_seq_len=1024, init_std=0.01),
+    "6.7b": Preset(n_layers=32, d_model=4096, n_heads=32, d_mlp=16512, max_seq_len=2048, init_std=0.01),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}") from None

@@ -1,0 +1,52 @@
+"""Evaluate a checkpoint with lm-eval:
+``python scripts/evaluate.py --checkpoint RUN_OR_CKPT_DIR --tasks t1,t2 [--task-dir DIR] [--num-fewshot K]``.
+Writes ``eval_results.json`` next to the checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (latest checkpoint)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--task-dir", default="", help="directory of local task YAMLs (offline use)")
+    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--offline", action="store_true", help="never contact the hub (implied by --task-dir)")
+    args = parser.parse_args(argv)
+
+    from evals.runner import RESULTS_FILE, evaluate_checkpoint
+
+    try:
+        summary = evaluate_checkpoint(
+            args.checkpoint,
+            [t for t in args.tasks.split(",") if t],
+            task_dir=args.task_dir,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            offline=True if args.offline else None,
+        )
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary["metrics"], indent=2))
+    print(f"results: {summary['checkpoint']}/{RESULTS_FILE}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install losslab with its dev tools.
+# torch is installed first so that pip never pulls a multi-GB CUDA build onto a machine without a GPU:
+#   - no NVIDIA GPU: torch==2.13.0 (a CPU build where one is provided locally);
+#   - NVIDIA GPU: the newest torch from the index.
+# Override with LOSSLAB_TORCH (any pip requirement spec, e.g. LOSSLAB_TORCH="torch==2.11.0").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quiet_pip() {  # pip, without the noise of this machine's unused local index locations
+  "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    spec="${LOSSLAB_TORCH:-torch}"
+  else
+    spec="${LOSSLAB_TORCH:-torch==2.13.0}"
+  fi
+  echo "setup: installing $spec"
+  quiet_pip .venv/bin/pip install -q "$spec"
+fi
+# Re-install only when the project's requirements change.
+stamp=.venv/.losslab-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing losslab and its dependencies"
+  quiet_pip .venv/bin/pip install -q -e '.[dev]'
+  echo "$want" >"$stamp"
+fi

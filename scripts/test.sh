@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the environment, lint, and run the test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+.venv/bin/python -m pytest -q tests "$@"

@@ -1,0 +1,143 @@
+"""End-to-end through the real stack: DeepSpeed engine (gloo, CPU), sentencepiece, W&B offline, lm-eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evals.tasks import write_multiple_choice_task
+from tests.conftest import debug_overrides
+from trainer.checkpoint import load_model, resolve_checkpoint
+from trainer.config import load_config
+from trainer.loop import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env() -> dict[str, str]:
+    """The pytest process holds a process group; a child must not join it."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["WANDB_SILENT"] = "true"
+    return env
+
+
+@pytest.fixture(scope="module")
+def mile_run(corpus, dist_env, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "mile"
+    cfg = load_config(
+        None, debug_overrides(corpus, run_dir, **{"loss.name": "mile", "checkpoint.every": 10, "wandb.mode": "offline"})
+    )
+    return train(cfg)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_debug_run_loss_falls(mile_run):
+    rows = [r for r in read_metrics(mile_run.run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "entropy", "weight"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
+    assert rows[-1]["tokens"] == 30 * 8 * 32
+    assert mile_run.final_loss == rows[-1]["loss"]
+
+
+def test_run_outputs_are_reproducible(mile_run):
+    run_dir = mile_run.run_dir
+    assert load_config(run_dir / "config.yaml").loss.name == "mile"  # the resolved config loads back
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["git_sha"] and info["tokenizer_sha256"]
+    meta = json.loads((mile_run.checkpoint / "meta.json").read_text())
+    assert meta["step"] == 30 and meta["data_state"]["windows_consumed"] == 30 * 8
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000020", "step_0000030"]  # keep=2
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run written"
+
+
+def test_checkpoint_reload_gives_identical_logits(mile_run):
+    model, ckpt = load_model(mile_run.run_dir)
+    assert ckpt == resolve_checkpoint(mile_run.checkpoint)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mile_run.model.eval().logits(ids)
+        assert torch.equal(model.logits(ids), expected)
+
+
+def test_deepspeed_checkpoint_loads_into_a_fresh_engine(mile_run, corpus):
+    from models import GPT
+    from trainer.config import model_config
+    from trainer.engine import build_engine
+    from trainer.losses import build_loss
+    from trainer.objective import CausalLMObjective
+    from trainer.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(mile_run.run_dir / "config.yaml")
+    torch.manual_seed(123)  # different init: the load must overwrite it
+    model = GPT(model_config(cfg, mile_run.model.cfg.vocab_size))
+    opt = build_optimizer(model, cfg.train)
+    engine = build_engine(
+        CausalLMObjective(model, build_loss(cfg.loss)), opt, build_scheduler(opt, cfg.train), cfg.train
+    )
+    path, client = engine.load_checkpoint(str(mile_run.run_dir / "checkpoints"), tag=mile_run.checkpoint.name)
+    assert path is not None and client["losslab"]["tokens"] == 30 * 8 * 32
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model.eval().logits(ids), mile_run.model.eval().logits(ids))
+
+
+def test_evaluate_script_writes_results(mile_run, tmp_path):
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(6)]
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--checkpoint", str(mile_run.run_dir), "--tasks", "toy_mc",
+         "--task-dir", str(tmp_path / "tasks")],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((mile_run.checkpoint / "eval_results.json").read_text())
+    assert results["step"] == 30 and results["n_samples"]["toy_mc"]["effective"] == 6
+    assert 0.0 <= results["metrics"]["toy_mc/acc"] <= 1.0
+
+
+def test_train_script_rejects_unknown_key_with_its_name(corpus, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "configs/experiments/demo.yaml", "train.max_stepz=3"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "train.max_stepz" in proc.stderr and "max_steps" in proc.stderr
+
+
+def test_train_script_end_to_end_with_in_loop_eval(corpus, tmp_path):
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(4)]
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    overrides = debug_overrides(
+        corpus,
+        tmp_path / "run",
+        **{"train.max_steps": 6, "eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks")},
+    )
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "configs/experiments/demo.yaml", *overrides],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final training loss:" in proc.stdout and "eval toy_mc/acc:" in proc.stdout
+    assert f"run directory: {(tmp_path / 'run').resolve()}" in proc.stdout
+    # a second run into the same directory is refused unless asked for
+    again = subprocess.run(
+        [sys.executable, "scripts/train.py", "configs/experiments/demo.yaml", *overrides],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 2 and "run.overwrite=true" in again.stderr

@@ -1,0 +1,1 @@
+"""Training: config, losses, the DeepSpeed engine, the loop and its callbacks."""

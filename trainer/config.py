@@ -1,0 +1,210 @@
+"""The run config: typed dataclasses composed from each component's own config, loaded from layered YAML.
+
+Load order (later wins): the schema's defaults -> ``configs/base.yaml`` -> the files an experiment lists under
+``includes:`` (relative to ``configs/``, e.g. ``model/tiny.yaml``, ``loss/mile.yaml``) -> the experiment file ->
+``key=value`` overrides from the command line. Unknown keys and wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from models.config import GPTConfig
+from models.presets import PRESETS, get_preset
+from trainer.losses.config import LossConfig
+from trainer.losses.weighting import LOSSES
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    """Where the run writes everything: checkpoints, metrics.jsonl, resolved config, W&B files."""
+    name: str = ""
+    """Human-readable run name (defaults to the run directory's name)."""
+    overwrite: bool = False
+    """Allow training into a run directory that already holds metrics or checkpoints (they are replaced)."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "debug"
+    """A named shape from ``models/presets.py`` (debug, tiny, 468m, 1.2b, 6.7b)."""
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    d_mlp: int | None = None
+    max_seq_len: int | None = None
+    init_std: float | None = None
+    """Shape fields left null take the preset's value."""
+    rotary_pct: float = 0.25
+    parallel_residual: bool = True
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    seed: int = 0
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr * min_lr_ratio (the MiLe paper decays to 0)."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
+    zero_stage: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep: int = 2
+    """Keep the last K checkpoints (0 keeps all)."""
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names, run after the final checkpoint (and with each checkpoint when ``every_checkpoint``)."""
+    task_dir: str = ""
+    """Directory of local lm-eval task YAMLs (offline); empty uses only lm-eval's stock tasks."""
+    every_checkpoint: bool = False
+    num_fewshot: int = 0
+    limit: int = 0
+    """Documents per task (0: all)."""
+    batch_size: int = 16
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"
+    """offline (default; sync later with ``wandb sync``) | online | disabled."""
+    project: str = "losslab"
+    entity: str = ""
+    group: str = ""
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        msg = str(e).splitlines()[0]
+        raise ConfigError(
+            f"{origin}: bad config key {key!r}: {msg}" + (f"; valid keys: {valid}" if valid else "")
+        ) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Compose and validate a run config; raises ConfigError with the offending key."""
+    cfg = OmegaConf.structured(RunConfig)
+    cfg = _merge(cfg, _load_yaml(CONFIG_ROOT / "base.yaml"), "configs/base.yaml")
+    if path is not None:
+        exp = _load_yaml(Path(path))
+        includes = exp.pop("includes", [])
+        for inc in includes:
+            inc_path = Path(inc) if os.path.isabs(inc) else CONFIG_ROOT / inc
+            cfg = _merge(cfg, _load_yaml(inc_path), str(inc_path))
+        cfg = _merge(cfg, exp, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    try:
+        run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {e}") from None
+    validate(run_cfg)
+    return run_cfg
+
+
+def _choice(key: str, value: str, valid: list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {valid}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cheap, pure checks of values (no I/O)."""
+    _choice("model.preset", cfg.model.preset, sorted(PRESETS))
+    _choice("loss.name", cfg.loss.name, sorted(LOSSES))
+    _choice("loss.fused", str(cfg.loss.fused).lower(), ["auto", "false", "true"])
+    _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
+    _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
+    for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "data.seq_len"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    max_len = cfg.model.max_seq_len or get_preset(cfg.model.preset).max_seq_len
+    if cfg.data.seq_len > max_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}")
+
+
+def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
+    """Resolve the model section against its preset; the vocabulary comes from the tokenizer."""
+    preset = get_preset(cfg.model.preset)
+    m = cfg.model
+
+    def pick(name: str):
+        value = getattr(m, name)
+        return getattr(preset, name) if value is None else value
+
+    return GPTConfig(
+        vocab_size=vocab_size,
+        n_layers=pick("n_layers"),
+        d_model=pick("d_model"),
+        n_heads=pick("n_heads"),
+        d_mlp=pick("d_mlp"),
+        max_seq_len=pick("max_seq_len"),
+        init_std=pick("init_std"),
+        rotary_pct=m.rotary_pct,
+        parallel_residual=m.parallel_residual,
+    )
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

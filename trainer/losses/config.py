@@ -1,0 +1,34 @@
+"""Typed config of the training loss (the ``loss`` node of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+"""Label value of positions that carry no loss (padding, masked prompts)."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    """One of the registered losses: ce, focal, focal_lin, mile, pdl (see ``trainer.losses.LOSSES``)."""
+    gamma: float = 1.0
+    """Exponent of the weight: (1 + H)^gamma for mile, (1 - p)^gamma for focal / focal_lin."""
+    focal_alpha: float = 1.0
+    """focal_lin only: Lin et al.'s constant class-balance factor (0.25 in the paper; 1.0 = no scaling)."""
+    alpha: float = 1.0
+    """pdl only: W[t] = (count[t] + smoothing + eps)^-alpha."""
+    eps: float = 1e-7
+    """pdl only: the official code's additive epsilon."""
+    smoothing: float = 1.0
+    """pdl only: add-k smoothing of counts, so a token never seen gets weight (k + eps)^-alpha, not eps^-alpha
+    (with the official k = 0 an unseen special token weighs 1e7 and swamps the batch)."""
+    max_weight: float = 0.0
+    """pdl only: if > 0, clip W at this multiple of its occurrence-weighted mean (W is rescaled to mean 1)."""
+    count_ignored: bool = False
+    """mile / focal: reproduce the official code's counting, where ignored positions still add their weight
+    to the normaliser and count in the mean. False (default) masks them, which is what the formula means."""
+    fused: str = "auto"
+    """auto | true | false. Fused: logits are built chunk by chunk and never materialised as [N, V]."""
+    chunk_size: int = 0
+    """Rows per chunk of the fused path; 0 picks a size that keeps a chunk's logits near 64 MiB."""
