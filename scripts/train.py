@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint: {result.checkpoint}")
         if result.eval is not None:
             for key, value in sorted(result.eval["metrics"].items()):
-                if "stderr" not in key:
+                if not key.endswith(("_stderr", "sample_len")):
                     print(f"eval {key}: {value:.4f}")
         print(f"run directory: {result.run_dir.resolve()}")
     return 0
