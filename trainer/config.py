@@ -171,6 +171,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.preset", cfg.model.preset, sorted(PRESETS))
     _choice("loss.name", cfg.loss.name, sorted(LOSSES))
     _choice("loss.fused", str(cfg.loss.fused).lower(), ["auto", "false", "true"])
+    _choice("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"])
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
     if cfg.train.zero_stage not in (0, 1, 2, 3):

@@ -30,5 +30,7 @@ class LossConfig:
     to the normaliser and count in the mean. False (default) masks them, which is what the formula means."""
     fused: str = "auto"
     """auto | true | false. Fused: logits are built chunk by chunk and never materialised as [N, V]."""
+    kernel: str = "auto"
+    """Row-wise part of the fused path: auto (Triton on CUDA when installed) | triton | torch."""
     chunk_size: int = 0
     """Rows per chunk of the fused path; 0 picks a size that keeps a chunk's logits near 64 MiB."""

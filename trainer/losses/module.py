@@ -35,6 +35,8 @@ class TokenLoss(nn.Module):
         fused = str(cfg.fused).lower()
         if fused not in ("auto", "true", "false"):
             raise ValueError(f"loss.fused must be auto, true or false, got {cfg.fused!r}")
+        if cfg.kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"loss.kernel must be auto, torch or triton, got {cfg.kernel!r}")
         self.cfg = cfg
         self.weighting = weighting
         self.fused = fused != "false"
@@ -51,7 +53,9 @@ class TokenLoss(nn.Module):
         if h.shape[0] != y.shape[0]:
             raise ValueError(f"hidden has {h.shape[0]} rows but labels has {y.shape[0]}")
         if self.fused:
-            numerator, ce, entropy, w = paths.chunked(h, head_weight, y, self._row_fn, self.cfg.chunk_size)
+            numerator, ce, entropy, w = paths.chunked(
+                h, head_weight, y, self._row_fn, self.cfg.chunk_size, self.cfg.kernel
+            )
         else:
             numerator, ce, entropy, w = paths.reference(h, head_weight, y, self._row_fn)
         valid = y != IGNORE_INDEX

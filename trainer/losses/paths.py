@@ -53,9 +53,56 @@ def default_chunk_rows(vocab: int, acc: torch.dtype) -> int:
     return max(1, CHUNK_BYTES // (vocab * torch.finfo(acc).bits // 8))
 
 
+class TorchRows:
+    """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype)."""
+
+    @staticmethod
+    def stats(z: Tensor, y: Tensor, valid: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        zf = z.to(acc)  # [c, V]
+        lse = torch.logsumexp(zf, dim=-1)  # [c]
+        zy = zf.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # [c]
+        p = (zf - lse[:, None]).exp_()  # [c, V] softmax
+        # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
+        ent = lse - (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1)  # [c]
+        return lse, zy, ent, p
+
+    @staticmethod
+    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, p: Tensor) -> Tensor:
+        p[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= valid.to(p.dtype)
+        return p.mul_(coef[:, None].to(p.dtype)).to(z.dtype)  # [c, V] dl/dz
+
+
+class TritonRows:
+    """The same with the Triton kernels of ``triton_rows.py``: two passes over the block, gradient in place."""
+
+    @staticmethod
+    def stats(z: Tensor, y: Tensor, valid: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, None]:
+        from trainer.losses.triton_rows import row_stats
+
+        lse, zy, ent = row_stats(z, y)
+        return lse, zy, ent, None
+
+    @staticmethod
+    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, _state: None) -> Tensor:
+        from trainer.losses.triton_rows import row_grad_
+
+        return row_grad_(z, y, lse, coef)
+
+
+def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor) -> None:
+    """grad_w [V, d] (fp32/fp64) += g.T [V, c] @ h [c, d]."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.T, h.to(grad_w.dtype))
+    elif g.is_cuda:
+        # bf16 inputs, fp32 accumulation in cuBLAS, in place: no [V, d] temporary per chunk
+        torch.ops.aten.addmm.dtype_out(grad_w, g.T, h, grad_w.dtype, out=grad_w)
+    else:
+        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+
+
 class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, row_fn, chunk_rows, need_grad):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, row_fn, chunk_rows, need_grad, rows):  # type: ignore[override]
         N, d = hidden.shape
         V = weight.shape[0]
         acc = accumulation_dtype(hidden.dtype)
@@ -69,14 +116,10 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             h = hidden[s : s + chunk_rows]  # [c, d]
             y = labels[s : s + chunk_rows]  # [c]
             valid = y != IGNORE_INDEX
-            y_safe = y.clamp_min(0)
-            z = (h @ weight.T).to(acc)  # [c, V]
-            lse = torch.logsumexp(z, dim=-1)  # [c]
-            ce = torch.where(valid, lse - z.gather(1, y_safe[:, None]).squeeze(1), 0.0)  # [c]
-            p = (z - lse[:, None]).exp_()  # [c, V] softmax
-            # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
-            ent = lse - (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1)  # [c]
-            del z
+            z = h @ weight.T  # [c, V], in the inputs' dtype
+            lse, zy, ent, state = rows.stats(z, y, valid, acc)
+            ce = torch.where(valid, lse - zy, 0.0).to(acc)  # [c]
+            ent = ent.to(acc)
             with torch.enable_grad():
                 ce_leaf = ce.detach().requires_grad_(need_grad)
                 terms, w = row_fn(ce_leaf, ent, y)
@@ -87,11 +130,10 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             w_all[s : s + chunk_rows] = w.detach()
             if need_grad:
                 # dl/dz = coef * (softmax - onehot); ignored rows have coef 0 through the masks in row_fn
-                rows = torch.arange(len(y), device=y.device)
-                p[rows, y_safe] -= valid.to(acc)
-                p.mul_(coef[:, None])  # [c, V] = dl/dz
-                grad_h[s : s + chunk_rows] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_w.addmm_(p.T, h.to(acc))
+                g = rows.grad(z, y, valid, lse, coef, state)  # [c, V]
+                grad_h[s : s + chunk_rows] = g @ weight
+                _accumulate_grad_w(grad_w, g, h)
+            del z, state
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -108,11 +150,34 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def chunked(hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn, chunk_rows: int = 0) -> tuple[Tensor, ...]:
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_rows(kernel: str, device: torch.device, dtype: torch.dtype) -> type[TorchRows] | type[TritonRows]:
+    """kernel: auto (Triton on CUDA when installed, for 16/32-bit floats) | triton | torch."""
+    if kernel == "torch" or dtype == torch.float64:
+        return TorchRows
+    if kernel == "triton":
+        if not triton_available():
+            raise RuntimeError("loss.kernel=triton but triton is not installed")
+        return TritonRows
+    return TritonRows if device.type == "cuda" and triton_available() else TorchRows
+
+
+def chunked(
+    hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn, chunk_rows: int = 0, kernel: str = "auto"
+) -> tuple[Tensor, ...]:
     acc = accumulation_dtype(hidden.dtype)
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], acc)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearLoss.apply(hidden, weight, labels, row_fn, chunk_rows, need_grad)
+    rows = pick_rows(kernel, hidden.device, hidden.dtype)
+    return _ChunkedLinearLoss.apply(hidden, weight, labels, row_fn, chunk_rows, need_grad, rows)
