@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Pile-format ``.jsonl.zst`` shards (paths or glob patterns, relative to the working directory)."""
+    """Pile-format ``.jsonl.zst`` shards (paths or glob patterns, relative to the working directory), streamed
+    and tokenised on the fly. Ignored when ``prepared`` is set."""
+    prepared: str = ""
+    """Directory written by ``scripts/prepare_data.py``: the fast path (memory-mapped tokens)."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Prepared data only: sampling weight of each source (``meta.pile_set_name``); empty: in proportion to
+    the sources' tokens. Sources not listed are not used."""
+    num_workers: int = 0
+    """Prepared data only: dataloader worker processes."""
     val_files: list[str] = field(default_factory=list)
     """Held-out shards for validation loss (optional)."""
     tokenizer: str = ""

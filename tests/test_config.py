@@ -7,7 +7,7 @@ import pytest
 from trainer.config import CONFIG_ROOT, ConfigError, RunConfig, load_config
 
 EXPERIMENTS = sorted((CONFIG_ROOT / "experiments").rglob("*.yaml"))
-LAYERS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name in ("model", "loss"))
+LAYERS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name in ("model", "loss", "data"))
 
 
 def test_there_are_configs_to_check():
@@ -27,8 +27,10 @@ def test_layer_configs_load(path: Path, tmp_path: Path):
     cfg = load_config(exp)
     if path.parent.name == "loss":
         assert cfg.loss.name == path.stem
-    else:
+    elif path.parent.name == "model":
         assert cfg.model.preset == path.stem
+    else:
+        assert cfg.data.prepared or cfg.data.train_files
 
 
 def test_required_keys_exist_and_overrides_apply():

@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.counts import count_tokens
-from data.stream import PackedStream
+from data.source import build_source, token_counts
 from data.tokenizer import Tokenizer
 from models import GPT
 from trainer.callbacks import Callback, EvalCallback, build_callbacks
@@ -85,26 +84,19 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # Data first: a missing file, tokenizer or empty corpus fails before any heavy work.
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    stream = PackedStream(
-        cfg.data.train_files,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.train.micro_batch_size,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+    stream = build_source(
+        cfg.data, tokenizer, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, world_size=world
     )
     batches = iter(stream)
     pending = next(batches)  # [B, T+1]
 
-    token_counts = None
+    counts = None
     if LOSSES[cfg.loss.name].needs_token_counts:
-        token_counts = count_tokens(stream.files, tokenizer, cfg.data.count_bytes, seed=cfg.train.seed)
+        counts = token_counts(cfg.data, stream, tokenizer, seed=cfg.train.seed)
 
     model_cfg = model_config(cfg, tokenizer.vocab_size)
     model = GPT(model_cfg)
-    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=token_counts))
+    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=counts))
     optimizer = build_optimizer(model, cfg.train)
     engine = build_engine(objective, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     device = engine.device

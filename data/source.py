@@ -1,0 +1,68 @@
+"""One interface over the two training-data paths: streaming shards and prepared memmaps.
+
+A batch source is an iterable of ``[micro_batch, seq_len + 1]`` int64 tensors for this data-parallel rank with
+``state_dict()`` / ``load_state_dict()`` (exact resume), ``stats`` (bad input skipped and counted) and
+``files``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from data.config import DataConfig
+from data.counts import count_tokens
+from data.memmap import MemmapBatches, MemmapSource, PreparedCorpus
+from data.shards import DataError, ReadStats
+from data.stream import PackedStream
+from data.tokenizer import Tokenizer
+from trainer.run_info import file_sha256
+
+
+class BatchSource(Protocol):
+    stats: ReadStats
+    files: list[str]
+
+    def __iter__(self): ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_source(
+    cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seed: int, rank: int, world_size: int
+) -> BatchSource:
+    if cfg.prepared:
+        corpus = PreparedCorpus(cfg.prepared)
+        expected = corpus.manifest["fingerprint"]["tokenizer_sha256"]
+        if file_sha256(tokenizer.path) != expected:
+            raise DataError(
+                f"data.tokenizer {tokenizer.path!r} is not the tokenizer {cfg.prepared!r} was prepared with"
+            )
+        batches = MemmapBatches(
+            corpus, cfg.mix, seq_len=cfg.seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+        return MemmapSource(batches, corpus, num_workers=cfg.num_workers)
+    if cfg.mix:
+        raise DataError("data.mix needs data.prepared (prepared data split by source)")
+    if not cfg.train_files:
+        raise DataError("no training data: set data.train_files (shards) or data.prepared (prepared data)")
+    return PackedStream(
+        cfg.train_files,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+def token_counts(cfg: DataConfig, source: BatchSource, tokenizer: Tokenizer, seed: int) -> torch.Tensor:
+    """[V] token frequencies: exact from prepared data, else counted over ``cfg.count_bytes`` of the shards."""
+    if cfg.prepared:
+        return PreparedCorpus(cfg.prepared).token_counts()
+    return count_tokens(source.files, tokenizer, cfg.count_bytes, seed=seed)

@@ -1,0 +1,38 @@
+"""Pre-tokenise Pile-format shards into memory-mapped token files (the fast training path):
+``python scripts/prepare_data.py --files 'pile/*.jsonl.zst' --tokenizer tok.model --out data/pile [--by-source]``.
+Re-running on the same inputs reuses the output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from data.prepare import prepare
+from data.shards import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", nargs="+", required=True, help="shards (paths or globs)")
+    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--by-source", action="store_true", help="one token file per meta.pile_set_name")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokeniser processes (0: inline)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        manifest = prepare(args.files, args.tokenizer, args.out, by_source=args.by_source, workers=args.workers)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tokens = sum(s["tokens"] for s in manifest["sources"].values())
+    print(json.dumps({"sources": manifest["sources"], "read_stats": manifest["read_stats"]}, indent=2))
+    print(f"{tokens} tokens in {args.out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
