@@ -8,7 +8,7 @@ import sys
 
 from data.shards import DataError
 from trainer.config import ConfigError, load_config
-from trainer.loop import train
+from trainer.loop import NonFiniteLossError, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +24,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except (DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     import torch.distributed as dist
 
+    if dist.get_rank() == 0 and result.preempted:
+        print(f"pre-empted after step {result.steps}; resume with train.resume=auto (checkpoint {result.checkpoint})")
+        return 0
     if dist.get_rank() == 0:
         print(f"final training loss: {result.final_loss:.4f} after {result.steps} steps ({result.tokens} tokens)")
         print(f"checkpoint: {result.checkpoint}")

@@ -1,19 +1,29 @@
-"""Checkpoints: DeepSpeed's own state (for resuming) plus, beside it, everything needed to use or reproduce
-the model without DeepSpeed: consolidated weights (safetensors, no pickle), the resolved run config, the
-model config, the tokenizer, and provenance (git SHA, step, tokens, data state).
+"""Checkpoints: DeepSpeed's state (model, optimizer, LR scheduler) for resuming, plus everything needed to use
+or reproduce the model without DeepSpeed: consolidated weights (safetensors), the resolved run config, the
+model config, the tokenizer, provenance and the loop's own state (step, tokens, data position, RNG states).
 
 Layout: ``RUN_DIR/checkpoints/step_0000300/{model.safetensors, config.yaml, model_config.json, tokenizer.model,
-meta.json, <DeepSpeed files>}``. ``meta.json`` is written last: a directory without it is incomplete.
+meta.json, rng_rank<r>.json, <DeepSpeed files>}`` and ``RUN_DIR/checkpoints/latest`` (the newest tag).
+
+Crash safety: a checkpoint is written into ``.tmp-step_N``, renamed to ``step_N`` only once every rank has
+finished and ``meta.json`` (written last) is in place, and ``latest`` is replaced atomically afterwards. A
+process killed at any point leaves the previous checkpoint untouched; a partial one is never picked up.
+Loading never unpickles arbitrary objects: weights come from safetensors, DeepSpeed's files are read with
+``torch.load(weights_only=True)`` (see ``engine.safe_checkpoint_loading``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -24,10 +34,39 @@ from trainer.run_info import git_sha
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
+LATEST = "latest"
 
 
 def step_tag(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able data (no pickle)."""
+    version, state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -40,27 +79,42 @@ def save_checkpoint(
     model_cfg: GPTConfig,
     tokenizer_path: str,
     keep: int,
+    die_midway: bool = False,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. ``meta`` (the loop's state, with ``step``) goes into DeepSpeed's
+    client state and ``meta.json``. Returns the checkpoint directory."""
+    rank = dist.get_rank()
     root = run_dir / CHECKPOINTS
     tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"losslab": meta})
+    tmp, final = root / f".tmp-{tag}", root / tag
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"losslab": meta}, save_latest=False)
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
     state = consolidated_state_dict(engine, engine.module)
-    ckpt = root / tag
-    if dist.get_rank() == 0:
+    if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0:
         assert state is not None
         # the trained module is the objective (model + loss); keep only the model's weights
         weights = {
             k.removeprefix("model."): v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("model.")
         }
-        save_file(weights, str(ckpt / "model.safetensors"))
-        (ckpt / "config.yaml").write_text(config_yaml)
-        (ckpt / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
-        shutil.copyfile(tokenizer_path, ckpt / "tokenizer.model")
-        (ckpt / META).write_text(json.dumps({**meta, "step": step, "git_sha": git_sha()}, indent=2))
+        save_file(weights, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        (tmp / META).write_text(json.dumps({**meta, "git_sha": git_sha()}, indent=2))
+    dist.barrier()  # every rank's files are in place
+    if rank == 0:
+        if final.exists():  # the same step saved again (a resumed run that had not got further)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
-    return ckpt
+    return final
 
 
 def _complete(root: Path) -> list[Path]:
@@ -73,16 +127,37 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    root = run_dir / CHECKPOINTS
+    if (root / LATEST).is_file():
+        named = root / (root / LATEST).read_text().strip()
+        if (named / META).is_file():
+            return named
+    found = _complete(root) if root.is_dir() else []
+    return found[-1] if found else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its latest complete checkpoint)."""
     p = Path(path)
     if (p / META).is_file():
         return p
-    for root in (p / CHECKPOINTS, p):
-        found = _complete(root) if root.is_dir() else []
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"no complete checkpoint at {str(p)!r} (expected {META} in a step_* directory)")
+    found = latest_checkpoint(p)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint at {str(p)!r} (expected {META} in a step_* directory)")
+    return found
+
+
+def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
+    """Load DeepSpeed's state and this rank's RNG state; returns the checkpoint's loop state (meta)."""
+    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {str(ckpt)!r}")
+    rng_file = ckpt / f"rng_rank{dist.get_rank()}.json"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved
+        set_rng_state(json.loads(rng_file.read_text()))
+    return client["losslab"]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Path]:

@@ -58,6 +58,10 @@ class TrainSection:
     micro_batch_size: int = 8
     """Sequences per rank per micro-step."""
     grad_accum: int = 1
+    """Micro-steps per optimizer step (derived from ``global_batch_size`` when that is set)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks; 0 means micro_batch_size x grad_accum x world size.
+    When set it must be a multiple of micro_batch_size x world size, and grad_accum follows from it."""
     seed: int = 0
     lr: float = 3e-4
     min_lr_ratio: float = 0.0
@@ -71,6 +75,12 @@ class TrainSection:
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
     zero_stage: int = 0
     log_every: int = 10
+    resume: str = "none"
+    """none: start fresh | auto: continue from the latest complete checkpoint in run.dir (fresh if there is
+    none) | a checkpoint directory."""
+    max_nonfinite_in_a_row: int = 5
+    """A step whose loss is not finite is skipped (no parameter update) and counted; after this many in a row
+    training stops with an error naming the steps (0: never stop)."""
 
 
 @dataclass
@@ -104,6 +114,18 @@ class WandbSection:
 
 
 @dataclass
+class DebugSection:
+    """Fault injection, for testing the failure paths as a user would meet them. All 0 (off) by default."""
+
+    nan_at_step: int = 0
+    """Make the loss of this step NaN."""
+    sigterm_at_step: int = 0
+    """Send this process SIGTERM during this step (pre-emption)."""
+    kill_in_checkpoint_at_step: int = 0
+    """SIGKILL this process halfway through writing the checkpoint of this step."""
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -113,6 +135,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+    debug: DebugSection = field(default_factory=DebugSection)
 
 
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
@@ -176,6 +199,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
+    if cfg.train.resume not in ("none", "auto") and not os.path.isdir(cfg.train.resume):
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: choose none, auto, or an existing checkpoint directory")
+    if cfg.train.global_batch_size < 0:
+        raise ConfigError("train.global_batch_size must be >= 0")
     for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "data.seq_len"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
@@ -183,6 +210,19 @@ def validate(cfg: RunConfig) -> None:
     max_len = cfg.model.max_seq_len or get_preset(cfg.model.preset).max_seq_len
     if cfg.data.seq_len > max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}")
+
+
+def grad_accum_steps(train: TrainSection, world_size: int) -> int:
+    """Micro-steps per optimizer step, checked against the global batch (known once the world size is)."""
+    if not train.global_batch_size:
+        return train.grad_accum
+    per_micro = train.micro_batch_size * world_size
+    if train.global_batch_size % per_micro:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({train.micro_batch_size}) x world size ({world_size}) = {per_micro}"
+        )
+    return train.global_batch_size // per_micro
 
 
 def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:

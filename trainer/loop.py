@@ -1,35 +1,31 @@
-"""``train(cfg)``: the training loop. Side concerns live in callbacks; DeepSpeed lives in ``engine.py``."""
+"""``train(cfg)``: the training loop. Set-up lives in ``run.py``, side concerns in callbacks, DeepSpeed in
+``engine.py``; this file is the loop itself."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import shutil
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from data.source import build_source, token_counts
-from data.tokenizer import Tokenizer
 from models import GPT
-from trainer.callbacks import Callback, EvalCallback, build_callbacks
-from trainer.checkpoint import CHECKPOINTS, save_checkpoint
-from trainer.config import RunConfig, model_config, to_yaml
-from trainer.engine import build_engine, init_distributed
-from trainer.losses import LOSSES, build_loss
-from trainer.objective import CausalLMObjective
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.run_info import file_sha256, git_sha
+from trainer.callbacks import EvalCallback
+from trainer.checkpoint import save_checkpoint
+from trainer.config import RunConfig
+from trainer.run import Run, build_run
 
 # summed over micro-steps and averaged over ranks at logging steps
 STEP_METRICS = ("loss", "ce", "entropy", "weight")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
 
 
 @dataclass
@@ -42,147 +38,136 @@ class TrainResult:
     eval: dict[str, Any] | None
     model: GPT
     """The trained model as held by this rank (partitioned under ZeRO-3)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _reduce_mean(values: torch.Tensor) -> list[float]:
-    """One all-reduce for all logged scalars, only on logging steps (the only host sync of the loop)."""
-    if dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values / dist.get_world_size()
-    return values.tolist()
-
-
-def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    previous = [run_dir / "metrics.jsonl", run_dir / CHECKPOINTS]
-    if any(p.exists() for p in previous):
-        if not overwrite:
-            raise FileExistsError(
-                f"run directory {str(run_dir)!r} already holds a run; choose another run.dir or set run.overwrite=true"
-            )
-        dist.barrier()  # every rank has looked before rank 0 removes anything
-        if dist.get_rank() == 0:
-            for p in previous:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-    dist.barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    preempted: bool = False
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    rank, world = init_distributed()
-    seed_everything(cfg.train.seed)
-    run_dir = Path(cfg.run.dir)
-    _prepare_run_dir(run_dir, overwrite=cfg.run.overwrite)
-
-    # Data first: a missing file, tokenizer or empty corpus fails before any heavy work.
-    tokenizer = Tokenizer(cfg.data.tokenizer)
-    stream = build_source(
-        cfg.data, tokenizer, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, world_size=world
-    )
-    batches = iter(stream)
-    pending = next(batches)  # [B, T+1]
-
-    counts = None
-    if LOSSES[cfg.loss.name].needs_token_counts:
-        counts = token_counts(cfg.data, stream, tokenizer, seed=cfg.train.seed)
-
-    model_cfg = model_config(cfg, tokenizer.vocab_size)
-    model = GPT(model_cfg)
-    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=counts))
-    optimizer = build_optimizer(model, cfg.train)
-    engine = build_engine(objective, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
-    device = engine.device
-
-    config_yaml = to_yaml(cfg)
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    run_info = {
-        "git_sha": git_sha(),
-        "world_size": world,
-        "num_params": model.num_params(),
-        "model": model_cfg.__dict__,
-        "tokenizer_sha256": file_sha256(cfg.data.tokenizer),
-        "data_files": stream.files,
-    }
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(config_yaml)
-        (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
-    callbacks: list[Callback] = build_callbacks(cfg, run_dir, {**config_dict, "run_info": run_info})
-
-    def emit(step: int, metrics: dict[str, float]) -> None:
-        for cb in callbacks:
-            cb.on_log(step, metrics)
-
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
-    last_time, last_tokens, last_loss = time.perf_counter(), 0, float("nan")
-    ckpt: Path | None = None
-    for step in range(1, cfg.train.max_steps + 1):
-        sums = torch.zeros(len(STEP_METRICS), device=device, dtype=torch.float32)
-        for _ in range(cfg.train.grad_accum):
-            windows = pending if pending is not None else next(batches)
-            pending = None
-            out = engine(windows.to(device))
-            engine.backward(out.loss)
-            engine.step()
-            sums += torch.stack([out.loss.detach().float()] + [out.metrics[k].float() for k in STEP_METRICS[1:]])
-
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            values = dict(zip(STEP_METRICS, _reduce_mean(sums / cfg.train.grad_accum), strict=True))
-            last_loss = values["loss"]
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"non-finite training loss {last_loss} at step {step}")
-            now, tokens = time.perf_counter(), step * tokens_per_step
-            metrics = {
-                **values,
-                "lr": engine.get_lr()[0],
-                "tokens": tokens,
-                "tokens_per_s": (tokens - last_tokens) / max(now - last_time, 1e-9),
-                **{f"data/{k}": v for k, v in stream.stats.as_dict().items()},
-            }
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            emit(step, metrics)
-            last_time, last_tokens = now, tokens
-
+    run = build_run(cfg)
+    step, last_loss, preempted = run.start_step - 1, float("nan"), False
+    resumed = run.info["resumed_from"]
+    ckpt = Path(resumed) if resumed else None  # a run resumed at its last step has nothing left to do
+    clock = _Clock(run.tokens_per_step * step)
+    for step in range(run.start_step, cfg.train.max_steps + 1):
+        if cfg.debug.sigterm_at_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        sums = _train_step(run, step)
         final = step == cfg.train.max_steps
-        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            meta = {
-                "tokens": step * tokens_per_step,
-                "data_state": stream.state_dict(),
-                "data_stats": stream.stats.as_dict(),
-                "tokenizer_sha256": run_info["tokenizer_sha256"],
-            }
-            ckpt = save_checkpoint(
-                engine,
-                run_dir,
-                step,
-                meta=meta,
-                config_yaml=config_yaml,
-                model_cfg=model_cfg,
-                tokenizer_path=cfg.data.tokenizer,
-                keep=cfg.checkpoint.keep,
-            )
-            for cb in callbacks:
-                cb.on_checkpoint(step, ckpt, final=final, emit=emit)
-
-    for cb in callbacks:
+        preempted = run.preemption.requested()
+        if step % cfg.train.log_every == 0 or final or preempted:
+            last_loss = _log(run, step, sums, clock)
+        if final or preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            ckpt = _checkpoint(run, step, final=final)
+        if preempted:
+            print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
+            break
+    for cb in run.callbacks:
         cb.on_end()
+    run.preemption.restore()
     assert ckpt is not None
-    eval_cb = next(cb for cb in callbacks if isinstance(cb, EvalCallback))
     return TrainResult(
-        run_dir=run_dir,
-        steps=cfg.train.max_steps,
-        tokens=cfg.train.max_steps * tokens_per_step,
+        run_dir=run.run_dir,
+        steps=step,
+        tokens=step * run.tokens_per_step,
         final_loss=last_loss,
         checkpoint=ckpt,
-        eval=eval_cb.last,
-        model=model,
+        eval=next(cb for cb in run.callbacks if isinstance(cb, EvalCallback)).last,
+        model=run.model,
+        preempted=preempted,
     )
+
+
+def _train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the summed metrics (on device).
+
+    A non-finite loss is caught on the device: the fused AdamW reads ``found_inf`` and leaves parameters and
+    moments untouched, so the step is skipped without a host sync; the count is checked at logging steps.
+    """
+    engine, optimizer = run.engine, run.optimizer
+    sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
+    for micro in range(run.grad_accum):
+        windows = run.next_batch()
+        out = engine(windows.to(engine.device))
+        loss = out.loss
+        if run.cfg.debug.nan_at_step == step:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        sums += torch.stack([loss.detach().float()] + [out.metrics[k].float() for k in STEP_METRICS[1:]])
+        if micro == run.grad_accum - 1:
+            bad = (~torch.isfinite(sums[0])).int()
+            if run.world_size > 1:  # every rank must skip together (a device collective, not a host sync)
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            optimizer.found_inf = bad.float()
+            run.nonfinite_total += bad
+            run.nonfinite_run = (run.nonfinite_run + 1) * bad
+            run.nonfinite_max_run = torch.maximum(run.nonfinite_max_run, run.nonfinite_run)
+            run.last_nonfinite_step = torch.where(bad.bool(), step, run.last_nonfinite_step)
+        engine.step()
+    optimizer.found_inf = None
+    return sums / run.grad_accum
+
+
+class _Clock:
+    def __init__(self, tokens: int) -> None:
+        self.time, self.tokens = time.perf_counter(), tokens
+
+    def rate(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = (tokens - self.tokens) / max(now - self.time, 1e-9)
+        self.time, self.tokens = now, tokens
+        return rate
+
+
+def _log(run: Run, step: int, sums: torch.Tensor, clock: _Clock) -> float:
+    """The loop's only host sync: one all-reduce of every logged scalar, on logging steps."""
+    counters = torch.stack([run.nonfinite_total, run.nonfinite_max_run, run.last_nonfinite_step]).float()
+    values = run.reduce_mean(torch.cat([sums, counters]))  # counters are equal on all ranks (the loss is global)
+    metrics = dict(zip(STEP_METRICS, values[: len(STEP_METRICS)], strict=True))
+    nonfinite_total, max_run, last_bad = (round(v) for v in values[len(STEP_METRICS) :])
+    run.nonfinite_max_run.zero_()
+    limit = run.cfg.train.max_nonfinite_in_a_row
+    if limit and max_run >= limit:
+        raise NonFiniteLossError(
+            f"the loss was not finite for {max_run} steps in a row (the last at step {last_bad}); stopping "
+            f"(train.max_nonfinite_in_a_row={limit})"
+        )
+    if nonfinite_total and nonfinite_total > run.nonfinite_reported:
+        print(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far", file=sys.stderr)
+        run.nonfinite_reported = nonfinite_total
+    tokens = step * run.tokens_per_step
+    metrics.update(
+        lr=run.engine.get_lr()[0],
+        tokens=tokens,
+        tokens_per_s=clock.rate(tokens),
+        skipped_nonfinite_steps=nonfinite_total,
+        **{f"data/{k}": v for k, v in run.source.stats.as_dict().items()},
+    )
+    grad_norm = run.engine.get_global_grad_norm()
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        metrics["grad_norm"] = float(grad_norm)
+    run.emit(step, metrics)
+    return metrics["loss"]
+
+
+def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
+    meta = {
+        "step": step,
+        "tokens": step * run.tokens_per_step,
+        "data_state": run.source.state_dict(),
+        "data_stats": run.source.stats.as_dict(),
+        "tokenizer_sha256": run.info["tokenizer_sha256"],
+        "world_size": run.world_size,
+    }
+    ckpt = save_checkpoint(
+        run.engine,
+        run.run_dir,
+        step,
+        meta=meta,
+        config_yaml=run.config_yaml,
+        model_cfg=run.model.cfg,
+        tokenizer_path=run.cfg.data.tokenizer,
+        keep=run.cfg.checkpoint.keep,
+        die_midway=run.cfg.debug.kill_in_checkpoint_at_step == step,
+    )
+    for cb in run.callbacks:
+        cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
+    return ckpt

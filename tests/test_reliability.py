@@ -1,0 +1,117 @@
+"""Exact resume, crash-safe checkpoints, guarded numerics and clear errors — driven through scripts/train.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import debug_overrides
+from tests.test_train import REPO, clean_env
+
+
+def run_train(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", "configs/experiments/demo.yaml", *overrides],
+        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_weights(run_dir: Path):
+    return load_file(str(run_dir / "checkpoints" / "step_0000040" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run_a(corpus, tmp_path_factory):
+    """40 uninterrupted steps, the reference for every resumed run."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "A"
+    proc = run_train(debug_overrides(corpus, run_dir, **{"train.max_steps": 40, "train.log_every": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_sigterm_then_resume_is_bit_exact(run_a, corpus, tmp_path):
+    run_dir = tmp_path / "B"
+    common = {"train.max_steps": 40, "train.log_every": 1}
+    first = run_train(debug_overrides(corpus, run_dir, **common, **{"debug.sigterm_at_step": 20}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pre-empted after step 20" in first.stdout and "SIGTERM" in first.stderr
+    assert max(losses(run_dir)) == 20
+    second = run_train(debug_overrides(corpus, run_dir, **common, **{"train.resume": "auto"}))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    assert losses(run_dir) == losses(run_a)  # every step, exactly
+    a, b = final_weights(run_a), final_weights(run_dir)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_sigkill_while_checkpointing_leaves_previous_checkpoint_usable(run_a, corpus, tmp_path):
+    run_dir = tmp_path / "C"
+    common = {"train.max_steps": 40, "train.log_every": 1, "checkpoint.every": 10, "checkpoint.keep": 3}
+    killed = run_train(debug_overrides(corpus, run_dir, **common, **{"debug.kill_in_checkpoint_at_step": 20}))
+    assert killed.returncode == -9
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000010"
+    assert not (ckpts / "step_0000020").exists() and (ckpts / ".tmp-step_0000020").exists()
+    resumed = run_train(debug_overrides(corpus, run_dir, **common, **{"train.resume": "auto"}))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_0000010" in resumed.stdout
+    assert losses(run_dir) == losses(run_a)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000020", "step_0000030", "step_0000040"]
+
+
+def test_nan_step_is_skipped_and_reported(corpus, tmp_path):
+    run_dir = tmp_path / "nan"
+    proc = run_train(
+        debug_overrides(corpus, run_dir, **{"train.max_steps": 12, "train.log_every": 1, "debug.nan_at_step": 5})
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss at step 5" in proc.stderr
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert rows[4]["skipped_nonfinite_steps"] == 0 and rows[5]["skipped_nonfinite_steps"] == 1
+    assert math.isnan(rows[5]["loss"]) and math.isfinite(rows[12]["loss"]) and rows[12]["skipped_nonfinite_steps"] == 1
+    weights = load_file(str(run_dir / "checkpoints" / "step_0000012" / "model.safetensors"))
+    assert all(t.isfinite().all() for t in weights.values())  # the NaN never reached the parameters
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(corpus, tmp_path):
+    overrides = debug_overrides(
+        corpus, tmp_path / "stop", **{"train.max_steps": 12, "debug.nan_at_step": 5, "train.max_nonfinite_in_a_row": 1}
+    )
+    proc = run_train(overrides)
+    assert proc.returncode == 3
+    assert "not finite for 1 steps in a row (the last at step 5)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"train.lr": "fast"}, "train.lr"),
+        (
+            {"loss.name": "mile2"},
+            "loss.name='mile2' is not valid; choose one of ['ce', 'focal', 'focal_lin', 'mile', 'pdl']",
+        ),
+        ({"train.global_batch_size": 12}, "train.global_batch_size=12 is not a multiple of train.micro_batch_size (8)"),
+        (
+            {"data.train_files": "[/nonexistent/shard_*.jsonl.zst]"},
+            "data file not found: '/nonexistent/shard_*.jsonl.zst'",
+        ),
+        ({"data.tokenizer": "/nonexistent/tok.model"}, "tokenizer model not found: '/nonexistent/tok.model'"),
+        ({"train.resume": "/nonexistent/ckpt"}, "train.resume='/nonexistent/ckpt'"),
+    ],
+)
+def test_config_errors_are_clear_and_early(corpus, tmp_path, extra, message):
+    proc = run_train(debug_overrides(corpus, tmp_path / "bad", **extra), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,192 @@
+"""Everything a training run holds, built once: process group, run directory, data, model, engine, callbacks,
+and — when resuming — the restored state. Errors in config, data or tokenizer surface here, before the
+model is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.source import BatchSource, build_source, token_counts
+from data.tokenizer import Tokenizer
+from models import GPT
+from trainer.callbacks import Callback, build_callbacks
+from trainer.checkpoint import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, restore
+from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
+from trainer.engine import build_engine, init_distributed
+from trainer.losses import LOSSES, build_loss
+from trainer.objective import CausalLMObjective
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.run_info import file_sha256, git_sha
+from trainer.signals import Preemption
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    world_size: int
+    grad_accum: int
+    tokens_per_step: int
+    source: BatchSource
+    model: GPT
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    callbacks: list[Callback]
+    info: dict[str, Any]
+    config_yaml: str
+    start_step: int
+    preemption: Preemption
+    batches: Any = None
+    pending: torch.Tensor | None = None
+    # non-finite loss bookkeeping, on the device (read at logging steps only)
+    nonfinite_total: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
+    nonfinite_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
+    nonfinite_max_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
+    last_nonfinite_step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
+    nonfinite_reported: int = 0
+
+    def next_batch(self) -> torch.Tensor:
+        if self.pending is not None:
+            batch, self.pending = self.pending, None
+            return batch
+        return next(self.batches)
+
+    def emit(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(step, metrics)
+
+    def reduce_mean(self, values: torch.Tensor) -> list[float]:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / self.world_size
+        return values.tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(run_dir)
+    return resolve_checkpoint(cfg.train.resume)
+
+
+def _prepare_run_dir(run_dir: Path, *, overwrite: bool, resuming: bool) -> None:
+    previous = [run_dir / METRICS, run_dir / CHECKPOINTS]
+    if not resuming and any(p.exists() for p in previous):
+        if not overwrite:
+            raise FileExistsError(
+                f"run directory {str(run_dir)!r} already holds a run; continue it with train.resume=auto, "
+                "choose another run.dir, or set run.overwrite=true"
+            )
+        dist.barrier()  # every rank has looked before rank 0 removes anything
+        if dist.get_rank() == 0:
+            for p in previous:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+    dist.barrier()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def build_run(cfg: RunConfig) -> Run:
+    rank, world = init_distributed()
+    grad_accum = grad_accum_steps(cfg.train, world)  # impossible batch arithmetic fails here
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.run.dir)
+    resume_ckpt = _resume_from(cfg, run_dir)
+    _prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, resuming=resume_ckpt is not None)
+
+    # Data first: a missing file, tokenizer or empty corpus fails before any heavy work.
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    micro = cfg.train.micro_batch_size
+    source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
+    probe = iter(source)
+    first = next(probe)  # [B, T+1]
+    counts = (
+        token_counts(cfg.data, source, tokenizer, cfg.train.seed) if LOSSES[cfg.loss.name].needs_token_counts else None
+    )
+
+    model_cfg = model_config(cfg, tokenizer.vocab_size)
+    model = GPT(model_cfg)
+    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=counts))
+    optimizer = build_optimizer(model, cfg.train)
+    train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
+    engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg)
+
+    start_step = 1
+    if resume_ckpt is not None:
+        meta = restore(engine, resume_ckpt)
+        source.load_state_dict(meta["data_state"])
+        start_step = meta["step"] + 1
+        if rank == 0:
+            _truncate_metrics(run_dir / METRICS, meta["step"])
+        if rank == 0:
+            print(f"resumed from {resume_ckpt} at step {start_step}", flush=True)
+        batches, pending = iter(source), None
+    else:
+        batches, pending = probe, first
+
+    config_yaml = to_yaml(cfg)
+    info = {
+        "git_sha": git_sha(),
+        "world_size": world,
+        "grad_accum": grad_accum,
+        "num_params": model.num_params(),
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer_sha256": file_sha256(cfg.data.tokenizer),
+        "data_files": source.files,
+        "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+    }
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(config_yaml)
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    device = engine.device
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        world_size=world,
+        grad_accum=grad_accum,
+        tokens_per_step=micro * grad_accum * world * cfg.data.seq_len,
+        source=source,
+        model=model,
+        engine=engine,
+        optimizer=optimizer,
+        callbacks=build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}),
+        info=info,
+        config_yaml=config_yaml,
+        start_step=start_step,
+        preemption=Preemption(),
+        batches=batches,
+        pending=pending,
+    )
+    for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
+        setattr(run, name, getattr(run, name).to(device))
+    return run
