@@ -2,6 +2,6 @@
 
 from models.config import GPTConfig
 from models.gpt import GPT
-from models.presets import PRESETS, Preset, get_preset
+from models.presets import BLOCK_DEFAULTS, PRESETS, Preset, get_preset
 
-__all__ = ["GPT", "PRESETS", "GPTConfig", "Preset", "get_preset"]
+__all__ = ["BLOCK_DEFAULTS", "GPT", "PRESETS", "GPTConfig", "Preset", "get_preset"]

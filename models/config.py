@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BLOCKS = ("neox", "llama")
+
 
 @dataclass
 class GPTConfig:
-    """A GPT-NeoX-style decoder, fully resolved (no optional fields)."""
+    """A decoder, fully resolved (no optional fields). ``block`` picks the layer family:
+    ``neox``: LayerNorm, GELU MLP with 2 matrices, biases (GPT-NeoX / Pythia);
+    ``llama``: RMSNorm, SwiGLU MLP with 3 matrices, no biases (LLaMA, the MiLe paper's architecture).
+    Residual layout and rotary fraction are separate fields (NeoX: parallel, 0.25; LLaMA: sequential, 1.0)."""
 
     vocab_size: int
     """Number of real tokens (from the tokenizer). The embedding is padded to ``padded_vocab_size``."""
@@ -15,8 +20,10 @@ class GPTConfig:
     d_model: int
     n_heads: int
     d_mlp: int
-    """Width of the GELU MLP (NeoX uses 2 matrices; 1.5x a SwiGLU width matches LLaMA's parameter count)."""
+    """MLP width (NeoX's GELU MLP has 2 matrices, LLaMA's SwiGLU 3: a NeoX width of 1.5x the SwiGLU width
+    gives the same parameter count)."""
     max_seq_len: int
+    block: str = "neox"
     rotary_pct: float = 0.25
     """Fraction of each head's dimensions that get rotary embeddings (GPT-NeoX ``rotary_pct``)."""
     rotary_base: float = 10000.0
@@ -28,6 +35,8 @@ class GPTConfig:
     """The embedding and head rows are padded to a multiple of this for fast matmuls; padding is never predicted."""
 
     def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; valid blocks: {list(BLOCKS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.rotary_pct <= 1.0:

@@ -1,6 +1,11 @@
-"""A GPT-NeoX-style decoder: rotary attention on ``rotary_pct`` of each head, parallel residual, LayerNorm,
-GELU MLP with two matrices, untied output head. Weight layout follows HF ``GPTNeoXForCausalLM`` (the fused QKV
-projection is ``[n_heads, 3, head_dim]`` per output row) so that export is a renaming.
+"""A decoder with two block families (``GPTConfig.block``):
+
+- ``neox``: rotary attention on ``rotary_pct`` of each head, parallel residual, LayerNorm, GELU MLP with two
+  matrices, biases — HF ``GPTNeoXForCausalLM``;
+- ``llama``: full rotary, sequential residual, RMSNorm, SwiGLU MLP, no biases — HF ``LlamaForCausalLM``.
+
+Both have untied embeddings and a fused QKV projection laid out ``[n_heads, 3, head_dim]`` per output row
+(NeoX's layout, so its export is a renaming; LLaMA's export splits it). ``models/hf.py`` converts.
 
 The model returns final hidden states; the output head is a separate module so a training loss can consume
 ``(hidden, head.weight)`` without materialising the logits (see ``LMHead.forward``).
@@ -63,7 +68,7 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-class MLP(nn.Module):
+class GeluMLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
@@ -73,14 +78,31 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))  # exact (erf) GELU, as HF's "gelu"
 
 
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # [B, T, d]
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.block == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_attn = make_norm(cfg)
+        self.ln_mlp = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.block == "llama" else GeluMLP(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), GPT-J / NeoX style
@@ -115,7 +137,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_f = make_norm(cfg)
         self.head = LMHead(cfg)
         self.reset_parameters()
 

@@ -15,20 +15,30 @@ class Preset:
     n_layers: int
     d_model: int
     n_heads: int
-    d_mlp: int
+    d_swiglu: int
+    """LLaMA's SwiGLU width; the NeoX block uses 1.5x this (same parameter count)."""
     max_seq_len: int
     init_std: float = 0.02
+
+    def d_mlp(self, block: str) -> int:
+        return self.d_swiglu if block == "llama" else self.d_swiglu * 3 // 2
 
 
 PRESETS: dict[str, Preset] = {
     # Tests and smoke runs: seconds on a laptop CPU.
-    "debug": Preset(n_layers=2, d_model=64, n_heads=4, d_mlp=256, max_seq_len=256),
+    "debug": Preset(n_layers=2, d_model=64, n_heads=4, d_swiglu=192, max_seq_len=256),
     # The CPU demo: small enough to train a few hundred steps on 2 cores in minutes.
-    "tiny": Preset(n_layers=4, d_model=128, n_heads=4, d_mlp=512, max_seq_len=256),
-    # MiLe paper shapes (the paper's LLaMA uses init std 0.01).
-    "468m": Preset(n_layers=24, d_model=1024, n_heads=16, d_mlp=6144, max_seq_len=1024, init_std=0.01),
-    "1.2b": Preset(n_layers=16, d_model=2048, n_heads=8, d_mlp=12288, max_seq_len=1024, init_std=0.01),
-    "6.7b": Preset(n_layers=32, d_model=4096, n_heads=32, d_mlp=16512, max_seq_len=2048, init_std=0.01),
+    "tiny": Preset(n_layers=4, d_model=128, n_heads=4, d_swiglu=384, max_seq_len=256),
+    # MiLe paper shapes (github.com/suu990901/LLaMA-MiLe-Loss configs; the paper's LLaMA uses init std 0.01).
+    "468m": Preset(n_layers=24, d_model=1024, n_heads=16, d_swiglu=4096, max_seq_len=1024, init_std=0.01),
+    "1.2b": Preset(n_layers=16, d_model=2048, n_heads=8, d_swiglu=8192, max_seq_len=1024, init_std=0.01),
+    "6.7b": Preset(n_layers=32, d_model=4096, n_heads=32, d_swiglu=11008, max_seq_len=2048, init_std=0.01),
+}
+
+# Architecture defaults of each block family (fields a run config may still override).
+BLOCK_DEFAULTS: dict[str, dict] = {
+    "neox": {"rotary_pct": 0.25, "parallel_residual": True, "bias": True},
+    "llama": {"rotary_pct": 1.0, "parallel_residual": False, "bias": False},
 }
 
 

@@ -3,26 +3,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import GPT, PRESETS, GPTConfig
+from models import BLOCK_DEFAULTS, GPT, PRESETS, GPTConfig
+from trainer import parallelize
+from trainer.config import load_config, model_config
 
 
-def tiny_config(**kw) -> GPTConfig:
-    base = dict(vocab_size=300, n_layers=2, d_model=64, n_heads=4, d_mlp=256, max_seq_len=64)
+def tiny_config(block: str = "neox", **kw) -> GPTConfig:
+    base = dict(vocab_size=300, n_layers=2, d_model=64, n_heads=4, d_mlp=128, max_seq_len=64, block=block)
+    base.update(BLOCK_DEFAULTS[block])
     base.update(kw)
     return GPTConfig(**base)
 
 
+@pytest.mark.parametrize("block", ["neox", "llama"])
 @pytest.mark.parametrize("parallel", [True, False])
-def test_forward_shapes(parallel):
-    model = GPT(tiny_config(parallel_residual=parallel))
+def test_forward_shapes(block, parallel):
+    model = GPT(tiny_config(block, parallel_residual=parallel))
     ids = torch.randint(0, 300, (3, 17))
     assert model(ids).shape == (3, 17, 64)
     assert model.logits(ids).shape == (3, 17, 300)  # real vocabulary only, padding never predicted
 
 
-def test_causal_masking():
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_causal_masking(block):
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
+    model = GPT(tiny_config(block)).eval()
     ids = torch.randint(0, 300, (2, 20))
     changed = ids.clone()
     changed[:, 12:] = torch.randint(0, 300, (2, 8))
@@ -30,6 +35,13 @@ def test_causal_masking():
         a, b = model.logits(ids), model.logits(changed)
     assert torch.equal(a[:, :12], b[:, :12])  # earlier positions never see later tokens
     assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_block_families_differ_as_documented():
+    neox, llama = GPT(tiny_config("neox")), GPT(tiny_config("llama"))
+    assert isinstance(neox.ln_f, torch.nn.LayerNorm) and isinstance(llama.ln_f, torch.nn.RMSNorm)
+    assert hasattr(llama.blocks[0].mlp, "gate") and not hasattr(neox.blocks[0].mlp, "gate")
+    assert all(not n.endswith("bias") for n, _ in llama.named_parameters())
 
 
 def test_vocab_padding_rows_get_no_gradient():
@@ -46,8 +58,38 @@ def test_rotary_pct_zero_and_full():
         assert model.logits(torch.randint(0, 300, (1, 10))).isfinite().all()
 
 
-def test_presets_build_on_meta_device():
-    for name, preset in PRESETS.items():
-        with torch.device("meta"):
-            model = GPT(GPTConfig(vocab_size=32000, **preset.__dict__))
-        assert model.num_params() > 0, name
+# MiLe paper's parameter counts at vocab 32000 (untied): 468.2M, 1.205B, 6.738B
+PAPER_PARAMS = {"468m": 468.2e6, "1.2b": 1.205e9, "6.7b": 6.738e9}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_PARAMS))
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_paper_presets_have_the_paper_parameter_count(preset, block):
+    cfg = model_config(load_config(None, [f"model.preset={preset}", f"model.block={block}", "data.seq_len=128"]), 32000)
+    with torch.device("meta"):
+        n = GPT(cfg).num_params()
+    assert abs(n - PAPER_PARAMS[preset]) / PAPER_PARAMS[preset] < 0.01, n
+    if block == "llama":
+        assert abs(n - PAPER_PARAMS[preset]) / PAPER_PARAMS[preset] < 1e-3
+    shape = PRESETS[preset]
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.max_seq_len) == (
+        shape.n_layers,
+        shape.d_model,
+        shape.n_heads,
+        shape.max_seq_len,
+    )
+
+
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients(block):
+    torch.manual_seed(0)
+    plain = GPT(tiny_config(block))
+    ckpt = GPT(tiny_config(block))
+    ckpt.load_state_dict(plain.state_dict())
+    parallelize.apply(ckpt, activation_checkpointing=True, compile=False)
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(0, 300, (2, 16))
+    plain.logits(ids).square().mean().backward()
+    ckpt.logits(ids).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7), name

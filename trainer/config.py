@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
-from models.config import GPTConfig
-from models.presets import PRESETS, get_preset
+from models.config import BLOCKS, GPTConfig
+from models.presets import BLOCK_DEFAULTS, PRESETS, get_preset
 from trainer.losses.config import LossConfig
 from trainer.losses.weighting import LOSSES
 
@@ -41,15 +41,22 @@ class RunSection:
 class ModelSection:
     preset: str = "debug"
     """A named shape from ``models/presets.py`` (debug, tiny, 468m, 1.2b, 6.7b)."""
+    block: str = "neox"
+    """neox (LayerNorm, GELU, parallel residual, partial rotary) | llama (RMSNorm, SwiGLU, sequential, full rotary)."""
     n_layers: int | None = None
     d_model: int | None = None
     n_heads: int | None = None
     d_mlp: int | None = None
     max_seq_len: int | None = None
     init_std: float | None = None
-    """Shape fields left null take the preset's value."""
-    rotary_pct: float = 0.25
-    parallel_residual: bool = True
+    """Shape fields left null take the preset's value (d_mlp: the block family's width for the preset)."""
+    rotary_pct: float | None = None
+    parallel_residual: bool | None = None
+    """Left null: the block family's default (neox 0.25 / parallel, llama 1.0 / sequential)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile each block (CUDA)."""
 
 
 @dataclass
@@ -75,6 +82,8 @@ class TrainSection:
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
     zero_stage: int = 0
     log_every: int = 10
+    peak_tflops: float = 0.0
+    """Device peak (dense bf16 TFLOP/s) for MFU; 0 detects H100/H200/A100, else MFU is not logged."""
     resume: str = "none"
     """none: start fresh | auto: continue from the latest complete checkpoint in run.dir (fresh if there is
     none) | a checkpoint directory."""
@@ -192,6 +201,7 @@ def _choice(key: str, value: str, valid: list[str]) -> None:
 def validate(cfg: RunConfig) -> None:
     """Cheap, pure checks of values (no I/O)."""
     _choice("model.preset", cfg.model.preset, sorted(PRESETS))
+    _choice("model.block", cfg.model.block, list(BLOCKS))
     _choice("loss.name", cfg.loss.name, sorted(LOSSES))
     _choice("loss.fused", str(cfg.loss.fused).lower(), ["auto", "false", "true"])
     _choice("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"])
@@ -229,21 +239,30 @@ def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
     """Resolve the model section against its preset; the vocabulary comes from the tokenizer."""
     preset = get_preset(cfg.model.preset)
     m = cfg.model
+    defaults = {**preset.__dict__, "d_mlp": preset.d_mlp(m.block), **BLOCK_DEFAULTS[m.block]}
+    defaults.pop("d_swiglu")
 
     def pick(name: str):
         value = getattr(m, name)
-        return getattr(preset, name) if value is None else value
+        return defaults[name] if value is None else value
 
     return GPTConfig(
         vocab_size=vocab_size,
-        n_layers=pick("n_layers"),
-        d_model=pick("d_model"),
-        n_heads=pick("n_heads"),
-        d_mlp=pick("d_mlp"),
-        max_seq_len=pick("max_seq_len"),
-        init_std=pick("init_std"),
-        rotary_pct=m.rotary_pct,
-        parallel_residual=m.parallel_residual,
+        block=m.block,
+        bias=defaults["bias"],
+        **{
+            name: pick(name)
+            for name in (
+                "n_layers",
+                "d_model",
+                "n_heads",
+                "d_mlp",
+                "max_seq_len",
+                "init_std",
+                "rotary_pct",
+                "parallel_residual",
+            )
+        },
     )
 
 

@@ -134,10 +134,15 @@ def _log(run: Run, step: int, sums: torch.Tensor, clock: _Clock) -> float:
         print(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far", file=sys.stderr)
         run.nonfinite_reported = nonfinite_total
     tokens = step * run.tokens_per_step
+    tokens_per_s = clock.rate(tokens)
+    flops_per_device = tokens_per_s / run.world_size * run.flops_per_token  # achieved FLOP/s of one rank
+    metrics["perf/tflops_per_device"] = flops_per_device / 1e12
+    if run.peak_flops:
+        metrics["perf/mfu"] = flops_per_device / run.peak_flops
     metrics.update(
         lr=run.engine.get_lr()[0],
         tokens=tokens,
-        tokens_per_s=clock.rate(tokens),
+        tokens_per_s=tokens_per_s,
         skipped_nonfinite_steps=nonfinite_total,
         **{f"data/{k}": v for k, v in run.source.stats.as_dict().items()},
     )

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from models import GPT
+from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, restore
 from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
@@ -27,6 +28,7 @@ from trainer.engine import build_engine, init_distributed
 from trainer.losses import LOSSES, build_loss
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.perf import flops_per_token, peak_flops
 from trainer.run_info import file_sha256, git_sha
 from trainer.signals import Preemption
 
@@ -40,6 +42,8 @@ class Run:
     world_size: int
     grad_accum: int
     tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None
     source: BatchSource
     model: GPT
     engine: Any
@@ -135,6 +139,7 @@ def build_run(cfg: RunConfig) -> Run:
 
     model_cfg = model_config(cfg, tokenizer.vocab_size)
     model = GPT(model_cfg)
+    parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=counts))
     optimizer = build_optimizer(model, cfg.train)
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
@@ -175,6 +180,8 @@ def build_run(cfg: RunConfig) -> Run:
         world_size=world,
         grad_accum=grad_accum,
         tokens_per_step=micro * grad_accum * world * cfg.data.seq_len,
+        flops_per_token=flops_per_token(model_cfg, model.num_params(), cfg.data.seq_len),
+        peak_flops=peak_flops(cfg.train.peak_tflops),
         source=source,
         model=model,
         engine=engine,

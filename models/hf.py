@@ -1,0 +1,215 @@
+"""Conversion between losslab checkpoints and Hugging Face transformers models (GPTNeoXForCausalLM for the
+``neox`` block, LlamaForCausalLM for ``llama``). Only the real vocabulary rows travel; padding rows are
+re-created (untrained) on import. Needs ``transformers`` (a dev extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.config import GPTConfig
+from models.gpt import GPT
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("converting to or from Hugging Face needs transformers: pip install transformers") from None
+    return transformers
+
+
+def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None = None) -> Any:
+    tf = _require_transformers()
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_mlp,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        initializer_range=cfg.init_std,
+    )
+    if cfg.block == "neox":
+        if not cfg.bias:
+            raise ValueError("GPTNeoXForCausalLM has biases; a neox block without them cannot be exported")
+        return tf.GPTNeoXConfig(
+            **common,
+            hidden_act="gelu",
+            layer_norm_eps=cfg.norm_eps,
+            use_parallel_residual=cfg.parallel_residual,
+            attention_bias=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": cfg.rotary_base,
+                "partial_rotary_factor": cfg.rotary_pct,
+            },
+            architectures=["GPTNeoXForCausalLM"],
+        )
+    if cfg.rotary_pct != 1.0 or cfg.parallel_residual:
+        raise ValueError("LlamaForCausalLM has full rotary and a sequential residual; this llama variant has not")
+    return tf.LlamaConfig(
+        **common,
+        num_key_value_heads=cfg.n_heads,
+        hidden_act="silu",
+        rms_norm_eps=cfg.norm_eps,
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        head_dim=cfg.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def _layer_map(cfg: GPTConfig) -> dict[str, str]:
+    """losslab name (within blocks.{i}.) -> HF name (within the HF layer), for tensors that map one to one."""
+    if cfg.block == "neox":
+        names = {
+            "ln_attn": "input_layernorm",
+            "ln_mlp": "post_attention_layernorm",
+            "attn.qkv": "attention.query_key_value",
+            "attn.proj": "attention.dense",
+            "mlp.up": "mlp.dense_h_to_4h",
+            "mlp.down": "mlp.dense_4h_to_h",
+        }
+    else:
+        names = {
+            "ln_attn": "input_layernorm",
+            "ln_mlp": "post_attention_layernorm",
+            "attn.proj": "self_attn.o_proj",
+            "mlp.gate": "mlp.gate_proj",
+            "mlp.up": "mlp.up_proj",
+            "mlp.down": "mlp.down_proj",
+        }
+    return {f"{k}.{p}": f"{v}.{p}" for k, v in names.items() for p in ("weight", "bias")}
+
+
+def _prefixes(cfg: GPTConfig) -> dict[str, str]:
+    if cfg.block == "neox":
+        return {
+            "embed": "gpt_neox.embed_in",
+            "ln_f": "gpt_neox.final_layer_norm",
+            "head": "embed_out",
+            "layers": "gpt_neox.layers",
+        }
+    return {"embed": "model.embed_tokens", "ln_f": "model.norm", "head": "lm_head", "layers": "model.layers"}
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
+    cfg = model.cfg
+    sd = model.state_dict()
+    pre = _prefixes(cfg)
+    V = cfg.vocab_size
+    out = {
+        f"{pre['embed']}.weight": sd["embed.weight"][:V],
+        f"{pre['head']}.weight": sd["head.weight"][:V],
+        f"{pre['ln_f']}.weight": sd["ln_f.weight"],
+    }
+    if "ln_f.bias" in sd:
+        out[f"{pre['ln_f']}.bias"] = sd["ln_f.bias"]
+    mapping = _layer_map(cfg)
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.", f"{pre['layers']}.{i}."
+        for k, v in mapping.items():
+            if ours + k in sd:
+                out[theirs + v] = sd[ours + k]
+        if cfg.block == "llama":  # split the fused [H, 3, hd] QKV rows into q, k, v projections
+            qkv = sd[ours + "attn.qkv.weight"].view(cfg.n_heads, 3, cfg.head_dim, cfg.d_model)
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{theirs}self_attn.{name}.weight"] = qkv[:, j].reshape(cfg.d_model, cfg.d_model)
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(cfg: GPTConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF tensors -> a full losslab state dict (padding rows of embedding and head taken from a fresh init)."""
+    pre = _prefixes(cfg)
+    fresh = GPT(cfg).state_dict()
+    V = cfg.vocab_size
+    sd: dict[str, Tensor] = {}
+    for ours, theirs in (("embed.weight", f"{pre['embed']}.weight"), ("head.weight", f"{pre['head']}.weight")):
+        full = fresh[ours].clone()
+        full[:V] = hf[theirs]
+        sd[ours] = full
+    sd["ln_f.weight"] = hf[f"{pre['ln_f']}.weight"]
+    if f"{pre['ln_f']}.bias" in hf:
+        sd["ln_f.bias"] = hf[f"{pre['ln_f']}.bias"]
+    mapping = _layer_map(cfg)
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.", f"{pre['layers']}.{i}."
+        for k, v in mapping.items():
+            if theirs + v in hf:
+                sd[ours + k] = hf[theirs + v]
+        if cfg.block == "llama":
+            parts = [
+                hf[f"{theirs}self_attn.{n}.weight"].view(cfg.n_heads, cfg.head_dim, cfg.d_model)
+                for n in ("q_proj", "k_proj", "v_proj")
+            ]
+            sd[ours + "attn.qkv.weight"] = torch.stack(parts, dim=1).reshape(3 * cfg.d_model, cfg.d_model)
+    return sd
+
+
+def config_from_hf(hf_cfg: Any) -> GPTConfig:
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if hf_cfg.model_type == "gpt_neox":
+        return GPTConfig(
+            vocab_size=hf_cfg.vocab_size,
+            n_layers=hf_cfg.num_hidden_layers,
+            d_model=hf_cfg.hidden_size,
+            n_heads=hf_cfg.num_attention_heads,
+            d_mlp=hf_cfg.intermediate_size,
+            max_seq_len=hf_cfg.max_position_embeddings,
+            block="neox",
+            rotary_pct=rope.get("partial_rotary_factor", getattr(hf_cfg, "rotary_pct", 0.25)),
+            rotary_base=rope.get("rope_theta", getattr(hf_cfg, "rotary_emb_base", 10000.0)),
+            norm_eps=hf_cfg.layer_norm_eps,
+            parallel_residual=hf_cfg.use_parallel_residual,
+            bias=True,
+        )
+    if hf_cfg.model_type == "llama":
+        if getattr(hf_cfg, "num_key_value_heads", hf_cfg.num_attention_heads) != hf_cfg.num_attention_heads:
+            raise ValueError("grouped-query attention is not supported by losslab's llama block")
+        return GPTConfig(
+            vocab_size=hf_cfg.vocab_size,
+            n_layers=hf_cfg.num_hidden_layers,
+            d_model=hf_cfg.hidden_size,
+            n_heads=hf_cfg.num_attention_heads,
+            d_mlp=hf_cfg.intermediate_size,
+            max_seq_len=hf_cfg.max_position_embeddings,
+            block="llama",
+            rotary_pct=1.0,
+            rotary_base=rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)),
+            norm_eps=hf_cfg.rms_norm_eps,
+            parallel_residual=False,
+            bias=bool(getattr(hf_cfg, "attention_bias", False)),
+        )
+    raise ValueError(f"unsupported model type {hf_cfg.model_type!r}; losslab converts gpt_neox and llama")
+
+
+def to_hf_model(model: GPT, **ids: int | None) -> Any:
+    tf = _require_transformers()
+    config = hf_config(model.cfg, **ids)
+    cls = tf.GPTNeoXForCausalLM if model.cfg.block == "neox" else tf.LlamaForCausalLM
+    hf_model = cls(config)
+    state = to_hf_state_dict(model)
+    if "embed_out.weight" in state and "embed_out.weight" not in hf_model.state_dict():
+        state["lm_head.weight"] = state.pop("embed_out.weight")  # transformers >= 5 names NeoX's head lm_head
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    return hf_model.eval()
+
+
+def from_hf_model(hf_model: Any) -> GPT:
+    cfg = config_from_hf(hf_model.config)
+    model = GPT(cfg)
+    state = {k: v.float() for k, v in hf_model.state_dict().items()}
+    if cfg.block == "neox" and "lm_head.weight" in state:
+        state["embed_out.weight"] = state.pop("lm_head.weight")
+    model.load_state_dict(from_hf_state_dict(cfg, state))
+    return model.eval()
