@@ -7,8 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from data.tokenizer import Tokenizer
-from trainer.checkpoint import load_model
+from evals.buckets import bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
+from evals.task_sets import resolve_tasks
+from trainer.checkpoint import COUNTS_FILE, load_model
 
 RESULTS_FILE = "eval_results.json"
 
@@ -23,43 +27,19 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    tasks: list[str],
-    *,
-    task_dir: str = "",
-    num_fewshot: int = 0,
-    limit: int = 0,
-    batch_size: int = 16,
-    device: str = "cpu",
-    offline: bool | None = None,
-) -> dict[str, Any]:
-    """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint).
-
-    With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
-    imported, so nothing reaches for the hub. Returns the summary written to ``eval_results.json``.
-    """
-    if not tasks:
-        raise ValueError("no evaluation tasks given")
-    if offline if offline is not None else bool(task_dir):
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
+def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, limit: int) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from evals.lm import LosslabLM
-
-    model, ckpt = load_model(checkpoint, device=device)
-    lm = LosslabLM(model, Tokenizer(str(ckpt / "tokenizer.model")), batch_size=batch_size, device=device)
     if task_dir:
         if not Path(task_dir).is_dir():
             raise FileNotFoundError(f"eval task directory not found: {task_dir!r}")
         manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
     else:
         manager = TaskManager()
-    raw = lm_eval.simple_evaluate(
+    return lm_eval.simple_evaluate(
         model=lm,
-        tasks=list(tasks),
+        tasks=resolve_tasks(tasks, task_dir),
         num_fewshot=num_fewshot,
         limit=limit or None,
         task_manager=manager,
@@ -69,6 +49,61 @@ def evaluate_checkpoint(
         torch_random_seed=0,
         fewshot_random_seed=0,
     )
+
+
+def run_buckets(model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int) -> dict[str, float]:
+    counts_file = ckpt / COUNTS_FILE
+    if not counts_file.is_file():
+        raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
+    counts = load_file(str(counts_file))["token_counts"]
+    windows = held_out_windows(val_files, Tokenizer(str(ckpt / "tokenizer.model")), model.cfg.max_seq_len, val_tokens)
+    loss, targets = per_token_loss(model, windows, batch_size=batch_size)
+    return bucket_metrics(loss, targets, frequency_buckets(counts))
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    tasks: list[str],
+    *,
+    task_dir: str = "",
+    num_fewshot: int | list[int] = 0,
+    limit: int = 0,
+    batch_size: int = 16,
+    device: str = "cpu",
+    offline: bool | None = None,
+    val_files: list[str] | None = None,
+    val_tokens: int = 200_000,
+) -> dict[str, Any]:
+    """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
+    lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
+    ``val_files``, held-out loss by token-frequency bucket (``bucket/...``).
+
+    With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
+    imported, so nothing reaches for the hub. Returns the summary written to ``eval_results.json``.
+    """
+    if not tasks and not val_files:
+        raise ValueError("nothing to evaluate: give tasks and/or held-out files")
+    if offline if offline is not None else bool(task_dir):
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from evals.lm import LosslabLM
+
+    model, ckpt = load_model(checkpoint, device=device)
+    lm = LosslabLM(model, Tokenizer(str(ckpt / "tokenizer.model")), batch_size=batch_size, device=device)
+    shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
+    metrics: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    n_samples: dict[str, Any] = {}
+    for k in shots if tasks else []:
+        raw = run_lm_eval(lm, tasks, task_dir=task_dir, num_fewshot=k, limit=limit)
+        suffix = f"@{k}shot" if k else ""
+        metrics.update({f"{name}{suffix}": v for name, v in flat_metrics(raw).items()})
+        results[f"{k}shot"] = raw.get("results", {})
+        n_samples.update(raw.get("n-samples", {}))
+    if val_files:
+        metrics.update(
+            {f"bucket/{k}": v for k, v in run_buckets(model, ckpt, val_files, val_tokens, batch_size).items()}
+        )
     meta = json.loads((ckpt / "meta.json").read_text())
     summary = {
         "checkpoint": str(ckpt),
@@ -76,12 +111,11 @@ def evaluate_checkpoint(
         "tokens": meta.get("tokens"),
         "git_sha": meta.get("git_sha"),
         "tasks": list(tasks),
-        "num_fewshot": num_fewshot,
+        "num_fewshot": shots,
         "limit": limit,
-        "metrics": flat_metrics(raw),
-        "results": raw.get("results", {}),
-        "n_samples": raw.get("n-samples", {}),
-        "versions": raw.get("versions", {}),
+        "metrics": metrics,
+        "results": results,
+        "n_samples": n_samples,
     }
     (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint with lm-eval:
-``python scripts/evaluate.py --checkpoint RUN_OR_CKPT_DIR --tasks t1,t2 [--task-dir DIR] [--num-fewshot K]``.
-Writes ``eval_results.json`` next to the checkpoint."""
+"""Evaluate a checkpoint with lm-eval and/or rare-token perplexity:
+``python scripts/evaluate.py --checkpoint RUN_OR_CKPT_DIR --tasks paper [--task-dir DIR] [--num-fewshot 0 5]
+[--val-files 'held_out/*.jsonl.zst']``. Task sets: paper, quick (evals/task_sets.py). Writes
+``eval_results.json`` next to the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (latest checkpoint)")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names or sets (paper, quick)")
     parser.add_argument("--task-dir", default="", help="directory of local task YAMLs (offline use)")
-    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--num-fewshot", type=int, nargs="+", default=[0], help="one run per value, e.g. 0 5")
+    parser.add_argument("--val-files", nargs="*", default=[], help="held-out shards for frequency-bucket loss")
+    parser.add_argument("--val-tokens", type=int, default=200_000)
     parser.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             device=args.device,
             offline=True if args.offline else None,
+            val_files=args.val_files,
+            val_tokens=args.val_tokens,
         )
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

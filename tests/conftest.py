@@ -49,6 +49,7 @@ def debug_overrides(corpus: dict[str, str], run_dir: Path, **extra) -> list[str]
         "run.dir": str(run_dir),
         "model.preset": "debug",
         "data.train_files": f"[{corpus['train_glob']}]",
+        "data.val_files": f"[{corpus['val']}]",
         "data.tokenizer": corpus["tokenizer"],
         "data.seq_len": 32,
         "train.micro_batch_size": 8,

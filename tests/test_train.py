@@ -64,6 +64,16 @@ def test_run_outputs_are_reproducible(mile_run):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000020", "step_0000030"]  # keep=2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run written"
+    assert (mile_run.checkpoint / "token_counts.safetensors").is_file()
+
+
+def test_final_checkpoint_gets_rare_token_perplexity(mile_run):
+    final = [r for r in read_metrics(mile_run.run_dir) if "eval_bucket/high_ppl" in r]
+    assert len(final) == 1 and final[0]["step"] == 30
+    row = final[0]
+    total = sum(row[f"eval_bucket/{b}_tokens"] for b in ("high", "medium", "low"))
+    assert total == row["eval_bucket/tokens"] > 0
+    assert row["eval_bucket/high_ppl"] < row["eval_bucket/low_ppl"]  # frequent tokens are easier
 
 
 def test_checkpoint_reload_gives_identical_logits(mile_run):

@@ -15,7 +15,7 @@ from trainer.config import EvalSection, RunConfig, WandbSection
 Emit = Callable[[int, dict[str, float]], None]
 
 # metrics.jsonl keeps flat names; W&B groups them by namespace
-WANDB_NAMESPACE = {"eval": "eval", "data": "data", "perf": "perf"}
+WANDB_NAMESPACE = {"eval", "eval_bucket", "data", "perf"}
 
 
 class Callback:
@@ -78,14 +78,17 @@ class EvalCallback(Callback):
     """lm-eval on the saved checkpoint (the exact weights a user would evaluate later), on rank 0 while the
     other ranks wait at a barrier. Runs after the final checkpoint, and after each one if configured."""
 
-    def __init__(self, cfg: EvalSection) -> None:
+    def __init__(self, cfg: EvalSection, val_files: list[str]) -> None:
         self.cfg = cfg
+        self.val_files = val_files if cfg.buckets else []
         self.last: dict[str, Any] | None = None
 
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
-        if not self.cfg.tasks or not (final or self.cfg.every_checkpoint):
+        if not (self.cfg.tasks or self.val_files) or not (final or self.cfg.every_checkpoint):
             return
         if dist.get_rank() == 0:
+            import torch
+
             from evals.runner import evaluate_checkpoint
 
             self.last = evaluate_checkpoint(
@@ -95,9 +98,16 @@ class EvalCallback(Callback):
                 num_fewshot=self.cfg.num_fewshot,
                 limit=self.cfg.limit,
                 batch_size=self.cfg.batch_size,
+                device="cuda" if torch.cuda.is_available() else "cpu",
+                val_files=self.val_files,
+                val_tokens=self.cfg.val_tokens,
             )
-            emit(step, {f"eval/{k}": v for k, v in self.last["metrics"].items()})
+            emit(step, {_namespaced(k): v for k, v in self.last["metrics"].items()})
         dist.barrier()
+
+
+def _namespaced(key: str) -> str:
+    return f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
 
 
 def build_callbacks(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]) -> list[Callback]:
@@ -106,5 +116,5 @@ def build_callbacks(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]) 
         callbacks.append(MetricsJsonl(run_dir / "metrics.jsonl"))
         if cfg.wandb.mode != "disabled":
             callbacks.append(WandbLogger(cfg.wandb, run_dir, cfg.run.name or run_dir.name, config_dict))
-    callbacks.append(EvalCallback(cfg.eval))
+    callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files))
     return callbacks

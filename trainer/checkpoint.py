@@ -35,6 +35,7 @@ from trainer.run_info import git_sha
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 LATEST = "latest"
+COUNTS_FILE = "token_counts.safetensors"
 
 
 def step_tag(step: int) -> str:
@@ -79,6 +80,7 @@ def save_checkpoint(
     model_cfg: GPTConfig,
     tokenizer_path: str,
     keep: int,
+    token_counts: torch.Tensor | None = None,
     die_midway: bool = False,
 ) -> Path:
     """Collective: every rank calls it. ``meta`` (the loop's state, with ``step``) goes into DeepSpeed's
@@ -105,6 +107,8 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if token_counts is not None:  # training-data frequencies: PDL's weights and the eval's buckets
+            save_file({"token_counts": token_counts.cpu().contiguous()}, str(tmp / COUNTS_FILE))
         (tmp / META).write_text(json.dumps({**meta, "git_sha": git_sha()}, indent=2))
     dist.barrier()  # every rank's files are in place
     if rank == 0:

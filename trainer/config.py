@@ -103,7 +103,8 @@ class CheckpointSection:
 @dataclass
 class EvalSection:
     tasks: list[str] = field(default_factory=list)
-    """lm-eval task names, run after the final checkpoint (and with each checkpoint when ``every_checkpoint``)."""
+    """lm-eval task names or sets (paper, quick), run after the final checkpoint (and with each checkpoint when
+    ``every_checkpoint``)."""
     task_dir: str = ""
     """Directory of local lm-eval task YAMLs (offline); empty uses only lm-eval's stock tasks."""
     every_checkpoint: bool = False
@@ -111,6 +112,10 @@ class EvalSection:
     limit: int = 0
     """Documents per task (0: all)."""
     batch_size: int = 16
+    buckets: bool = True
+    """Held-out loss by token-frequency bucket (80/15/5% of training occurrences) on data.val_files."""
+    val_tokens: int = 200_000
+    """Fixed held-out token budget for the bucket evaluation (the same for every checkpoint and run)."""
 
 
 @dataclass

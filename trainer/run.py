@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data.shards import resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from models import GPT
@@ -55,6 +56,7 @@ class Run:
     preemption: Preemption
     batches: Any = None
     pending: torch.Tensor | None = None
+    token_counts: torch.Tensor | None = None
     # non-finite loss bookkeeping, on the device (read at logging steps only)
     nonfinite_total: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
     nonfinite_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
@@ -131,16 +133,17 @@ def build_run(cfg: RunConfig) -> Run:
     tokenizer = Tokenizer(cfg.data.tokenizer)
     micro = cfg.train.micro_batch_size
     source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
+    resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
     probe = iter(source)
     first = next(probe)  # [B, T+1]
-    counts = (
-        token_counts(cfg.data, source, tokenizer, cfg.train.seed) if LOSSES[cfg.loss.name].needs_token_counts else None
-    )
+    needs_counts = LOSSES[cfg.loss.name].needs_token_counts or (cfg.eval.buckets and bool(cfg.data.val_files))
+    counts = token_counts(cfg.data, source, tokenizer, cfg.train.seed) if needs_counts else None
 
     model_cfg = model_config(cfg, tokenizer.vocab_size)
     model = GPT(model_cfg)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
-    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=counts))
+    loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
+    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
     optimizer = build_optimizer(model, cfg.train)
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
     engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg)
@@ -193,6 +196,7 @@ def build_run(cfg: RunConfig) -> Run:
         preemption=Preemption(),
         batches=batches,
         pending=pending,
+        token_counts=counts,
     )
     for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
         setattr(run, name, getattr(run, name).to(device))

@@ -1,0 +1,25 @@
+"""Named task sets. With local task files (``eval.task_dir`` / ``--task-dir``) a stock task name resolves to
+its ``_local`` twin written by ``scripts/fetch_eval_data.py`` when that exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The MiLe paper's benchmarks (commonsense reasoning, closed-book QA, MMLU); run 0-shot and 5-shot.
+PAPER = [
+    "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "social_iqa", "boolq", "sciq",
+    "lambada_openai", "triviaqa", "nq_open", "mmlu",
+]  # fmt: skip
+# Cheap enough to run in the training loop (with eval.limit).
+QUICK = ["piqa", "arc_easy", "lambada_openai"]
+TASK_SETS = {"paper": PAPER, "quick": QUICK}
+
+
+def resolve_tasks(names: list[str], task_dir: str = "") -> list[str]:
+    tasks: list[str] = []
+    for name in names:
+        tasks.extend(TASK_SETS.get(name, [name]))
+    if task_dir:
+        local = Path(task_dir)
+        tasks = [f"{t}_local" if (local / f"{t}_local.yaml").is_file() else t for t in tasks]
+    return list(dict.fromkeys(tasks))

