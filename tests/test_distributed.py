@@ -66,7 +66,7 @@ def single_rank(corpus, tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_path, stage):
     run_dir = tmp_path / f"zero{stage}"
-    proc = launch(2, common(corpus, run_dir, **{"train.zero_stage": stage}))
+    proc = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": stage}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = losses(run_dir), losses(single_rank)
     assert sorted(two) == list(range(1, STEPS + 1))
@@ -91,7 +91,7 @@ def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     run_dir = tmp_path / "eval2"
     extra = {"train.max_steps": 4, "checkpoint.every": 2, "eval.every_checkpoint": True, "eval.tasks": "[toy_mc]",
-             "eval.task_dir": str(tmp_path / "tasks"), "train.zero_stage": 2, "loss.name": "mile"}  # fmt: skip
+             "eval.task_dir": str(tmp_path / "tasks"), "distributed.zero_stage": 2, "loss.name": "mile"}  # fmt: skip
     proc = launch(2, common(corpus, run_dir, **extra), launcher="deepspeed", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

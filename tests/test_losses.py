@@ -179,3 +179,23 @@ def test_fused_never_materialises_full_logits():
         out = loss_fn(hidden, weight, labels)
     out.loss.backward()
     assert max(seen) <= max(8 * V, V * D, N * D)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_global_token_denominator_makes_accumulation_exact(fused):
+    """Two micro-batches with different numbers of ignored labels: averaging their losses (what gradient
+    accumulation does) equals the mean over all tokens only with the global denominator."""
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=False)
+    labels = labels.clone()
+    labels[: N // 2 : 3] = IGNORE_INDEX  # the first half loses a third of its labels, the second half none
+    halves = [slice(0, N // 2), slice(N // 2, N)]
+    valid = (labels != IGNORE_INDEX).sum().double()
+    loss_fn = build_loss({"name": "ce", "fused": fused})
+    accumulated = sum(loss_fn(hidden[s], weight, labels[s], denominator=valid / 2).loss for s in halves) / 2
+    naive = sum(loss_fn(hidden[s], weight, labels[s]).loss for s in halves) / 2
+    full = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE_INDEX)
+    assert abs(accumulated.item() - full.item()) < 1e-12
+    assert abs(naive.item() - full.item()) > 1e-4  # per-micro-batch means are biased here
+    g_acc = torch.autograd.grad(accumulated, hidden)[0]
+    g_full = torch.autograd.grad(full, hidden)[0]
+    assert rel_err(g_acc, g_full) < 1e-10

@@ -115,3 +115,64 @@ def test_config_errors_are_clear_and_early(corpus, tmp_path, extra, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _Evil:
+    """Unpickling this runs code: a tampered checkpoint must never be able to."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_tampered_checkpoint_is_refused_without_running_code(run_a, corpus, tmp_path):
+    import shutil
+
+    import torch
+
+    run_dir = tmp_path / "tampered"
+    shutil.copytree(run_a, run_dir)
+    states = run_dir / "checkpoints" / "step_0000040" / "mp_rank_00_model_states.pt"
+    payload = torch.load(states, weights_only=False)  # test-only: we wrote this file ourselves
+    marker = tmp_path / "pwned"
+    payload["evil"] = _Evil(str(marker))
+    torch.save(payload, states)
+    proc = run_train(debug_overrides(corpus, run_dir, **{"train.max_steps": 41, "train.resume": "auto"}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "refusing to load" in proc.stderr and "Unsupported global" in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_zero_stage_reloads_with_weights_only(dist_env, tmp_path, stage, precision):
+    import torch
+
+    from models import GPT, GPTConfig
+    from trainer.config import DistributedSection, TrainSection
+    from trainer.engine import build_engine, build_optimizer
+    from trainer.losses import build_loss
+    from trainer.objective import CausalLMObjective
+    from trainer.optim import build_scheduler, param_groups
+
+    train, dist_cfg = TrainSection(precision=precision, micro_batch_size=2), DistributedSection(zero_stage=stage)
+
+    def engine():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=100, n_layers=1, d_model=32, n_heads=2, d_mlp=64, max_seq_len=16))
+        opt = build_optimizer(param_groups(model, train), train, dist_cfg)
+        return build_engine(
+            CausalLMObjective(model, build_loss({"name": "mile"})), opt, build_scheduler(opt, train), train, dist_cfg
+        )
+
+    first = engine()
+    batch = torch.randint(0, 100, (2, 9))
+    first.backward(first(batch).loss)
+    first.step()
+    first.save_checkpoint(str(tmp_path), tag="t", client_state={"losslab": {"step": 1}}, save_latest=False)
+    second = engine()
+    _, client = second.load_checkpoint(str(tmp_path), tag="t")
+    assert client["losslab"] == {"step": 1}
+    assert torch.equal(second(batch).loss, first(batch).loss)

@@ -88,18 +88,17 @@ def test_checkpoint_reload_gives_identical_logits(mile_run):
 def test_deepspeed_checkpoint_loads_into_a_fresh_engine(mile_run, corpus):
     from models import GPT
     from trainer.config import model_config
-    from trainer.engine import build_engine
+    from trainer.engine import build_engine, build_optimizer
     from trainer.losses import build_loss
     from trainer.objective import CausalLMObjective
-    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.optim import build_scheduler, param_groups
 
     cfg = load_config(mile_run.run_dir / "config.yaml")
     torch.manual_seed(123)  # different init: the load must overwrite it
     model = GPT(model_config(cfg, mile_run.model.cfg.vocab_size))
-    opt = build_optimizer(model, cfg.train)
-    engine = build_engine(
-        CausalLMObjective(model, build_loss(cfg.loss)), opt, build_scheduler(opt, cfg.train), cfg.train
-    )
+    opt = build_optimizer(param_groups(model, cfg.train), cfg.train, cfg.distributed)
+    objective = CausalLMObjective(model, build_loss(cfg.loss))
+    engine = build_engine(objective, opt, build_scheduler(opt, cfg.train), cfg.train, cfg.distributed)
     path, client = engine.load_checkpoint(str(mile_run.run_dir / "checkpoints"), tag=mile_run.checkpoint.name)
     assert path is not None and client["losslab"]["tokens"] == 30 * 8 * 32
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -153,9 +154,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot (or must not) be loaded."""
+
+
 def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
     """Load DeepSpeed's state and this rank's RNG state; returns the checkpoint's loop state (meta)."""
-    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    try:
+        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
+        raise CheckpointError(
+            f"refusing to load {ckpt}: it holds more than tensors and plain data ({reason})"
+        ) from None
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {str(ckpt)!r}")
     rng_file = ckpt / f"rng_rank{dist.get_rank()}.json"

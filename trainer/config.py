@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -69,6 +70,8 @@ class TrainSection:
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks; 0 means micro_batch_size x grad_accum x world size.
     When set it must be a multiple of micro_batch_size x world size, and grad_accum follows from it."""
+    global_batch_tokens: int = 0
+    """The same in tokens (global_batch_size x data.seq_len), as papers state it (~1.05M for the MiLe 468M)."""
     seed: int = 0
     lr: float = 3e-4
     min_lr_ratio: float = 0.0
@@ -80,7 +83,6 @@ class TrainSection:
     grad_clip: float = 1.0
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
-    zero_stage: int = 0
     log_every: int = 10
     peak_tflops: float = 0.0
     """Device peak (dense bf16 TFLOP/s) for MFU; 0 detects H100/H200/A100, else MFU is not logged."""
@@ -90,6 +92,23 @@ class TrainSection:
     max_nonfinite_in_a_row: int = 5
     """A step whose loss is not finite is skipped (no parameter update) and counted; after this many in a row
     training stops with an error naming the steps (0: never stop)."""
+
+
+@dataclass
+class DistributedSection:
+    """How DeepSpeed lays the run out (``trainer/engine.py`` turns this into DeepSpeed's own config)."""
+
+    preset: str = ""
+    """A layout from ``configs/deepspeed/`` (zero1, zero2, zero3, zero3_offload), applied as a config layer
+    before the experiment file, so the experiment and the command line can still override its keys."""
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    """Optimizer state and step on the CPU (DeepSpeedCPUAdam); needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Parameters on the CPU between uses; needs zero_stage = 3."""
+    overlap_comm: bool = True
+    raw: dict[str, Any] = field(default_factory=dict)
+    """Any DeepSpeed config keys, deep-merged over what losslab generates (the escape hatch)."""
 
 
 @dataclass
@@ -146,6 +165,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     wandb: WandbSection = field(default_factory=WandbSection)
@@ -175,21 +195,34 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Compose and validate a run config; raises ConfigError with the offending key."""
+def _compose(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...], preset: str) -> DictConfig:
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _load_yaml(CONFIG_ROOT / "base.yaml"), "configs/base.yaml")
+    exp = _load_yaml(Path(path)) if path is not None else OmegaConf.create({})
+    for inc in exp.pop("includes", []):
+        inc_path = Path(inc) if os.path.isabs(inc) else CONFIG_ROOT / inc
+        cfg = _merge(cfg, _load_yaml(inc_path), str(inc_path))
+    if preset:
+        layer = CONFIG_ROOT / "deepspeed" / f"{preset}.yaml"
+        if not layer.is_file():
+            valid = sorted(p.stem for p in (CONFIG_ROOT / "deepspeed").glob("*.yaml"))
+            raise ConfigError(f"distributed.preset={preset!r} is not valid; choose one of {valid}")
+        cfg = _merge(cfg, _load_yaml(layer), str(layer))
     if path is not None:
-        exp = _load_yaml(Path(path))
-        includes = exp.pop("includes", [])
-        for inc in includes:
-            inc_path = Path(inc) if os.path.isabs(inc) else CONFIG_ROOT / inc
-            cfg = _merge(cfg, _load_yaml(inc_path), str(inc_path))
         cfg = _merge(cfg, exp, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Compose and validate a run config; raises ConfigError with the offending key."""
+    cfg = _compose(path, overrides, preset="")
+    preset = cfg.distributed.preset
+    if preset:  # the chosen DeepSpeed layout is a layer of its own, below the experiment and the overrides
+        cfg = _compose(path, overrides, preset=preset)
     try:
         run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -212,8 +245,20 @@ def validate(cfg: RunConfig) -> None:
     _choice("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"])
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
+    d = cfg.distributed
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage={d.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
+    if d.offload_optimizer and d.zero_stage < 1:
+        raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if d.offload_params and d.zero_stage != 3:
+        raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
+    if cfg.train.global_batch_size and cfg.train.global_batch_tokens:
+        raise ConfigError("set train.global_batch_size or train.global_batch_tokens, not both")
+    if cfg.train.global_batch_tokens % cfg.data.seq_len:
+        raise ConfigError(
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
+            f"data.seq_len={cfg.data.seq_len}"
+        )
     if cfg.train.resume not in ("none", "auto") and not os.path.isdir(cfg.train.resume):
         raise ConfigError(f"train.resume={cfg.train.resume!r}: choose none, auto, or an existing checkpoint directory")
     if cfg.train.global_batch_size < 0:
@@ -227,17 +272,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}")
 
 
-def grad_accum_steps(train: TrainSection, world_size: int) -> int:
+def grad_accum_steps(train: TrainSection, world_size: int, seq_len: int) -> int:
     """Micro-steps per optimizer step, checked against the global batch (known once the world size is)."""
-    if not train.global_batch_size:
+    if train.global_batch_tokens:
+        key, value, per_micro = "train.global_batch_tokens", train.global_batch_tokens, seq_len
+    elif train.global_batch_size:
+        key, value, per_micro = "train.global_batch_size", train.global_batch_size, 1
+    else:
         return train.grad_accum
-    per_micro = train.micro_batch_size * world_size
-    if train.global_batch_size % per_micro:
+    per_micro *= train.micro_batch_size * world_size
+    if value % per_micro:
+        unit = " x data.seq_len" if key.endswith("tokens") else ""
         raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} is not a multiple of train.micro_batch_size "
-            f"({train.micro_batch_size}) x world size ({world_size}) = {per_micro}"
+            f"{key}={value} is not a multiple of train.micro_batch_size ({train.micro_batch_size}) x world size "
+            f"({world_size}){unit} = {per_micro}"
         )
-    return train.global_batch_size // per_micro
+    return value // per_micro
 
 
 def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import TrainSection
+from trainer.config import DistributedSection, TrainSection
 
 
 def _free_port() -> int:
@@ -48,24 +48,80 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def deepspeed_config(train: TrainSection) -> dict[str, Any]:
-    return {
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> dict[str, Any]:
+    """DeepSpeed's config, generated from losslab's (``train.grad_accum`` is the resolved value), with
+    ``distributed.raw`` merged over it last."""
+    zero: dict[str, Any] = {"stage": distributed.zero_stage}
+    if distributed.zero_stage > 0:
+        zero["overlap_comm"] = distributed.overlap_comm
+    if distributed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if distributed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if distributed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # consolidated weights for model.safetensors
+    config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": use_bf16(train.precision)},
-        "zero_optimization": {"stage": train.zero_stage},
+        # with the optimizer on the CPU the device-side skip (found_inf) is unavailable: DeepSpeed's own
+        # overflow check skips non-finite steps instead
+        "bf16": {"enabled": use_bf16(train.precision), "check_grad_overflow": distributed.offload_optimizer},
+        "zero_optimization": zero,
         # losslab passes a torch optimizer; DeepSpeed only vouches for its own under ZeRO
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return _deep_merge(config, dict(distributed.raw))
 
 
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train: TrainSection) -> Any:
+def build_optimizer(groups: list[dict[str, Any]], train: TrainSection, distributed: DistributedSection) -> Any:
+    """torch's fused AdamW (GPU and CPU): fast, and it honours ``optimizer.found_inf``, which lets the loop skip
+    a non-finite step on the device without a host sync. With the optimizer offloaded to the CPU, DeepSpeed's
+    vectorised DeepSpeedCPUAdam (JIT-compiled on first use)."""
+    kwargs = {"lr": train.lr, "betas": (train.beta1, train.beta2)}
+    if distributed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The plain-data DeepSpeed classes its optimizer checkpoints hold (allow-listed, nothing else)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def safe_checkpoint_loading(engine: Any) -> None:
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which runs whatever code a
+    tampered file carries; route its loads through ``weights_only=True`` (tensors and plain containers only)."""
+    engine.checkpoint_engine.load = _load_weights_only
+
+
+def build_engine(
+    module: nn.Module, optimizer: Any, scheduler: Any, train: TrainSection, distributed: DistributedSection
+) -> Any:
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, distributed)
     )
+    safe_checkpoint_loading(engine)
     return engine
 
 

@@ -18,6 +18,7 @@ from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
+from trainer.losses import IGNORE_INDEX
 from trainer.run import Run, build_run
 
 # summed over micro-steps and averaged over ranks at logging steps
@@ -84,9 +85,15 @@ def _train_step(run: Run, step: int) -> torch.Tensor:
     """
     engine, optimizer = run.engine, run.optimizer
     sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
-    for micro in range(run.grad_accum):
-        windows = run.next_batch()
-        out = engine(windows.to(engine.device))
+    micro_batches = [run.next_batch().to(engine.device) for _ in range(run.grad_accum)]  # [B, T+1] each
+    # Token-mean losses divide by the step's global count of valid tokens (DeepSpeed then averages over
+    # micro-steps and ranks, hence the factor): exact even when batches hold different numbers of them.
+    valid = sum((w[:, 1:] != IGNORE_INDEX).sum() for w in micro_batches).float()
+    if run.world_size > 1:
+        torch.distributed.all_reduce(valid)
+    denominator = valid / (run.grad_accum * run.world_size)
+    for micro, windows in enumerate(micro_batches):
+        out = engine(windows, denominator=denominator)
         loss = out.loss
         if run.cfg.debug.nan_at_step == step:
             loss = loss * float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,17 +11,11 @@ from torch import nn
 from trainer.config import TrainSection
 
 
-def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
+def param_groups(model: nn.Module, train: TrainSection) -> list[dict[str, Any]]:
+    """Matrices decay; norms and biases (1-D parameters) do not."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # fused: fastest, and it honours ``optimizer.found_inf``, which lets the loop skip a non-finite step on the
-    # device without a host sync (the mechanism torch.amp.GradScaler uses)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
+    return [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:

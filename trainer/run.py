@@ -25,10 +25,10 @@ from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, restore
 from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
-from trainer.engine import build_engine, init_distributed
+from trainer.engine import build_engine, build_optimizer, init_distributed
 from trainer.losses import LOSSES, build_loss
 from trainer.objective import CausalLMObjective
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops
 from trainer.run_info import file_sha256, git_sha
 from trainer.signals import Preemption
@@ -123,7 +123,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def build_run(cfg: RunConfig) -> Run:
     rank, world = init_distributed()
-    grad_accum = grad_accum_steps(cfg.train, world)  # impossible batch arithmetic fails here
+    grad_accum = grad_accum_steps(cfg.train, world, cfg.data.seq_len)  # impossible batch arithmetic fails here
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.run.dir)
     resume_ckpt = _resume_from(cfg, run_dir)
@@ -144,9 +144,9 @@ def build_run(cfg: RunConfig) -> Run:
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, cfg.distributed)
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
-    engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg)
+    engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg, cfg.distributed)
 
     start_step = 1
     if resume_ckpt is not None:

@@ -47,7 +47,12 @@ class TokenLoss(nn.Module):
         counted = torch.ones_like(valid) if self.weighting.counts_ignored else valid
         return terms * valid, (w * counted).detach()
 
-    def forward(self, hidden: Tensor, head_weight: Tensor, labels: Tensor) -> LossOutput:
+    def forward(
+        self, hidden: Tensor, head_weight: Tensor, labels: Tensor, denominator: Tensor | None = None
+    ) -> LossOutput:
+        """``denominator`` (unnormalised losses only): divide the summed loss by it instead of this batch's token
+        count — the trainer passes global valid tokens / (micro-steps x ranks), which makes gradient accumulation
+        and data parallelism exact when batches hold different numbers of valid tokens."""
         h = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
         y = labels.reshape(-1)  # [N]
         if h.shape[0] != y.shape[0]:
@@ -62,14 +67,16 @@ class TokenLoss(nn.Module):
         num_valid = valid.sum().to(numerator.dtype)
         n = torch.full_like(num_valid, y.numel()) if self.weighting.counts_ignored else num_valid
         w_sum = w.sum()
-        if self.weighting.normalised:
+        if self.weighting.normalised:  # the official rank-averaged normaliser
             scale = n / w_sum.clamp_min(torch.finfo(w_sum.dtype).tiny)  # a_r = 1 / mean_r(w)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(scale, op=dist.ReduceOp.SUM)
                 scale = scale / dist.get_world_size()
+            loss = numerator / n.clamp_min(1.0) * scale
+        elif denominator is not None:
+            loss = numerator / denominator.to(numerator.dtype).clamp_min(1.0)
         else:
-            scale = torch.ones_like(n)
-        loss = numerator / n.clamp_min(1.0) * scale
+            loss = numerator / n.clamp_min(1.0)
         safe_valid = num_valid.clamp_min(1.0)
         metrics = {
             "ce": (ce * valid).sum() / safe_valid,
