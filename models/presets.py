@@ -29,6 +29,8 @@ PRESETS: dict[str, Preset] = {
     "debug": Preset(n_layers=2, d_model=64, n_heads=4, d_swiglu=192, max_seq_len=256),
     # The CPU demo: small enough to train a few hundred steps on 2 cores in minutes.
     "tiny": Preset(n_layers=4, d_model=128, n_heads=4, d_swiglu=384, max_seq_len=256),
+    # One-GPU experiments: ~60M parameters at vocab 32000 (half of them embeddings), 1024 context.
+    "small": Preset(n_layers=8, d_model=512, n_heads=8, d_swiglu=1536, max_seq_len=1024),
     # MiLe paper shapes (github.com/suu990901/LLaMA-MiLe-Loss configs; the paper's LLaMA uses init std 0.01).
     "468m": Preset(n_layers=24, d_model=1024, n_heads=16, d_swiglu=4096, max_seq_len=1024, init_std=0.01),
     "1.2b": Preset(n_layers=16, d_model=2048, n_heads=8, d_swiglu=8192, max_seq_len=1024, init_std=0.01),

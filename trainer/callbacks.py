@@ -44,7 +44,9 @@ class WandbLogger(Callback):
     """W&B run in ``RUN_DIR/wandb`` (offline by default: ``wandb sync RUN_DIR/wandb/offline-run-*`` later).
     The run id is kept in ``RUN_DIR/wandb_id`` so a resumed run continues the same W&B run."""
 
-    def __init__(self, cfg: WandbSection, run_dir: Path, name: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: WandbSection, run_dir: Path, name: str, group: str, tags: list[str], config: dict[str, Any]
+    ) -> None:
         import wandb
 
         id_file = run_dir / "wandb_id"
@@ -55,8 +57,9 @@ class WandbLogger(Callback):
             dir=str(run_dir),
             project=cfg.project,
             entity=cfg.entity or None,
-            group=cfg.group or None,
+            group=group,
             name=name,
+            tags=tags,
             id=run_id,
             resume="allow",
             config=config,
@@ -110,11 +113,21 @@ def _namespaced(key: str) -> str:
     return f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
 
 
+def run_names(cfg: RunConfig) -> tuple[str, str, list[str]]:
+    """W&B (name, group, tags): runs of one model shape share a group, so a group's workspace compares losses;
+    the name says size, block, loss and seed (e.g. ``468m-neox-mile-s1``). Explicit names win."""
+    m = cfg.model
+    shape = f"{m.preset}-{m.block}"
+    name = cfg.run.name or f"{shape}-{cfg.loss.name}-s{cfg.train.seed}"
+    return name, cfg.wandb.group or shape, [f"loss:{cfg.loss.name}", f"size:{m.preset}", f"block:{m.block}"]
+
+
 def build_callbacks(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]) -> list[Callback]:
     callbacks: list[Callback] = []
     if dist.get_rank() == 0:
         callbacks.append(MetricsJsonl(run_dir / "metrics.jsonl"))
         if cfg.wandb.mode != "disabled":
-            callbacks.append(WandbLogger(cfg.wandb, run_dir, cfg.run.name or run_dir.name, config_dict))
+            name, group, tags = run_names(cfg)
+            callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config_dict))
     callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files))
     return callbacks

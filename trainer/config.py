@@ -33,7 +33,7 @@ class RunSection:
     dir: str = "runs/default"
     """Where the run writes everything: checkpoints, metrics.jsonl, resolved config, W&B files."""
     name: str = ""
-    """Human-readable run name (defaults to the run directory's name)."""
+    """Run name in W&B; default ``<preset>-<block>-<loss>-s<seed>``."""
     overwrite: bool = False
     """Allow training into a run directory that already holds metrics or checkpoints (they are replaced)."""
 
@@ -144,6 +144,7 @@ class WandbSection:
     project: str = "losslab"
     entity: str = ""
     group: str = ""
+    """W&B group; default ``<preset>-<block>``, so the runs of one size compare losses side by side."""
 
 
 @dataclass

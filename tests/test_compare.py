@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from evals.tasks import write_multiple_choice_task
+from tests.conftest import debug_overrides
+from tests.test_train import REPO, clean_env
+from trainer.callbacks import run_names
+from trainer.config import load_config
+from trainer.loop import train
+
+
+def test_compare_runs_builds_plots_and_table(corpus, dist_env, tmp_path):
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz"], "label": 0}] * 4
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    runs = []
+    for loss, seed in (("ce", 0), ("ce", 1), ("mile", 0)):
+        run_dir = tmp_path / f"{loss}-s{seed}"
+        extra = {"loss.name": loss, "train.seed": seed, "train.max_steps": 8, "train.log_every": 2,
+                 "eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks")}  # fmt: skip
+        train(load_config(None, debug_overrides(corpus, run_dir, **extra)))
+        runs.append(str(run_dir))
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", *runs, "--out", str(out)],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for png in ("loss_vs_tokens.png", "bucket_ppl.png", "downstream.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    table = (out / "summary.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in table.splitlines()
+        if line.startswith("| ce") or line.startswith("| mile")
+    }
+    assert set(rows) == {"ce", "mile"}
+    assert "0,1" in rows["ce"] and "±" in rows["ce"]  # two seeds: mean ± spread
+    assert "eval/toy_mc/acc" in table and "eval_bucket/low_ppl" in table
+
+
+def test_wandb_names_follow_the_experiment():
+    cfg = load_config(
+        None, ["model.preset=468m", "model.block=llama", "loss.name=mile", "train.seed=3", "data.seq_len=128"]
+    )
+    assert run_names(cfg) == ("468m-llama-mile-s3", "468m-llama", ["loss:mile", "size:468m", "block:llama"])
