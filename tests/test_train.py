@@ -150,3 +150,20 @@ def test_train_script_end_to_end_with_in_loop_eval(corpus, tmp_path):
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 2 and "run.overwrite=true" in again.stderr
+
+
+def test_init_from_another_runs_weights(mile_run, corpus, tmp_path):
+    from trainer.run import build_run
+
+    cfg = load_config(None, debug_overrides(corpus, tmp_path / "warm", **{"model.init_from": str(mile_run.run_dir)}))
+    run = build_run(cfg)
+    ids = torch.randint(0, run.model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(run.model.eval().logits(ids), mile_run.model.eval().logits(ids))
+    run.preemption.restore()
+    bad = load_config(
+        None,
+        debug_overrides(corpus, tmp_path / "bad", **{"model.init_from": str(mile_run.run_dir), "model.d_model": 32}),
+    )
+    with pytest.raises(Exception, match="does not fit this model"):
+        build_run(bad)

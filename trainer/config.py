@@ -58,6 +58,9 @@ class ModelSection:
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
     """torch.compile each block (CUDA)."""
+    init_from: str = ""
+    """Start from the weights of a checkpoint (or run) directory's ``model.safetensors`` — another run, any
+    parallel layout, or an HF import — with a fresh optimizer. The shapes must match."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from data.shards import resolve_files
 from data.source import BatchSource, build_source, token_counts
@@ -23,7 +24,7 @@ from data.tokenizer import Tokenizer
 from models import GPT
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks
-from trainer.checkpoint import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, restore
+from trainer.checkpoint import CHECKPOINTS, CheckpointError, latest_checkpoint, resolve_checkpoint, restore
 from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
 from trainer.engine import build_engine, build_optimizer, init_distributed
 from trainer.losses import LOSSES, build_loss
@@ -121,6 +122,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def _init_weights(model: GPT, path: str) -> None:
+    ckpt = resolve_checkpoint(path)
+    state = load_file(str(ckpt / "model.safetensors"))
+    mine = model.state_dict()
+    wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
+    if wrong or set(state) != set(mine):
+        raise CheckpointError(
+            f"model.init_from={path!r} does not fit this model (shape mismatches: {wrong}; "
+            f"missing: {sorted(set(mine) - set(state))}; unexpected: {sorted(set(state) - set(mine))})"
+        )
+    model.load_state_dict(state)
+
+
 def build_run(cfg: RunConfig) -> Run:
     rank, world = init_distributed()
     grad_accum = grad_accum_steps(cfg.train, world, cfg.data.seq_len)  # impossible batch arithmetic fails here
@@ -141,6 +155,8 @@ def build_run(cfg: RunConfig) -> Run:
 
     model_cfg = model_config(cfg, tokenizer.vocab_size)
     model = GPT(model_cfg)
+    if cfg.model.init_from:
+        _init_weights(model, cfg.model.init_from)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
