@@ -155,14 +155,17 @@ def from_hf_state_dict(cfg: GPTConfig, hf: dict[str, Tensor]) -> dict[str, Tenso
 
 def config_from_hf(hf_cfg: Any) -> GPTConfig:
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    shape = dict(
+        vocab_size=hf_cfg.vocab_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        d_model=hf_cfg.hidden_size,
+        n_heads=hf_cfg.num_attention_heads,
+        d_mlp=hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+    )
     if hf_cfg.model_type == "gpt_neox":
         return GPTConfig(
-            vocab_size=hf_cfg.vocab_size,
-            n_layers=hf_cfg.num_hidden_layers,
-            d_model=hf_cfg.hidden_size,
-            n_heads=hf_cfg.num_attention_heads,
-            d_mlp=hf_cfg.intermediate_size,
-            max_seq_len=hf_cfg.max_position_embeddings,
+            **shape,
             block="neox",
             rotary_pct=rope.get("partial_rotary_factor", getattr(hf_cfg, "rotary_pct", 0.25)),
             rotary_base=rope.get("rope_theta", getattr(hf_cfg, "rotary_emb_base", 10000.0)),
@@ -174,12 +177,7 @@ def config_from_hf(hf_cfg: Any) -> GPTConfig:
         if getattr(hf_cfg, "num_key_value_heads", hf_cfg.num_attention_heads) != hf_cfg.num_attention_heads:
             raise ValueError("grouped-query attention is not supported by losslab's llama block")
         return GPTConfig(
-            vocab_size=hf_cfg.vocab_size,
-            n_layers=hf_cfg.num_hidden_layers,
-            d_model=hf_cfg.hidden_size,
-            n_heads=hf_cfg.num_attention_heads,
-            d_mlp=hf_cfg.intermediate_size,
-            max_seq_len=hf_cfg.max_position_embeddings,
+            **shape,
             block="llama",
             rotary_pct=1.0,
             rotary_base=rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)),
