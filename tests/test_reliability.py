@@ -42,7 +42,7 @@ def run_a(corpus, tmp_path_factory):
 
 def test_sigterm_then_resume_is_bit_exact(run_a, corpus, tmp_path):
     run_dir = tmp_path / "B"
-    common = {"train.max_steps": 40, "train.log_every": 1}
+    common = {"train.max_steps": 40, "train.log_every": 1, "wandb.mode": "offline"}
     first = run_train(debug_overrides(corpus, run_dir, **common, **{"debug.sigterm_at_step": 20}))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pre-empted after step 20" in first.stdout and "SIGTERM" in first.stderr
@@ -51,6 +51,9 @@ def test_sigterm_then_resume_is_bit_exact(run_a, corpus, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     assert losses(run_dir) == losses(run_a)  # every step, exactly
+    run_id = (run_dir / "wandb_id").read_text()
+    offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)  # one W&B run, continued
     a, b = final_weights(run_a), final_weights(run_dir)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 

@@ -53,8 +53,11 @@ def train(cfg: RunConfig) -> TrainResult:
             os.kill(os.getpid(), signal.SIGTERM)
         sums = _train_step(run, step)
         final = step == cfg.train.max_steps
-        preempted = run.preemption.requested()
-        if step % cfg.train.log_every == 0 or final or preempted:
+        log_step = step % cfg.train.log_every == 0
+        # Ranks agree on a signal with a collective (a host sync), so several ranks check at logging steps only;
+        # a single process checks its flag every step.
+        preempted = (run.world_size == 1 or log_step) and run.preemption.requested()
+        if log_step or final or preempted:
             last_loss = _log(run, step, sums, clock)
         if final or preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             ckpt = _checkpoint(run, step, final=final)
