@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint: {result.checkpoint}")
         if result.eval is not None:
             for key, value in sorted(result.eval["metrics"].items()):
-                if not key.endswith(("_stderr", "sample_len")):
+                if not key.endswith(("_stderr", "sample_len", "_tokens", "_loss", "/loss", "/tokens")):
                     print(f"eval {key}: {value:.4f}")
         print(f"run directory: {result.run_dir.resolve()}")
     return 0
