@@ -117,10 +117,15 @@ class MemmapSource:
         self.files = [str(corpus.path)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches_consumed": self.batches_consumed, "world_size": self.batches.world_size}
+        # in global samples, so a run can resume on another number of ranks with the same global batch
+        return {"samples_consumed": self.batches_consumed * self.batches.batch_size * self.batches.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches_consumed = int(state["batches_consumed"])
+        per_batch = self.batches.batch_size * self.batches.world_size
+        samples = int(state["samples_consumed"])
+        if samples % per_batch:
+            raise DataError(f"cannot resume at sample {samples} with {per_batch} samples per micro-step on all ranks")
+        self.batches_consumed = samples // per_batch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         loader = DataLoader(

@@ -98,3 +98,26 @@ def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path
     evals = [r["step"] for r in rows if "eval/toy_mc/acc" in r]
     assert evals == [2, 4]  # rank 0 evaluated at both checkpoints while rank 1 waited
     assert os.path.isfile(run_dir / "checkpoints" / "step_0000004" / "eval_results.json")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_resumes_on_another_number_of_ranks(single_rank, corpus, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}_two_then_one"
+    extra = {"distributed.zero_stage": stage, "checkpoint.portable_optimizer": True}
+    first = launch(2, common(corpus, run_dir, **{**extra, "train.max_steps": 5}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(1, common(corpus, run_dir, **{**extra, "train.resume": "auto"}))
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, one = losses(run_dir), losses(single_rank)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in resumed:
+        assert abs(resumed[step] - one[step]) < 1e-5, (step, resumed[step], one[step])
+
+
+def test_zero_checkpoint_without_portable_state_says_how_to_resume(corpus, tmp_path):
+    run_dir = tmp_path / "zero2_plain"
+    first = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": 2, "train.max_steps": 3}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(1, common(corpus, run_dir, **{"distributed.zero_stage": 2, "train.resume": "auto"}))
+    assert second.returncode == 2
+    assert "written by 2 ranks with ZeRO-2" in second.stderr and "checkpoint.portable_optimizer=true" in second.stderr

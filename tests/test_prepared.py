@@ -160,4 +160,4 @@ def test_training_on_prepared_data_with_pdl(prepared, corpus, dist_env, tmp_path
     result = train(load_config(None, overrides))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(result.final_loss) and rows[-1]["step"] == 12
-    assert json.loads((result.checkpoint / "meta.json").read_text())["data_state"]["batches_consumed"] == 12
+    assert json.loads((result.checkpoint / "meta.json").read_text())["data_state"]["samples_consumed"] == 12 * 8

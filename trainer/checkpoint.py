@@ -30,13 +30,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from models import GPT, GPTConfig
-from trainer.engine import consolidated_state_dict
+from trainer.engine import consolidated_state_dict, gather_portable_state, scatter_portable_state
 from trainer.run_info import git_sha
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 LATEST = "latest"
 COUNTS_FILE = "token_counts.safetensors"
+PORTABLE_FILE = "optimizer_full.safetensors"
 
 
 def step_tag(step: int) -> str:
@@ -82,6 +83,7 @@ def save_checkpoint(
     tokenizer_path: str,
     keep: int,
     token_counts: torch.Tensor | None = None,
+    portable: bool = False,
     die_midway: bool = False,
 ) -> Path:
     """Collective: every rank calls it. ``meta`` (the loop's state, with ``step``) goes into DeepSpeed's
@@ -96,6 +98,11 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"losslab": meta}, save_latest=False)
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
     state = consolidated_state_dict(engine, engine.module)
+    meta = {**meta, "lr_scheduler": engine.lr_scheduler.state_dict(), "zero_stage": engine.zero_optimization_stage()}
+    if portable:
+        full, meta["adam_step"] = gather_portable_state(engine)
+        if rank == 0:
+            save_file(full, str(tmp / PORTABLE_FILE))
     if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
@@ -159,7 +166,26 @@ class CheckpointError(RuntimeError):
 
 
 def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
-    """Load DeepSpeed's state and this rank's RNG state; returns the checkpoint's loop state (meta)."""
+    """Load DeepSpeed's state and this rank's RNG state; returns the checkpoint's loop state (meta).
+
+    A ZeRO checkpoint's optimizer state is partitioned by rank: on another number of ranks it is rebuilt from
+    the layout-free ``optimizer_full.safetensors`` (written with ``checkpoint.portable_optimizer=true``)."""
+    meta = json.loads((ckpt / META).read_text())
+    world = dist.get_world_size()
+    if meta.get("zero_stage", 0) > 0 and meta.get("world_size", world) != world:
+        if not (ckpt / PORTABLE_FILE).is_file():
+            raise CheckpointError(
+                f"{ckpt} was written by {meta['world_size']} ranks with ZeRO-{meta['zero_stage']}: resume it on "
+                f"{meta['world_size']} ranks, write checkpoints with checkpoint.portable_optimizer=true, or start "
+                "a new run from its weights with model.init_from"
+            )
+        scatter_portable_state(engine, load_file(str(ckpt / PORTABLE_FILE)), meta["adam_step"])
+        scheduler = engine.lr_scheduler
+        scheduler.load_state_dict(meta["lr_scheduler"])
+        # a scheduler's state holds the last rates but does not apply them (an optimizer state_dict would)
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+        return meta
     try:
         path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except pickle.UnpicklingError as e:

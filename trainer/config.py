@@ -120,6 +120,9 @@ class CheckpointSection:
     """Save every N steps (0: only at the end)."""
     keep: int = 2
     """Keep the last K checkpoints (0 keeps all)."""
+    portable_optimizer: bool = False
+    """Also write the full fp32 weights and Adam moments independent of ZeRO partitioning, so the checkpoint
+    resumes on a different number of ranks (costs a gather of the full optimizer state to rank 0's memory)."""
 
 
 @dataclass

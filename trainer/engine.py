@@ -125,6 +125,90 @@ def build_engine(
     return engine
 
 
+PORTABLE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _adam(engine: Any) -> Any:
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _skipped_step(adam: Any, flats: list[torch.Tensor], step: Any) -> None:
+    """Run ``step()`` with zero gradients and ``found_inf`` = 1: Adam creates its state, changes nothing."""
+    created = [p for p in flats if p.grad is None]
+    for p in created:
+        p.grad = torch.zeros_like(p)
+    adam.found_inf = torch.ones((), device=flats[0].device)
+    step()
+    adam.found_inf = None
+    for p in created:
+        p.grad = None
+
+
+def _link_optimizer_states(engine: Any) -> None:
+    """Make sure Adam's state exists and DeepSpeed's parameter -> state-fragment map is complete.
+
+    Adam's state appears at its first step, so a fresh engine (resuming) has none: a skipped step creates it.
+    ZeRO-1/2 link the map lazily after the step of the first parameter group only, leaving later groups
+    unlinked (DeepSpeed 0.19): re-link. ZeRO-3 keeps its flat fp32 partitions out of the optimizer's
+    parameter groups between steps and steps each sub-group itself."""
+    adam, zero = _adam(engine), engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            if "exp_avg" not in adam.state.get(flat, {}):
+                _skipped_step(adam, [flat], lambda i=i: zero._optimizer_step(i))
+        return
+    params = [p for group in adam.param_groups for p in group["params"]]
+    if any("exp_avg" not in adam.state.get(p, {}) for p in params):
+        _skipped_step(adam, params, adam.step)
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def gather_portable_state(engine: Any) -> tuple[dict[str, torch.Tensor] | None, int]:
+    """Full fp32 master weights and Adam moments of every parameter, whatever the ZeRO partitioning, on rank 0
+    (a collective: every rank calls it), and Adam's step count. Lets a checkpoint resume on another number of
+    ranks without DeepSpeed's universal-checkpoint converter (which unpickles arbitrary objects)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_optimizer_states(engine)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        fp32 = safe_get_full_fp32_param(p)
+        if fp32 is None:
+            raise ValueError("checkpoint.portable_optimizer needs ZeRO (distributed.zero_stage >= 1) or bf16")
+        moments = [safe_get_full_optimizer_state(p, k) for k in PORTABLE_KEYS]
+        if dist.get_rank() == 0:
+            out[f"{name}::fp32"] = fp32.detach().float().cpu()
+            out.update({f"{name}::{k}": m.detach().float().cpu() for k, m in zip(PORTABLE_KEYS, moments, strict=True)})
+    steps = [s["step"] for s in _adam(engine).state.values() if "step" in s]
+    return (out if dist.get_rank() == 0 else None), int(steps[0]) if steps else 0
+
+
+def scatter_portable_state(engine: Any, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
+    """The inverse of ``gather_portable_state`` on the current layout (every rank calls it)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _link_optimizer_states(engine)
+    for name, p in engine.module.named_parameters():
+        full = tensors[f"{name}::fp32"].to(p.device)
+        safe_set_full_fp32_param(p, full)
+        for k in PORTABLE_KEYS:
+            safe_set_full_optimizer_state(p, tensors[f"{name}::{k}"].to(p.device), k)
+        # the module's own copy (low precision, or replicated) follows the fp32 master
+        if hasattr(p, "ds_id"):  # ZeRO-3: partitioned, gathered to write
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if dist.get_rank() == 0:
+                    p.data.copy_(full)
+        else:
+            with torch.no_grad():
+                p.data.copy_(full)
+    for state in _adam(engine).state.values():
+        if "step" in state:
+            state["step"].fill_(adam_step)
+
+
 def consolidated_state_dict(engine: Any, module: nn.Module) -> dict[str, torch.Tensor] | None:
     """Full model weights on rank 0 (a collective under ZeRO-3: every rank must call it)."""
     if engine.zero_optimization_stage() == 3:

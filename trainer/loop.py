@@ -182,6 +182,7 @@ def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
         tokenizer_path=run.cfg.data.tokenizer,
         keep=run.cfg.checkpoint.keep,
         token_counts=run.token_counts,
+        portable=run.cfg.checkpoint.portable_optimizer,
         die_midway=run.cfg.debug.kill_in_checkpoint_at_step == step,
     )
     for cb in run.callbacks:
