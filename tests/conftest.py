@@ -60,7 +60,6 @@ def debug_overrides(corpus: dict[str, str], run_dir: Path, **extra) -> list[str]
         "wandb.mode": "disabled",
         # the demo config's eval task lives in the demo's corpus, which a fresh clone does not have
         "eval.tasks": "[]",
-        "eval.task_dir": "",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
