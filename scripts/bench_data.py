@@ -26,16 +26,24 @@ from data.shards import ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
 
 
-def raw_encode_mb_s(files: list[str], tokenizer: Tokenizer, max_bytes: int) -> tuple[float, int]:
-    texts, size = [], 0
-    for doc in (d for path in files for d in iter_documents(path, ReadStats())):
-        texts.append(doc.text)
-        size += len(doc.text.encode())
-        if max_bytes and size >= max_bytes:
-            break
+def raw_encode_mb_s(texts: list[str], tokenizer: Tokenizer) -> float:
+    size = sum(len(t.encode()) for t in texts)
     start = time.perf_counter()
-    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts, num_threads=1))
-    return size / (time.perf_counter() - start) / 1e6, n_tokens
+    tokenizer.encode_batch(texts, num_threads=1)
+    return size / (time.perf_counter() - start) / 1e6
+
+
+def prefix(texts: list[str], max_bytes: int) -> list[str]:
+    """The first documents up to ``max_bytes`` of text (all of them for 0)."""
+    if not max_bytes:
+        return texts
+    out, size = [], 0
+    for t in texts:
+        out.append(t)
+        size += len(t.encode())
+        if size >= max_bytes:
+            break
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(files)} files, tokenizer {args.tokenizer} ({tok.vocab_size} pieces), {cores} cores")
 
     # raw speed drifts by several percent between runs on a shared machine: measured before and after, averaged
-    raw_before, _ = raw_encode_mb_s(files, tok, args.raw_bytes)
+    texts = [d.text for f in files for d in iter_documents(f, ReadStats())]  # read once, used by every raw run
+    text_bytes = sum(len(t.encode()) for t in texts)
+    raw_texts = prefix(texts, args.raw_bytes)
+    raw_before = raw_encode_mb_s(raw_texts, tok)
     print(f"raw sentencepiece encode, 1 thread: {raw_before:.2f} MB/s")
 
-    text_bytes = sum(len(d.text.encode()) for f in files for d in iter_documents(f, ReadStats()))
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     prepared_mb_s: dict[int, float] = {}
     try:
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             secs = time.perf_counter() - start
             prepared_mb_s[workers] = text_bytes / secs / 1e6
             print(f"prepare, {workers} worker(s): {text_bytes / 1e6:.0f} MB in {secs:.1f} s")
-        raw_after, _ = raw_encode_mb_s(files, tok, args.raw_bytes)
+        raw_after = raw_encode_mb_s(raw_texts, tok)
         raw = (raw_before + raw_after) / 2
         print(f"raw sentencepiece encode, 1 thread, again: {raw_after:.2f} MB/s (mean {raw:.2f})")
         for workers, mb_s in prepared_mb_s.items():

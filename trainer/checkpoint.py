@@ -97,7 +97,7 @@ def save_checkpoint(
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"losslab": meta}, save_latest=False)
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
-    state = consolidated_state_dict(engine, engine.module)
+    state = consolidated_state_dict(engine)
     meta = {**meta, "lr_scheduler": engine.lr_scheduler.state_dict(), "zero_stage": engine.zero_optimization_stage()}
     if portable:
         full, meta["adam_step"] = gather_portable_state(engine)

@@ -209,8 +209,8 @@ def scatter_portable_state(engine: Any, tensors: dict[str, torch.Tensor], adam_s
             state["step"].fill_(adam_step)
 
 
-def consolidated_state_dict(engine: Any, module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full model weights on rank 0 (a collective under ZeRO-3: every rank must call it)."""
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Full weights of the engine's module on rank 0 (a collective under ZeRO-3: every rank must call it)."""
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
-    return module.state_dict() if dist.get_rank() == 0 else None
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
