@@ -18,13 +18,6 @@ class CausalLMObjective(nn.Module):
         # windows: [B, T+1] -> inputs [B, T], labels [B, T] (the next token)
         inputs, labels = windows[:, :-1], windows[:, 1:]
         hidden = self.model(inputs)  # [B, T, d]
-        # The loss runs inside the head's forward, so ZeRO-3 has the head weight gathered. It crosses the
-        # module boundary as a tuple of tensors and a dict: DeepSpeed's hooks see through those, not a dataclass.
-        loss, metrics = self.model.head(hidden, lambda h, w: self._loss_tuple(h, w, labels, denominator))
-        return LossOutput(loss=loss, metrics=metrics)
-
-    def _loss_tuple(
-        self, hidden: Tensor, weight: Tensor, labels: Tensor, denominator: Tensor | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.loss_fn(hidden, weight, labels, denominator=denominator)
-        return out.loss, out.metrics
+        # The loss runs inside the head's forward, so ZeRO-3 has the head weight gathered; its output, a named
+        # tuple of a tensor and a dict, is a structure DeepSpeed's hooks see through.
+        return self.model.head(hidden, lambda h, w: self.loss_fn(h, w, labels, denominator=denominator))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -13,11 +13,13 @@ from trainer.losses.config import IGNORE_INDEX, LossConfig
 from trainer.losses.weighting import TokenWeighting, build_weighting
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """A named tuple rather than a dataclass: DeepSpeed's ZeRO-3 module hooks see through tuples and dicts
+    (and warn that they cannot through anything else)."""
+
     loss: Tensor
     """Scalar to backpropagate."""
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor]
     """Detached per-step statistics (device tensors: the caller decides when to sync)."""
 
 
