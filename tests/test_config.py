@@ -72,6 +72,10 @@ def test_wrong_type_and_bad_values():
         load_config(None, ["model.preset=huge"])
     with pytest.raises(ConfigError, match=r"data\.seq_len"):
         load_config(None, ["model.preset=debug", "data.seq_len=100000"])
+    with pytest.raises(ConfigError, match=r"offload_ratio < 1.*offload_optimizer=true.*zero_stage=3"):
+        load_config(None, ["distributed.preset=zero2", "distributed.offload_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"offload_ratio=1.5 is not a fraction"):
+        load_config(None, ["distributed.preset=zero3_offload", "distributed.offload_ratio=1.5"])
 
 
 def test_missing_config_file():

@@ -74,6 +74,22 @@ def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_
         assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
 
 
+def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp_path):
+    """The 6.7B route: ZeRO-3 with the optimizer on the CPU (DeepSpeedCPUAdam, JIT-compiled on first use),
+    part of it kept with the parameters (partial offload), and activation checkpointing; the same losses as
+    torch's AdamW without ZeRO, through a checkpoint and resume half-way."""
+    run_dir = tmp_path / "offload"
+    extra = {"distributed.preset": "zero3_offload", "distributed.offload_ratio": 0.5}
+    first = launch(1, common(corpus, run_dir, **extra, **{"train.max_steps": STEPS // 2}), timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = launch(1, common(corpus, run_dir, **extra, **{"train.resume": "auto"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offloaded, one = losses(run_dir), losses(single_rank)
+    assert sorted(offloaded) == list(range(1, STEPS + 1))
+    for step in offloaded:
+        assert abs(offloaded[step] - one[step]) < 1e-5, (step, offloaded[step], one[step])
+
+
 def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
     run_dir = tmp_path / "two_then_one"
     first = launch(2, common(corpus, run_dir, **{"train.max_steps": 5}))

@@ -51,6 +51,8 @@ def test_debug_run_loss_falls(mile_run):
         assert key in rows[0]
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     assert rows[-1]["tokens"] == 30 * 8 * 32
+    # peak host memory of the process: more than the model and optimizer, less than this machine
+    assert 0.05 < rows[-1]["perf/host_peak_gib"] < 64 and rows[-1]["perf/tflops_per_device"] > 0
     assert mile_run.final_loss == rows[-1]["loss"]
 
 

@@ -107,6 +107,10 @@ class DistributedSection:
     zero_stage: int = 0
     offload_optimizer: bool = False
     """Optimizer state and step on the CPU (DeepSpeedCPUAdam); needs zero_stage >= 1."""
+    offload_ratio: float = 1.0
+    """With offload_optimizer under ZeRO-3: the fraction of the optimizer state (and of its step) held on the
+    CPU; the rest stays on the GPU (DeepSpeed's partial offload). Below 1 where GPU memory is left over: less
+    host memory and a shorter CPU step."""
     offload_params: bool = False
     """Parameters on the CPU between uses; needs zero_stage = 3."""
     overlap_comm: bool = True
@@ -257,6 +261,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"distributed.zero_stage={d.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
     if d.offload_optimizer and d.zero_stage < 1:
         raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if not 0.0 <= d.offload_ratio <= 1.0:
+        raise ConfigError(f"distributed.offload_ratio={d.offload_ratio} is not a fraction in [0, 1]")
+    if d.offload_ratio < 1.0 and not (d.offload_optimizer and d.zero_stage == 3):
+        raise ConfigError(
+            "distributed.offload_ratio < 1 (partial optimizer offload) needs distributed.offload_optimizer=true "
+            "and distributed.zero_stage=3"
+        )
     if d.offload_params and d.zero_stage != 3:
         raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
     if cfg.train.global_batch_size and cfg.train.global_batch_tokens:

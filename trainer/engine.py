@@ -12,6 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from trainer.config import DistributedSection, TrainSection
 
@@ -38,7 +39,7 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device() -> torch.device:
+def accelerator_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -63,6 +64,8 @@ def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> di
         zero["overlap_comm"] = distributed.overlap_comm
     if distributed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if distributed.offload_ratio < 1.0:
+            zero["offload_optimizer"]["ratio"] = distributed.offload_ratio
     if distributed.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if distributed.zero_stage == 3:
@@ -212,5 +215,8 @@ def scatter_portable_state(engine: Any, tensors: dict[str, torch.Tensor], adam_s
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Full weights of the engine's module on rank 0 (a collective under ZeRO-3: every rank must call it)."""
     if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
+        state = engine._zero3_consolidated_16bit_state_dict()
+        # DeepSpeed walks the parameters itself, past the hook that keeps activation checkpointing's wrapper
+        # out of state-dict names; drop the wrapper's prefix so the names are the model's own.
+        return None if state is None else {k.replace(_CHECKPOINT_PREFIX, ""): v for k, v in state.items()}
     return engine.module.state_dict() if dist.get_rank() == 0 else None

@@ -19,6 +19,7 @@ from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
 from trainer.losses import IGNORE_INDEX
+from trainer.perf import memory_metrics
 from trainer.run import Run, build_run
 
 # summed over micro-steps and averaged over ranks at logging steps
@@ -147,6 +148,7 @@ def _log(run: Run, step: int, sums: torch.Tensor, clock: _Clock) -> float:
     tokens_per_s = clock.rate(tokens)
     flops_per_device = tokens_per_s / run.world_size * run.flops_per_token  # achieved FLOP/s of one rank
     metrics["perf/tflops_per_device"] = flops_per_device / 1e12
+    metrics.update(memory_metrics())  # this rank's
     if run.peak_flops:
         metrics["perf/mfu"] = flops_per_device / run.peak_flops
     metrics.update(

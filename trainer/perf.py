@@ -7,6 +7,9 @@ forward and backward, without halving for causality). MFU = achieved FLOP/s / th
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import torch
 
 from models import GPTConfig
@@ -27,3 +30,13 @@ def peak_flops(override_tflops: float = 0.0) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def memory_metrics() -> dict[str, float]:
+    """Peak memory of this process so far, in GiB: host resident set (pinned optimizer state included) and,
+    on a GPU, what PyTorch's allocator handed out. Host-side counters only: no device sync."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    metrics = {"perf/host_peak_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+    if torch.cuda.is_available():
+        metrics["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
