@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -12,14 +16,37 @@ from data.tokenizer import Tokenizer
 from models import GPT
 
 
+@dataclass
+class _Generation:
+    """One greedy generation in progress."""
+
+    prompt: list[int]
+    until: list[str]
+    max_new: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+
+
 class LosslabLM(TemplateLM):
-    def __init__(self, model: GPT, tokenizer: Tokenizer, *, batch_size: int = 16, device: str = "cpu") -> None:
+    """``precision``: ``auto`` runs bf16 autocast on CUDA (the precision the model trained in; log-probabilities
+    are still computed in fp32) and fp32 elsewhere; ``fp32`` / ``bf16`` force one."""
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, *, batch_size: int = 16, device: str = "cpu", precision: str = "auto"
+    ) -> None:
         super().__init__()
         self.model = model.to(device).eval()
         self.tok = tokenizer
         self.batch_size = batch_size
         self._device = torch.device(device)
         self.max_length = model.cfg.max_seq_len
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}: choose auto, fp32 or bf16")
+        self._bf16 = precision == "bf16" or (precision == "auto" and self._device.type == "cuda")
+
+    def _autocast(self):
+        return torch.autocast(self._device.type, dtype=torch.bfloat16) if self._bf16 else nullcontext()
 
     @property
     def eot_token_id(self) -> int:
@@ -34,18 +61,25 @@ class LosslabLM(TemplateLM):
 
     @torch.no_grad()
     def _score(self, inputs: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """One padded batch: inputs[i] ends just before the last continuation token."""
+        """One padded batch: inputs[i] ends just before the last continuation token. Only the continuation
+        positions go through the output head (never the whole [B, T, V] logits)."""
         T = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), T), self.tok.eos_id, dtype=torch.long)
         for i, x in enumerate(inputs):
             ids[i, : len(x)] = torch.tensor(x)
-        logp = F.log_softmax(self.model.logits(ids.to(self._device)).float(), dim=-1)  # [B, T, V]
-        out = []
-        for i, (x, cont) in enumerate(zip(inputs, conts, strict=True)):
-            n = len(cont)
-            rows = logp[i, len(x) - n : len(x)]  # [n, V]: predictions of the continuation tokens
-            target = torch.tensor(cont, device=rows.device)
-            out.append((rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())))
+        with self._autocast():
+            hidden = self.model(ids.to(self._device))  # [B, T, d]
+            # the continuation's predictions: rows len(x) - n .. len(x) - 1 of each sequence
+            rows = [hidden[i, len(x) - len(c) : len(x)] for i, (x, c) in enumerate(zip(inputs, conts, strict=True))]
+            picked = torch.cat(rows)  # [sum n, d]
+            logp = F.log_softmax(self.model.head(picked).float(), dim=-1)  # [sum n, V]
+        target = torch.tensor([t for c in conts for t in c], device=logp.device)  # [sum n]
+        token_logp = logp.gather(1, target[:, None])[:, 0].tolist()
+        token_greedy = (logp.argmax(-1) == target).tolist()
+        out, s = [], 0
+        for c in conts:
+            out.append((sum(token_logp[s : s + len(c)]), all(token_greedy[s : s + len(c)])))
+            s += len(c)
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -85,25 +119,42 @@ class LosslabLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+        """Greedy decoding, batched without padding: prompts of the same length in tokens decode together,
+        so every row of a batch grows by one token a step (the model takes no attention mask). A row stops
+        at end-of-text, at a stop sequence or at its ``max_gen_toks``, and leaves the batch."""
+        gens = []
+        for req in requests:
             context, gen_kwargs = req.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = torch.tensor([(ids + generated)[-self.max_length :]], device=self._device)
-                next_id = int(self.model.logits(window)[0, -1].argmax())
-                if next_id == self.eot_token_id:
-                    break
-                generated.append(next_id)
-                text = self.tok_decode(generated)
-                if any(stop in text for stop in until):
-                    break
-            for stop in until:
+            prompt = self.tok_encode(context) or [self.prefix_token_id]
+            gens.append(_Generation(prompt, until, int(gen_kwargs.get("max_gen_toks", 256))))
+        by_length: dict[int, list[_Generation]] = defaultdict(list)
+        for g in gens:
+            by_length[len(g.prompt)].append(g)
+        batches = [group[s : s + self.batch_size] for group in by_length.values()
+                   for s in range(0, len(group), self.batch_size)]  # fmt: skip
+        for batch in tqdm(batches, disable=disable_tqdm, desc="generate_until"):
+            self._generate_batch(batch)
+        out = []
+        for g in gens:
+            text = g.text
+            for stop in g.until:
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+    def _generate_batch(self, batch: list[_Generation]) -> None:
+        active = [g for g in batch if g.max_new > 0]
+        while active:
+            window = torch.tensor([(g.prompt + g.tokens)[-self.max_length :] for g in active], device=self._device)
+            with self._autocast():
+                last = self.model.head(self.model(window)[:, -1])  # [B, V]: next-token logits only
+            for g, next_id in zip(active, last.argmax(-1).tolist(), strict=True):
+                if next_id == self.eot_token_id:
+                    g.done = True
+                    continue
+                g.tokens.append(next_id)
+                g.text = self.tok_decode(g.tokens)
+                g.done = len(g.tokens) >= g.max_new or any(stop in g.text for stop in g.until)
+            active = [g for g in active if not g.done]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
 from data.tokenizer import Tokenizer
@@ -73,13 +74,16 @@ def evaluate_checkpoint(
     offline: bool | None = None,
     val_files: list[str] | None = None,
     val_tokens: int = 200_000,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
     lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
     ``val_files``, held-out loss by token-frequency bucket (``bucket/...``).
 
     With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
-    imported, so nothing reaches for the hub. Returns the summary written to ``eval_results.json``.
+    imported, so nothing reaches for the hub. ``precision`` ``auto`` evaluates in bf16 on CUDA (weights as
+    trained, half the memory of fp32 beside a training run) and fp32 elsewhere. Returns the summary written to
+    ``eval_results.json``.
     """
     if not tasks and not val_files:
         raise ValueError("nothing to evaluate: give tasks and/or held-out files")
@@ -88,8 +92,10 @@ def evaluate_checkpoint(
         os.environ["HF_HUB_OFFLINE"] = "1"
     from evals.lm import LosslabLM
 
-    model, ckpt = load_model(checkpoint, device=device)
-    lm = LosslabLM(model, Tokenizer(str(ckpt / "tokenizer.model")), batch_size=batch_size, device=device)
+    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
+    lm = LosslabLM(model, tokenizer, batch_size=batch_size, device=device, precision="bf16" if bf16 else "fp32")
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     metrics: dict[str, float] = {}
     results: dict[str, Any] = {}

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if dist.get_rank() == 0:
         print(f"final training loss: {result.final_loss:.4f} after {result.steps} steps ({result.tokens} tokens)")
-        print(f"checkpoint: {result.checkpoint}")
+        print(f"checkpoint: {result.checkpoint or 'none (checkpoint.at_end=false)'}")
         if result.eval is not None:
             for key, value in sorted(result.eval["metrics"].items()):
                 if not key.endswith(("_stderr", "sample_len", "_tokens", "_loss", "/loss", "/tokens")):

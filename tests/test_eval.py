@@ -46,16 +46,37 @@ def test_loglikelihood_equals_direct_sum_of_token_logprobs(lm):
         assert isinstance(greedy, bool)
 
 
-def test_generate_until_stops_at_stop_sequences(lm):
-    class Req:
-        def __init__(self, *args):
-            self.args = args
+class Req:
+    def __init__(self, *args):
+        self.args = args
 
+
+def test_bf16_scores_track_fp32(lm):
+    pairs = [("The king loves", " the crown"), ("A fool", " fears the night.")]
+    requests = [((c, t), *lm._encode_pair(c, t)) for c, t in pairs]
+    fp32 = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    bf16 = LosslabLM(lm.model, lm.tok, batch_size=3, precision="bf16")._loglikelihood_tokens(requests, True)
+    for (a, _), (b, _) in zip(fp32, bf16, strict=True):
+        assert a != b and abs(a - b) < 0.02 * abs(a), (a, b)  # bf16 matmuls ran, within bf16 accuracy
+
+
+def test_generate_until_stops_at_stop_sequences(lm):
     free = lm.generate_until([Req("The king", {"until": [], "max_gen_toks": 30})], disable_tqdm=True)[0]
     assert len(free) > 6
     stop = free[3:6]
     cut = lm.generate_until([Req("The king", {"until": [stop], "max_gen_toks": 30})], disable_tqdm=True)[0]
     assert cut == free[: free.index(stop)] and stop not in cut
+
+
+def test_batched_generation_equals_one_request_at_a_time(lm):
+    prompts = ["The king", "The duke", "A fool", "Her father", "The king loves the", "O", "My lord, the"]
+    assert len({len(lm.tok_encode(p)) for p in prompts}) < len(prompts), "some prompts must share a length"
+    kwargs = [{"until": ["."], "max_gen_toks": 12}, {"until": [], "max_gen_toks": 7}, {"until": ["e"]}]
+    requests = [Req(p, kwargs[i % len(kwargs)]) for i, p in enumerate(prompts)]
+    one_by_one = [lm.generate_until([r], disable_tqdm=True)[0] for r in requests]
+    batched = LosslabLM(lm.model, lm.tok, batch_size=4).generate_until(requests, disable_tqdm=True)
+    assert batched == one_by_one
+    assert any(len(t) > 3 for t in one_by_one)
 
 
 def test_frequency_buckets_partition_the_vocabulary():

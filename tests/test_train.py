@@ -169,3 +169,11 @@ def test_init_from_another_runs_weights(mile_run, corpus, tmp_path):
     )
     with pytest.raises(Exception, match="does not fit this model"):
         build_run(bad)
+
+
+def test_benchmark_runs_can_skip_the_final_checkpoint(corpus, dist_env, tmp_path):
+    overrides = {"train.max_steps": 4, "checkpoint.at_end": False, "eval.buckets": False}
+    result = train(load_config(None, debug_overrides(corpus, tmp_path / "bench", **overrides)))
+    assert result.steps == 4 and result.checkpoint is None
+    assert not (tmp_path / "bench" / "checkpoints").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "bench")] == [4]

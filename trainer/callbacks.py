@@ -90,9 +90,8 @@ class EvalCallback(Callback):
         if not (self.cfg.tasks or self.val_files) or not (final or self.cfg.every_checkpoint):
             return
         if dist.get_rank() == 0:
-            import torch
-
             from evals.runner import evaluate_checkpoint
+            from trainer.engine import accelerator_device
 
             self.last = evaluate_checkpoint(
                 ckpt,
@@ -101,7 +100,7 @@ class EvalCallback(Callback):
                 num_fewshot=self.cfg.num_fewshot,
                 limit=self.cfg.limit,
                 batch_size=self.cfg.batch_size,
-                device="cuda" if torch.cuda.is_available() else "cpu",
+                device=str(accelerator_device()),
                 val_files=self.val_files,
                 val_tokens=self.cfg.val_tokens,
             )

@@ -201,7 +201,9 @@ def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
     return client["losslab"]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Path]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[GPT, Path]:
     """Rebuild the model of a checkpoint from its own files (safetensors: no pickled code runs)."""
     ckpt = resolve_checkpoint(path)
     cfg = GPTConfig(**json.loads((ckpt / "model_config.json").read_text()))
@@ -212,4 +214,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise ValueError(
             f"checkpoint {ckpt} does not match its model config: missing {missing}, unexpected {unexpected}"
         )
-    return model.to(device=device, dtype=torch.float32).eval(), ckpt
+    return model.to(device=device, dtype=dtype).eval(), ckpt

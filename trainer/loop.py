@@ -36,7 +36,8 @@ class TrainResult:
     steps: int
     tokens: int
     final_loss: float
-    checkpoint: Path
+    checkpoint: Path | None
+    """The last checkpoint written (None when checkpoint.at_end=false and none was due)."""
     eval: dict[str, Any] | None
     model: GPT
     """The trained model as held by this rank (partitioned under ZeRO-3)."""
@@ -60,7 +61,11 @@ def train(cfg: RunConfig) -> TrainResult:
         preempted = (run.world_size == 1 or log_step) and run.preemption.requested()
         if log_step or final or preempted:
             last_loss = _log(run, step, sums, clock)
-        if final or preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if (
+            (final and cfg.checkpoint.at_end)
+            or preempted
+            or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        ):
             ckpt = _checkpoint(run, step, final=final)
         if preempted:
             print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
@@ -68,7 +73,6 @@ def train(cfg: RunConfig) -> TrainResult:
     for cb in run.callbacks:
         cb.on_end()
     run.preemption.restore()
-    assert ckpt is not None
     return TrainResult(
         run_dir=run.run_dir,
         steps=step,
