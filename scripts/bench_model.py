@@ -7,6 +7,8 @@ peak memory. Step = forward + loss + backward + optimizer step (no DeepSpeed: th
 
     python scripts/bench_model.py                           # 468m, seq 1024 and 2048, both blocks, HF too
     python scripts/bench_model.py --preset 1.2b --seq 1024 --no-hf
+
+``--device cpu --preset debug --modes eager`` is a smoke test of the script itself (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,16 +32,17 @@ from trainer.perf import flops_per_token, peak_flops
 VOCAB = 32000
 
 
-def losslab_step(preset: str, block: str, seq: int, compile: bool) -> tuple[torch.nn.Module, Callable]:
+def losslab_step(preset: str, block: str, seq: int, compile: bool, device: str) -> tuple[torch.nn.Module, Callable]:
     cfg = model_config(load_config(None, [f"model.preset={preset}", f"model.block={block}", f"data.seq_len={seq}",
                                           f"model.max_seq_len={max(seq, 1024)}"]), VOCAB)  # fmt: skip
-    model = GPT(cfg).cuda()
+    with torch.device(device):
+        model = GPT(cfg)
     parallelize.apply(model, activation_checkpointing=False, compile=compile)
     loss_fn = build_loss({"name": "ce"})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(ids: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             hidden = model(ids[:, :-1])
             out = model.head(hidden, lambda h, w: loss_fn(h, w, ids[:, 1:]))
         out.loss.backward()
@@ -47,7 +52,7 @@ def losslab_step(preset: str, block: str, seq: int, compile: bool) -> tuple[torc
     return model, step
 
 
-def hf_step(preset: str, block: str, seq: int, compile: bool) -> tuple[torch.nn.Module, Callable]:
+def hf_step(preset: str, block: str, seq: int, compile: bool, device: str) -> tuple[torch.nn.Module, Callable]:
     from models.hf import hf_config
 
     cfg = model_config(load_config(None, [f"model.preset={preset}", f"model.block={block}", f"data.seq_len={seq}",
@@ -57,12 +62,13 @@ def hf_step(preset: str, block: str, seq: int, compile: bool) -> tuple[torch.nn.
     hf_cfg = hf_config(cfg)
     hf_cfg._attn_implementation = "sdpa"
     cls = transformers.LlamaForCausalLM if block == "llama" else transformers.GPTNeoXForCausalLM
-    model = cls(hf_cfg).cuda()
+    with torch.device(device):
+        model = cls(hf_cfg)
     fwd = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(ids: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = fwd(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
         loss.backward()
         opt.step()
@@ -71,35 +77,42 @@ def hf_step(preset: str, block: str, seq: int, compile: bool) -> tuple[torch.nn.
     return model, step
 
 
-def measure(build: Callable, preset: str, block: str, seq: int, compile: bool, batches: list[int], iters: int) -> dict:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    build: Callable, preset: str, block: str, seq: int, compile: bool, batches: list[int], iters: int, device: str
+) -> dict:
     for batch in batches:
         model = step = None
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
-            model, step = build(preset, block, seq, compile)
-            ids = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
+            model, step = build(preset, block, seq, compile, device)
+            ids = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
             for _ in range(3):
                 step(ids)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            _sync(device)
+            start = time.perf_counter()
             for _ in range(iters):
                 step(ids)
-            end.record()
-            torch.cuda.synchronize()
+            _sync(device)
         except torch.OutOfMemoryError:
             continue
-        secs = start.elapsed_time(end) / 1e3 / iters
+        secs = (time.perf_counter() - start) / iters
         n = sum(p.numel() for p in model.parameters())
         layers = model.config.num_hidden_layers if hasattr(model, "config") else model.cfg.n_layers
         width = model.config.hidden_size if hasattr(model, "config") else model.cfg.d_model
         tokens_s = batch * seq / secs
         fpt = 6.0 * n + 12.0 * layers * width * seq
-        peak = peak_flops() or 989e12
+        peak = (peak_flops() or 989e12) if device == "cuda" else math.nan
+        gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan
         return {"micro_batch": batch, "s_per_step": secs, "tokens_per_s": tokens_s, "mfu": tokens_s * fpt / peak,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n}  # fmt: skip
+                "peak_gib": gib, "params": n}  # fmt: skip
     return {"micro_batch": 0, "error": "out of memory at every micro-batch"}
 
 
@@ -111,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 48, 32, 24, 16, 8, 4, 2, 1])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_model.py needs a CUDA GPU", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_model.py needs a CUDA GPU (--device cpu only checks the script)", file=sys.stderr)
         return 2
     assert flops_per_token  # the same convention as the trainer's MFU (trainer/perf.py)
     rows = []
@@ -122,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         for block in args.blocks:
             impls = [("losslab", losslab_step)] + ([] if args.no_hf else [("hf", hf_step)])
             for name, build in impls:
-                for compile in (False, True):
-                    r = measure(build, args.preset, block, seq, compile, args.batches, args.iters)
+                for compile in [mode == "compiled" for mode in args.modes]:
+                    r = measure(build, args.preset, block, seq, compile, args.batches, args.iters, args.device)
                     r.update(impl=name, block=block, seq=seq, compiled=compile, preset=args.preset)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, preset {args.preset}, vocab {VOCAB}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"\n# {name}, torch {torch.__version__}, preset {args.preset}, vocab {VOCAB}")
     print(
         "| impl | block | seq | compiled | micro-batch | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|"
     )
