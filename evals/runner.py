@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from data.tokenizer import Tokenizer
 from evals.buckets import bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
 from evals.task_sets import resolve_tasks
+from evals.tasks import relocate_tasks
 from trainer.checkpoint import COUNTS_FILE, load_model
 
 RESULTS_FILE = "eval_results.json"
@@ -35,6 +36,7 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
     if task_dir:
         if not Path(task_dir).is_dir():
             raise FileNotFoundError(f"eval task directory not found: {task_dir!r}")
+        relocate_tasks(task_dir)  # built on another machine or in another place: its absolute paths moved
         manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
     else:
         manager = TaskManager()

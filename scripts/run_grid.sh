@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every experiment config of a directory for each seed, one after the other, then compare them:
 #   bash scripts/run_grid.sh configs/experiments/small 0 1 [-- extra key=value overrides]
-# Each run writes to runs/<grid>/<config>-s<seed>; set LAUNCHER (default: deepspeed) for other launchers.
+# Each run writes to runs/<grid>/<config>-s<seed>; set LAUNCHER (default: deepspeed) for other launchers and
+# PYTHON (default: .venv/bin/python) for another interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$1; shift
@@ -16,4 +17,4 @@ for cfg in "$dir"/*.yaml; do
     runs+=("$run")
   done
 done
-.venv/bin/python scripts/compare_runs.py "${runs[@]}" --out "runs/$grid/report"
+${PYTHON:-.venv/bin/python} scripts/compare_runs.py "${runs[@]}" --out "runs/$grid/report"

