@@ -54,8 +54,8 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
       $PY -c "import lm_eval; print('lm-eval', lm_eval.__version__)" || echo "no lm-eval: the eval468 stage cannot run"
       ;;
     tests)  # the CUDA-relevant tests on the GPU (Triton kernels compiled, not interpreted)
-      $PY -m pytest -q -x -p no:cacheprovider tests/test_losses_triton.py tests/test_losses.py tests/test_model.py \
-        tests/test_bench.py
+      $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_losses_triton.py tests/test_losses.py \
+        tests/test_model.py tests/test_bench.py
       ;;
     loss) $PY scripts/bench_loss.py --train-step --json "$OUT/bench_loss.json" ;;
     model1024) $PY scripts/bench_model.py --seq 1024 --batches 64 32 16 --json "$OUT/bench_model_1024.json" ;;
