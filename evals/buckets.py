@@ -55,8 +55,9 @@ def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_t
     return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
-def _ce_only(ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    return ce, torch.ones_like(ce)
+def _ce_only(ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    ones = torch.ones_like(ce)
+    return ce, ones, ones
 
 
 @torch.no_grad()

@@ -130,6 +130,41 @@ def test_bf16_fused_within_tolerance_of_float64(name):
     assert rel_err(gw, rw) < 3e-2
 
 
+@pytest.mark.parametrize("name", sorted(LOSS_PARAMS))
+def test_bf16_autocast_over_fp32_weights(name):
+    """The benchmark's and a plain-torch user's set-up: fp32 parameters, bf16 autocast; fp32 gradients out."""
+    hidden, weight, labels, counts = make_inputs(torch.float32, ignore=True, seed=4)
+    cfg = LossConfig(name=name, fused="true", chunk_size=32, **LOSS_PARAMS[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, gh, gw = loss_and_grads(build_loss(cfg, counts), hidden, weight, labels)
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = naive_loss(h64, w64, labels, cfg, counts)
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < 2e-2
+    assert rel_err(gh, rh) < 3e-2 and rel_err(gw, rw) < 3e-2
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_closed_form_coefficient_is_the_derivative(name):
+    """A loss declaring ``linear_in_ce`` gets dl/dce = w without autograd in the fused path: check the claim."""
+    weighting = LOSSES[name](LossConfig(name=name, **LOSS_PARAMS[name]), torch.randint(1, 50, (V,)))
+    ce = (torch.rand(N, dtype=torch.float64) * 5).requires_grad_()
+    entropy, labels = torch.rand(N, dtype=torch.float64) * 3, torch.randint(0, V, (N,))
+    terms, w = weighting.row_terms(ce, entropy, labels)
+    (dl,) = torch.autograd.grad(terms.sum(), ce)
+    assert torch.allclose(dl, w.detach()) == weighting.linear_in_ce
+
+
+def test_fused_backward_runs_once():
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=False)
+    out = build_loss({"name": "mile", "fused": "true"})(hidden, weight, labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        out.loss.backward()
+
+
 def test_mile_weight_bounds_and_metrics():
     hidden, weight, labels, _ = make_inputs(torch.float64, ignore=False)
     out = build_loss({"name": "mile", "gamma": 1.0})(hidden, weight, labels)

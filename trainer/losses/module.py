@@ -43,11 +43,13 @@ class TokenLoss(nn.Module):
         self.weighting = weighting
         self.fused = fused != "false"
 
-    def _row_fn(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _row_fn(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> (masked loss terms, normaliser weights, dl/dce when the loss is w * ce with w detached)."""
         terms, w = self.weighting.row_terms(ce, entropy, labels)
         valid = labels != IGNORE_INDEX
         counted = torch.ones_like(valid) if self.weighting.counts_ignored else valid
-        return terms * valid, (w * counted).detach()
+        coef = (w * valid).detach() if self.weighting.linear_in_ce else None
+        return terms * valid, (w * counted).detach(), coef
 
     def forward(
         self, hidden: Tensor, head_weight: Tensor, labels: Tensor, denominator: Tensor | None = None

@@ -11,7 +11,13 @@ are computed inside the forward, block by block, and the backward only scales th
 strategy: 3 matmuls in all, no recomputation).
 
 Both return ``(numerator, ce, entropy, w)``: numerator = sum_i l_i (differentiable scalar, accumulation
-dtype), and detached [N] vectors. ``row_fn(ce, entropy, labels) -> (l, w)`` applies the loss and the masks.
+dtype), and detached [N] vectors. ``row_fn(ce, entropy, labels) -> (l, w, coef)`` applies the loss and the
+masks; ``coef`` is dl/dce where the loss gives it in closed form (l = w * ce with w detached: coef = w), else
+None and the chunked path differentiates ``l`` with autograd.
+
+On a GPU the chunked path is bound by launches as much as by FLOPs, so each block costs few: the Triton
+statistics kernel writes straight into the [N] outputs, closed-form coefficients skip autograd, and the
+gradient matmuls write in place.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from trainer.losses.config import IGNORE_INDEX
 
-RowFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+RowFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -45,26 +51,32 @@ def reference(hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn) -> 
     z = F.linear(hidden, weight).to(acc)  # [N, V], materialised
     ce = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="none")  # [N], 0 where ignored
     entropy = entropy_from_logits(z.detach())  # [N]
-    terms, w = row_fn(ce, entropy, labels)
+    terms, w, _ = row_fn(ce, entropy, labels)
     return terms.sum(), ce.detach(), entropy, w
 
 
-def default_chunk_rows(vocab: int, acc: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // (vocab * torch.finfo(acc).bits // 8))
+def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype) -> int:
+    """Rows per block of logits: at least ``dim``, so that the fp32 accumulation of the head-weight gradient
+    (an addmm with inner dimension = rows, reading and writing all of [V, d] every block) stays compute-bound
+    rather than memory-bound, and so that the logits block (in bf16) is about half that accumulator; at least
+    a ``CHUNK_BYTES`` block otherwise (fewer, larger blocks: fewer launches)."""
+    return max(dim, CHUNK_BYTES // (vocab * torch.finfo(acc).bits // 8), 1)
 
 
 class TorchRows:
     """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype)."""
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, valid: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        zf = z.to(acc)  # [c, V]
+    def stats(z: Tensor, y: Tensor, valid: Tensor, ce_out: Tensor, ent_out: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes ce (0 where ignored) and entropy into the [c] outputs; returns (lse, state for ``grad``)."""
+        zf = z.to(ce_out.dtype)  # [c, V]
         lse = torch.logsumexp(zf, dim=-1)  # [c]
         zy = zf.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # [c]
+        ce_out.copy_(lse - zy).masked_fill_(~valid, 0.0)
         p = (zf - lse[:, None]).exp_()  # [c, V] softmax
         # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
-        ent = lse - (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1)  # [c]
-        return lse, zy, ent, p
+        torch.sub(lse, (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1), out=ent_out)
+        return lse, p
 
     @staticmethod
     def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, p: Tensor) -> Tensor:
@@ -76,11 +88,11 @@ class TritonRows:
     """The same with the Triton kernels of ``triton_rows.py``: two passes over the block, gradient in place."""
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, valid: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, None]:
+    def stats(z: Tensor, y: Tensor, valid: Tensor, ce_out: Tensor, ent_out: Tensor) -> tuple[Tensor, None]:
         from trainer.losses.triton_rows import row_stats
 
-        lse, zy, ent = row_stats(z, y)
-        return lse, zy, ent, None
+        lse, _, _ = row_stats(z, y, ce=ce_out, ent=ent_out)
+        return lse, None
 
     @staticmethod
     def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, _state: None) -> Tensor:
@@ -106,52 +118,53 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         N, d = hidden.shape
         V = weight.shape[0]
         acc = accumulation_dtype(hidden.dtype)
+        valid_all = labels != IGNORE_INDEX  # [N]
         ce_all = hidden.new_empty(N, dtype=acc)
         ent_all = hidden.new_empty(N, dtype=acc)
+        terms_all = hidden.new_empty(N, dtype=acc)
         w_all = hidden.new_empty(N, dtype=acc)
-        numerator = hidden.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(hidden) if need_grad else None  # [N, d]
-        grad_w = weight.new_zeros(V, d, dtype=acc) if need_grad else None  # [V, d], accumulated over chunks
+        grad_w = weight.new_zeros(V, d, dtype=acc) if need_grad else None  # [V, d], accumulated over blocks
         for s in range(0, N, chunk_rows):
-            h = hidden[s : s + chunk_rows]  # [c, d]
-            y = labels[s : s + chunk_rows]  # [c]
-            valid = y != IGNORE_INDEX
+            e = min(s + chunk_rows, N)
+            h, y, valid = hidden[s:e], labels[s:e], valid_all[s:e]  # [c, d], [c], [c]
             z = h @ weight.T  # [c, V], in the inputs' dtype
-            lse, zy, ent, state = rows.stats(z, y, valid, acc)
-            ce = torch.where(valid, lse - zy, 0.0).to(acc)  # [c]
-            ent = ent.to(acc)
-            with torch.enable_grad():
-                ce_leaf = ce.detach().requires_grad_(need_grad)
-                terms, w = row_fn(ce_leaf, ent, y)
-                coef = torch.autograd.grad(terms.sum(), ce_leaf)[0] if need_grad else None  # [c] dl/dce
-            numerator += terms.detach().sum()
-            ce_all[s : s + chunk_rows] = ce
-            ent_all[s : s + chunk_rows] = ent
-            w_all[s : s + chunk_rows] = w.detach()
+            lse, state = rows.stats(z, y, valid, ce_all[s:e], ent_all[s:e])
+            ce, ent = ce_all[s:e], ent_all[s:e]
+            terms, w, coef = row_fn(ce, ent, y)
+            if need_grad and coef is None:  # the loss is not linear in ce: differentiate its row terms
+                with torch.enable_grad():
+                    ce_leaf = ce.detach().requires_grad_()
+                    coef = torch.autograd.grad(row_fn(ce_leaf, ent, y)[0].sum(), ce_leaf)[0]  # [c] dl/dce
+            terms_all[s:e] = terms
+            w_all[s:e] = w
             if need_grad:
                 # dl/dz = coef * (softmax - onehot); ignored rows have coef 0 through the masks in row_fn
                 g = rows.grad(z, y, valid, lse, coef, state)  # [c, V]
-                grad_h[s : s + chunk_rows] = g @ weight
+                if grad_h.dtype == g.dtype == weight.dtype and not torch.is_autocast_enabled(g.device.type):
+                    torch.matmul(g, weight, out=grad_h[s:e])  # [c, d], no temporary
+                else:  # mixed dtypes (autocast over fp32 weights): the matmul's own output dtype, then copied
+                    grad_h[s:e] = g @ weight
                 _accumulate_grad_w(grad_w, g, h)
             del z, state
         if need_grad:
+            # The fp32 accumulator goes now, not in backward: backward then only scales in place, and the
+            # peak stays at accumulator + one block of logits.
+            grad_w = grad_w.to(weight.dtype)
             ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.backward_done = False
         ctx.mark_non_differentiable(ce_all, ent_all, w_all)
-        return numerator, ce_all, ent_all, w_all
+        return terms_all.sum(), ce_all, ent_all, w_all
 
     @staticmethod
     def backward(ctx, g_num, *_unused):  # type: ignore[override]
+        if ctx.backward_done:
+            raise RuntimeError("the fused loss scales its precomputed gradients in place: backward runs once")
+        ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * g_num.to(grad_h.dtype),
-            (grad_w * g_num).to(ctx.weight_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grad_h.mul_(g_num)
+        grad_w.mul_(g_num)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def triton_available() -> bool:
@@ -177,7 +190,7 @@ def chunked(
     hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn, chunk_rows: int = 0, kernel: str = "auto"
 ) -> tuple[Tensor, ...]:
     acc = accumulation_dtype(hidden.dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], acc)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.shape[1], acc)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     rows = pick_rows(kernel, hidden.device, hidden.dtype)
     return _ChunkedLinearLoss.apply(hidden, weight, labels, row_fn, chunk_rows, need_grad, rows)

@@ -3,8 +3,8 @@
 The matmuls stay with cuBLAS; these two kernels replace the chain of elementwise torch ops over the block
 (upcast, logsumexp, exp, dot, scatter, scale, downcast — about seven passes) with two passes:
 
-- ``row_stats``: one online pass per row -> logsumexp, target logit and entropy, with running max m,
-  d = sum e^(z-m), s = sum e^(z-m) z  =>  lse = m + log d,  H = lse - s / d.
+- ``row_stats``: one online pass per row -> logsumexp, cross-entropy (0 for an ignored label) and entropy,
+  with running max m, d = sum e^(z-m), s = sum e^(z-m) z  =>  lse = m + log d,  H = lse - s / d.
 - ``row_grad``: overwrites the logits in place with dl/dz = coef * (softmax - onehot(target)), in the
   logits' dtype, ready for the two gradient matmuls.
 
@@ -23,7 +23,7 @@ from trainer.losses.config import IGNORE_INDEX
 
 @triton.jit
 def _row_stats_kernel(
-    z_ptr, z_stride, y_ptr, lse_ptr, zy_ptr, ent_ptr, V, ignore_index, BLOCK_V: tl.constexpr
+    z_ptr, z_stride, y_ptr, lse_ptr, ce_ptr, ent_ptr, V, ignore_index, BLOCK_V: tl.constexpr
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -46,7 +46,7 @@ def _row_stats_kernel(
     y = tl.load(y_ptr + row)
     valid = y != ignore_index
     zy = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
-    tl.store(zy_ptr + row, tl.where(valid, zy, 0.0))
+    tl.store(ce_ptr + row, tl.where(valid, lse - zy, 0.0))
 
 
 @triton.jit
@@ -69,13 +69,17 @@ def _block(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
-def row_stats(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z [c, V] (any float dtype, unit stride in V), labels [c] -> (lse, target logit, entropy), fp32 [c]."""
+def row_stats(
+    z: torch.Tensor, labels: torch.Tensor, ce: torch.Tensor | None = None, ent: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z [c, V] (any float dtype, unit stride in V), labels [c] -> (lse, ce, entropy), fp32 [c]; ce is 0 where
+    the label is ignored. ``ce`` / ``ent``: contiguous fp32 [c] outputs to write into (e.g. slices of [N])."""
     c, V = z.shape
     lse = torch.empty(c, dtype=torch.float32, device=z.device)
-    zy, ent = torch.empty_like(lse), torch.empty_like(lse)
-    _row_stats_kernel[(c,)](z, z.stride(0), labels, lse, zy, ent, V, IGNORE_INDEX, BLOCK_V=_block(V))
-    return lse, zy, ent
+    ce = torch.empty_like(lse) if ce is None else ce
+    ent = torch.empty_like(lse) if ent is None else ent
+    _row_stats_kernel[(c,)](z, z.stride(0), labels, lse, ce, ent, V, IGNORE_INDEX, BLOCK_V=_block(V))
+    return lse, ce, ent
 
 
 def row_grad_(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ and ``D`` is either the token count or the sum of detached weights ``w_i`` (rank
 Formulas and the official code's quirks: MiLe arXiv 2310.19531, PDL arXiv 2505.16900, focal arXiv 1708.02002.
 
 A loss is one class with ``row_terms``; adding a loss is one registry entry. Both the reference path
-(autograd through materialised logits) and the fused path (``chunked.py``, which needs dl_i/dce_i) call the
+(autograd through materialised logits) and the fused path (``paths.chunked``, which needs dl_i/dce_i) call the
 same ``row_terms``, so the two paths can only differ in how the CE and its gradient are computed.
 """
 
@@ -26,6 +26,9 @@ class TokenWeighting:
     """True: ignored positions count in the normaliser (the official MiLe/focal code's behaviour)."""
     needs_token_counts: bool = False
     """True: ``build_loss`` must be given corpus token counts (the trainer supplies them)."""
+    linear_in_ce: bool = True
+    """True: ``row_terms`` returns ``l = w * ce`` with ``w`` detached, so dl/dce = w in closed form (the fused
+    path then needs no autograd per block). False: l is another function of ce (autograd finds dl/dce)."""
 
     def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """ce [n] (0 where ignored, may require grad), entropy [n] detached, labels [n] ->
@@ -71,6 +74,8 @@ class Focal(TokenWeighting):
 
 class FocalLin(TokenWeighting):
     """Lin et al. 2017: l = -alpha (1 - p)^gamma log p, gradient through the weight, mean over tokens."""
+
+    linear_in_ce = False
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
         self.gamma, self.alpha = cfg.gamma, cfg.focal_alpha
