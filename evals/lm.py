@@ -13,7 +13,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from data.tokenizer import Tokenizer
-from models import GPT
+from models import GPT, KVCache
 
 
 @dataclass
@@ -30,10 +30,19 @@ class _Generation:
 
 class LosslabLM(TemplateLM):
     """``precision``: ``auto`` runs bf16 autocast on CUDA (the precision the model trained in; log-probabilities
-    are still computed in fp32) and fp32 elsewhere; ``fp32`` / ``bf16`` force one."""
+    are still computed in fp32) and fp32 elsewhere; ``fp32`` / ``bf16`` force one. ``kv_cache``: generation
+    caches keys and values (one token per step) where the context window allows; False re-reads the window
+    every step (the reference the cached path is tested against)."""
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer, *, batch_size: int = 16, device: str = "cpu", precision: str = "auto"
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int = 16,
+        device: str = "cpu",
+        precision: str = "auto",
+        kv_cache: bool = True,
     ) -> None:
         super().__init__()
         self.model = model.to(device).eval()
@@ -44,6 +53,7 @@ class LosslabLM(TemplateLM):
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}: choose auto, fp32 or bf16")
         self._bf16 = precision == "bf16" or (precision == "auto" and self._device.type == "cuda")
+        self.kv_cache = kv_cache
 
     def _autocast(self):
         return torch.autocast(self._device.type, dtype=torch.bfloat16) if self._bf16 else nullcontext()
@@ -146,15 +156,31 @@ class LosslabLM(TemplateLM):
 
     def _generate_batch(self, batch: list[_Generation]) -> None:
         active = [g for g in batch if g.max_new > 0]
+        if not active:
+            return
+        # With room for every new token in the context window, keys and values are cached and each step feeds
+        # one token; otherwise the window slides and each step re-reads its last max_length tokens.
+        cached = self.kv_cache and len(active[0].prompt) + max(g.max_new for g in active) <= self.max_length
+        cache = KVCache.empty(self.model.cfg.n_layers) if cached else None
         while active:
-            window = torch.tensor([(g.prompt + g.tokens)[-self.max_length :] for g in active], device=self._device)
+            if cache is not None and cache.length:
+                window = torch.tensor([[g.tokens[-1]] for g in active], device=self._device)  # [B, 1]
+            else:
+                window = torch.tensor([(g.prompt + g.tokens)[-self.max_length :] for g in active], device=self._device)
             with self._autocast():
-                last = self.model.head(self.model(window)[:, -1])  # [B, V]: next-token logits only
-            for g, next_id in zip(active, last.argmax(-1).tolist(), strict=True):
+                last = self.model.head(self.model(window, cache)[:, -1])  # [B, V]: next-token logits only
+            keep = []
+            for i, (g, next_id) in enumerate(zip(active, last.argmax(-1).tolist(), strict=True)):
                 if next_id == self.eot_token_id:
                     g.done = True
-                    continue
-                g.tokens.append(next_id)
-                g.text = self.tok_decode(g.tokens)
-                g.done = len(g.tokens) >= g.max_new or any(stop in g.text for stop in g.until)
-            active = [g for g in active if not g.done]
+                else:
+                    g.tokens.append(next_id)
+                    g.text = self.tok_decode(g.tokens)
+                    g.done = len(g.tokens) >= g.max_new or any(stop in g.text for stop in g.until)
+                if not g.done:
+                    keep.append(i)
+            if cache is not None and keep and len(keep) < len(active):  # finished rows leave the cache too
+                rows = torch.tensor(keep, dtype=torch.long, device=self._device)
+                for kv in cache.layers:
+                    kv.k, kv.v = kv.k[rows], kv.v[rows]
+            active = [active[i] for i in keep]

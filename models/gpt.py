@@ -8,13 +8,16 @@ Both have untied embeddings and a fused QKV projection laid out ``[n_heads, 3, h
 (NeoX's layout, so its export is a renaming; LLaMA's export splits it). ``models/hf.py`` converts.
 
 The model returns final hidden states; the output head is a separate module so a training loss can consume
-``(hidden, head.weight)`` without materialising the logits (see ``LMHead.forward``).
+``(hidden, head.weight)`` without materialising the logits (see ``LMHead.forward``). For generation,
+``forward(ids, cache=KVCache.empty(n_layers))`` keeps each layer's keys and values, so later calls feed one
+new token at a time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +25,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import GPTConfig
+
+
+@dataclass
+class LayerKV:
+    k: Tensor | None = None  # [B, H, L, hd]
+    v: Tensor | None = None  # [B, H, L, hd]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the ``length`` positions seen so far, per layer (incremental greedy decoding)."""
+
+    layers: list[LayerKV]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([LayerKV() for _ in range(n_layers)])
 
 
 class Rotary(nn.Module):
@@ -38,13 +59,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [B, H, T, hd]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        # x: [B, H, T, hd] at positions offset .. offset + T - 1
         if self.dims == 0:
             return x
         T = x.shape[-2]
-        cos = self.cos[:T].to(x.dtype)  # [T, dims]
-        sin = self.sin[:T].to(x.dtype)
+        cos = self.cos[offset : offset + T].to(x.dtype)  # [T, dims]
+        sin = self.sin[offset : offset + T].to(x.dtype)
         x_rot, x_pass = x[..., : self.dims], x[..., self.dims :]
         half = self.dims // 2
         rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_half
@@ -59,12 +80,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0) -> Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, self.n_heads, 3, self.head_dim)  # [B, T, H, 3, hd] (NeoX layout)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, H, T, hd]
-        q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if kv is not None:  # generation: attend to the cached positions too, and cache these
+            if kv.k is not None:
+                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)  # [B, H, offset + T, hd]
+            kv.k, kv.v = k, v
+        # A prompt attends causally; a single new token attends to every position before it.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0)  # [B, H, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -104,10 +130,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = SwiGLU(cfg) if cfg.block == "llama" else GeluMLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0) -> Tensor:
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), GPT-J / NeoX style
-            return x + self.attn(self.ln_attn(x)) + self.mlp(self.ln_mlp(x))
-        x = x + self.attn(self.ln_attn(x))
+            return x + self.attn(self.ln_attn(x), kv, offset) + self.mlp(self.ln_mlp(x))
+        x = x + self.attn(self.ln_attn(x), kv, offset)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -158,11 +184,21 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        # input_ids: [B, T] -> hidden [B, T, d]
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        # input_ids: [B, T] -> hidden [B, T, d]; with a cache, the positions after the cached ones
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x)
+            return self.ln_f(x)
+        T = input_ids.shape[1]
+        if cache.length and T != 1:
+            raise ValueError("a non-empty KV cache is extended one token at a time")
+        if cache.length + T > self.cfg.max_seq_len:
+            raise ValueError(f"{cache.length + T} positions exceed max_seq_len={self.cfg.max_seq_len}")
+        for block, kv in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, kv, cache.length)
+        cache.length += T
         return self.ln_f(x)
 
     def logits(self, input_ids: Tensor) -> Tensor:

@@ -77,6 +77,9 @@ def test_batched_generation_equals_one_request_at_a_time(lm):
     batched = LosslabLM(lm.model, lm.tok, batch_size=4).generate_until(requests, disable_tqdm=True)
     assert batched == one_by_one
     assert any(len(t) > 3 for t in one_by_one)
+    # the KV-cached decoding (rows leaving the cache as they finish) equals re-reading the window every step
+    uncached = LosslabLM(lm.model, lm.tok, batch_size=4, kv_cache=False).generate_until(requests, disable_tqdm=True)
+    assert uncached == batched
 
 
 def test_frequency_buckets_partition_the_vocabulary():

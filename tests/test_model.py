@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import BLOCK_DEFAULTS, GPT, PRESETS, GPTConfig
+from models import BLOCK_DEFAULTS, GPT, PRESETS, GPTConfig, KVCache
 from trainer import parallelize
 from trainer.config import load_config, model_config
 
@@ -35,6 +35,24 @@ def test_causal_masking(block):
         a, b = model.logits(ids), model.logits(changed)
     assert torch.equal(a[:, :12], b[:, :12])  # earlier positions never see later tokens
     assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_kv_cache_gives_the_full_forward_logits(block):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block, rotary_pct=0.5 if block == "neox" else 1.0)).eval()
+    ids = torch.randint(0, 300, (3, 20))
+    cache = KVCache.empty(model.cfg.n_layers)
+    with torch.no_grad():
+        full = model.logits(ids)  # [3, 20, V]
+        steps = [model.head(model(ids[:, :12], cache))]  # a prompt of 12, then one token at a time
+        steps += [model.head(model(ids[:, t : t + 1], cache)) for t in range(12, 20)]
+    assert cache.length == 20
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="one token at a time"):
+        model(ids[:, :2], cache)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        model(ids[:, :1], KVCache(cache.layers, length=64))
 
 
 def test_block_families_differ_as_documented():
