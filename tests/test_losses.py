@@ -234,3 +234,23 @@ def test_global_token_denominator_makes_accumulation_exact(fused):
     g_acc = torch.autograd.grad(accumulated, hidden)[0]
     g_full = torch.autograd.grad(full, hidden)[0]
     assert rel_err(g_acc, g_full) < 1e-10
+
+
+def test_mixed_precision_accumulation_is_checked_before_it_is_trusted():
+    """On CUDA the fused path accumulates bf16 products into fp32 with whichever overload this PyTorch gets
+    right; a build that raises or returns wrong numbers falls through to the next candidate."""
+    from trainer.losses.paths import MIXED_ADDMM, pick_mixed_addmm
+
+    def broken(acc, g, h):  # runs, but wrong
+        acc.add_(1.0)
+
+    def missing(acc, g, h):
+        raise NotImplementedError
+
+    cpu = torch.device("cpu")
+
+    def exact(acc, g, h):
+        acc.addmm_(g.T.float(), h.float())
+
+    assert pick_mixed_addmm(cpu, torch.bfloat16, torch.float32, (broken, missing, exact, MIXED_ADDMM[-1])) is exact
+    assert pick_mixed_addmm(cpu, torch.bfloat16, torch.float32, (broken, missing, MIXED_ADDMM[-1])) is MIXED_ADDMM[-1]

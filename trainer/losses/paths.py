@@ -101,13 +101,52 @@ class TritonRows:
         return row_grad_(z, y, lse, coef)
 
 
+def _addmm_fp32_out(acc: Tensor, g: Tensor, h: Tensor) -> None:
+    """cuBLAS: bf16 inputs, fp32 accumulation, written in place: no [V, d] temporary."""
+    torch.ops.aten.addmm.dtype_out(acc, g.T, h, acc.dtype, out=acc)
+
+
+def _mm_fp32_then_add(acc: Tensor, g: Tensor, h: Tensor) -> None:
+    acc.add_(torch.mm(g.T, h, out_dtype=acc.dtype))  # a [V, d] fp32 temporary per block
+
+
+def _mm_then_add(acc: Tensor, g: Tensor, h: Tensor) -> None:
+    acc.add_(g.T @ h)  # each block's contribution rounded to the inputs' dtype before it is accumulated
+
+
+MIXED_ADDMM = (_addmm_fp32_out, _mm_fp32_then_add, _mm_then_add)
+_mixed_addmm: dict[tuple[torch.device, torch.dtype, torch.dtype], Callable[[Tensor, Tensor, Tensor], None]] = {}
+
+
+def pick_mixed_addmm(device: torch.device, dtype: torch.dtype, acc_dtype: torch.dtype, candidates=MIXED_ADDMM):
+    """The first way of computing ``acc += g.T @ h`` (g, h in ``dtype``, acc in ``acc_dtype``) that this PyTorch
+    build runs and gets right on a small probe; the last candidate is the fallback. The mixed-dtype cuBLAS
+    overloads are recent and have had bugs (pytorch/pytorch#154086), hence the check rather than trust."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    g = torch.randn(64, 24, device=device, generator=gen).to(dtype)
+    h = torch.randn(64, 16, device=device, generator=gen).to(dtype)
+    base = torch.randn(24, 16, device=device, generator=gen).to(acc_dtype)
+    expected = base.double() + g.double().T @ h.double()
+    for fn in candidates[:-1]:
+        acc = base.clone()
+        try:
+            fn(acc, g, h)
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        if torch.allclose(acc.double(), expected, rtol=1e-4, atol=1e-4):
+            return fn
+    return candidates[-1]
+
+
 def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor) -> None:
     """grad_w [V, d] (fp32/fp64) += g.T [V, c] @ h [c, d]."""
     if g.dtype == grad_w.dtype:
         grad_w.addmm_(g.T, h.to(grad_w.dtype))
     elif g.is_cuda:
-        # bf16 inputs, fp32 accumulation in cuBLAS, in place: no [V, d] temporary per chunk
-        torch.ops.aten.addmm.dtype_out(grad_w, g.T, h, grad_w.dtype, out=grad_w)
+        key = (g.device, g.dtype, grad_w.dtype)
+        if key not in _mixed_addmm:
+            _mixed_addmm[key] = pick_mixed_addmm(g.device, g.dtype, grad_w.dtype)
+        _mixed_addmm[key](grad_w, g, h.to(g.dtype))
     else:
         grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
