@@ -41,6 +41,16 @@ summarize() {  # run dir, stage: the metrics file and a one-line summary into $O
   $PY scripts/gpu/summarize_run.py "$1" | tee "$OUT/$2_summary.json"
 }
 
+bench_train() {  # stage, run dir, train.py args...: a throughput run cut at TRAIN_BUDGET seconds (SIGKILL: a
+  # SIGTERM would make the trainer save a pre-emption checkpoint), summarised whatever it reached
+  local stage=$1 dir=$2; shift 2
+  prepare_bench_corpus || return 1
+  timeout -s KILL "${TRAIN_BUDGET:-540}" $PY scripts/train.py "$@"
+  local rc=$?
+  summarize "$dir" "$stage"
+  return $rc
+}
+
 stage() {
   case "$1" in
     setup)
@@ -63,15 +73,9 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
     model12b)
       $PY scripts/bench_model.py --preset 1.2b --seq 1024 --batches 32 16 8 --no-hf --json "$OUT/bench_model_12b.json"
       ;;
-    scale12)
-      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/1.2b_zero2.yaml \
-        && summarize runs/bench/1.2b scale12
-      ;;
-    scale67 | scale67neox)
-      local block=llama; [ "$1" = scale67neox ] && block=neox
-      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/6.7b_offload.yaml model.block=$block \
-        && summarize runs/bench/6.7b "$1"
-      ;;
+    scale12) bench_train scale12 runs/bench/1.2b configs/experiments/bench/1.2b_zero2.yaml ;;
+    scale67) bench_train scale67 runs/bench/6.7b configs/experiments/bench/6.7b_offload.yaml ;;
+    scale67neox) bench_train scale67neox runs/bench/6.7b configs/experiments/bench/6.7b_offload.yaml model.block=neox ;;
     eval468)  # a short 468M run, then the paper task set 0-shot, timed
       [ -d eval_data ] || { echo "eval_data missing: carry .carry/eval_data.tar.gz (scripts/gpu/pack.sh)"; return 1; }
       prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml \
