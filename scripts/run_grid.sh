@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Run every experiment config of a directory for each seed, one after the other, then compare them:
 #   bash scripts/run_grid.sh configs/experiments/small 0 1 [-- extra key=value overrides]
-# Each run writes to runs/<grid>/<config>-s<seed>; set LAUNCHER (default: deepspeed) for other launchers and
-# PYTHON (default: .venv/bin/python) for another interpreter.
+# Each run writes to $RUNS/<grid>/<config>-s<seed> (RUNS default: runs); set LAUNCHER (default: deepspeed) for
+# other launchers and PYTHON (default: .venv/bin/python) for another interpreter. Runs whose result.json says
+# complete are skipped, the others resume: after an interruption, run the same command again (exit 75 means
+# "not finished yet"). Delete a run's directory to run it again from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# SIGTERM (a scheduler, `timeout`) reaches the running trainer too, which saves a checkpoint and stops; the trap
+# keeps this script alive until then, so it reports the run as unfinished (exit 75) instead of vanishing.
+trap 'echo "run_grid: SIGTERM, stopping once the current run has saved" >&2' TERM
 dir=$1; shift
 seeds=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do seeds+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
@@ -12,9 +17,12 @@ grid=$(basename "$dir")
 runs=()
 for cfg in "$dir"/*.yaml; do
   for seed in "${seeds[@]}"; do
-    run="runs/$grid/$(basename "$cfg" .yaml)-s$seed"
-    ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" train.resume=auto "$@"
+    run="${RUNS:-runs}/$grid/$(basename "$cfg" .yaml)-s$seed"
     runs+=("$run")
+    # finished runs are skipped (result.json says so); pre-empted or interrupted ones continue where they stopped
+    grep -q '"complete": true' "$run/result.json" 2>/dev/null && continue
+    ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" train.resume=auto "$@"
+    grep -q '"complete": true' "$run/result.json" || { echo "$run did not finish; run the grid again to resume"; exit 75; }
   done
 done
-${PYTHON:-.venv/bin/python} scripts/compare_runs.py "${runs[@]}" --out "runs/$grid/report"
+${PYTHON:-.venv/bin/python} scripts/compare_runs.py "${runs[@]}" --out "${RUNS:-runs}/$grid/report"

@@ -46,3 +46,27 @@ def test_wandb_names_follow_the_experiment():
         None, ["model.preset=468m", "model.block=llama", "loss.name=mile", "train.seed=3", "data.seq_len=128"]
     )
     assert run_names(cfg) == ("468m-llama-mile-s3", "468m-llama", ["loss:mile", "size:468m", "block:llama"])
+
+
+def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, tmp_path):
+    grid = tmp_path / "toy"
+    grid.mkdir()
+    (grid / "mile.yaml").write_text("includes:\n  - loss/mile.yaml\n")
+    overrides = [o for o in debug_overrides(corpus, tmp_path / "unused", **{"train.max_steps": 6, "train.log_every": 2})
+                 if not o.startswith("run.dir=")]  # fmt: skip
+    env = {**clean_env(), "RUNS": str(tmp_path / "runs"), "LAUNCHER": sys.executable, "PYTHON": sys.executable}
+
+    def grid_run(*extra: str) -> subprocess.CompletedProcess:
+        cmd = ["bash", "scripts/run_grid.sh", str(grid), "0", "--", *overrides, *extra]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    run_dir = tmp_path / "runs" / "toy" / "mile-s0"
+    first = grid_run("debug.sigterm_at_step=3")  # pre-empted: a checkpoint, not finished
+    assert first.returncode == 75, first.stdout[-2000:] + first.stderr[-2000:]
+    assert '"complete": false' in (run_dir / "result.json").read_text()
+    second = grid_run()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and (tmp_path / "runs" / "toy" / "report" / "summary.md").is_file()
+    assert '"complete": true' in (run_dir / "result.json").read_text()
+    third = grid_run()
+    assert third.returncode == 0 and "final training loss" not in third.stdout  # nothing left to train

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
 from trainer.losses import IGNORE_INDEX
 from trainer.perf import memory_metrics
-from trainer.run import Run, build_run
+from trainer.run import RESULT, Run, build_run
 
 # summed over micro-steps and averaged over ranks at logging steps
 STEP_METRICS = ("loss", "ce", "entropy", "weight")
@@ -73,6 +74,11 @@ def train(cfg: RunConfig) -> TrainResult:
     for cb in run.callbacks:
         cb.on_end()
     run.preemption.restore()
+    if torch.distributed.get_rank() == 0:
+        result = {"complete": not preempted and step == cfg.train.max_steps, "steps": step,
+                  "tokens": step * run.tokens_per_step, "final_loss": last_loss if math.isfinite(last_loss) else None,
+                  "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
+        (run.run_dir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
     return TrainResult(
         run_dir=run.run_dir,
         steps=step,

@@ -35,6 +35,10 @@ from trainer.run_info import file_sha256, git_sha
 from trainer.signals import Preemption
 
 METRICS = "metrics.jsonl"
+RESULT = "result.json"
+"""Written in the run directory when training stops (``loop.py``): ``complete`` tells a finished run from a
+pre-empted one (both exit 0), so a driver such as ``scripts/run_grid.sh`` skips finished runs and resumes the
+others."""
 
 
 @dataclass
@@ -97,7 +101,7 @@ def _resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
 
 
 def _prepare_run_dir(run_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    previous = [run_dir / METRICS, run_dir / CHECKPOINTS]
+    previous = [run_dir / METRICS, run_dir / CHECKPOINTS, run_dir / RESULT]
     if not resuming and any(p.exists() for p in previous):
         if not overwrite:
             raise FileExistsError(

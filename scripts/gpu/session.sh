@@ -89,8 +89,9 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
       [ "$(train_shards | wc -l)" = 2 ] || { echo "the grid needs both training shards carried"; return 1; }
       [ -f corpus/shared_32k/manifest.json ] || $PY scripts/prepare_data.py --files $(train_shards) \
         --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model --out corpus/shared_32k --workers "$(nproc)"
-      LAUNCHER=$PY bash scripts/run_grid.sh configs/experiments/small 0 1 && tar -czf "$OUT/small_report.tar.gz" \
-        -C runs/small report
+      # SIGTERM before the device's own limit: the current run saves a checkpoint, the next call resumes it
+      LAUNCHER=$PY PYTHON=$PY timeout -s TERM "${TRAIN_BUDGET:-540}" bash scripts/run_grid.sh configs/experiments/small \
+        0 1 && tar -czf "$OUT/small_report.tar.gz" -C runs/small report
       ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac

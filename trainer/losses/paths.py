@@ -187,8 +187,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 _accumulate_grad_w(grad_w, g, h)
             del z, state
         if need_grad:
-            # The fp32 accumulator goes now, not in backward: backward then only scales in place, and the
-            # peak stays at accumulator + one block of logits.
+            # Converted now, not in backward: only the weight-dtype copy is held while the rest of the model's
+            # backward runs, and backward scales in place with no [V, d] temporaries.
             grad_w = grad_w.to(weight.dtype)
             ctx.save_for_backward(grad_h, grad_w)
         ctx.backward_done = False
