@@ -16,7 +16,7 @@ def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None) -> torch.Te
     logp = torch.log_softmax(z, dim=-1)
     valid = labels != IGNORE_INDEX
     y = labels.clamp(min=0)
-    ce = -logp[torch.arange(len(y)), y] * valid  # [N]
+    ce = -logp[torch.arange(len(y), device=y.device), y] * valid  # [N]
     p_all = logp.detach().exp()
     entropy = -(p_all * logp.detach()).sum(-1)
     counted = torch.ones_like(valid) if cfg.count_ignored else valid

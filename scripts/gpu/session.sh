@@ -68,8 +68,10 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
         tests/test_model.py tests/test_bench.py
       ;;
     loss) $PY scripts/bench_loss.py --train-step --json "$OUT/bench_loss.json" ;;
-    model1024) $PY scripts/bench_model.py --seq 1024 --batches 64 32 16 --json "$OUT/bench_model_1024.json" ;;
-    model2048) $PY scripts/bench_model.py --seq 2048 --batches 32 16 8 --json "$OUT/bench_model_2048.json" ;;
+    model1024neox | model1024llama)  # one block family a stage: 4 configurations, each compiled once or twice
+      $PY scripts/bench_model.py --seq 1024 --blocks "${1#model1024}" --batches 64 32 16 --json "$OUT/$1.json" ;;
+    model2048neox | model2048llama)
+      $PY scripts/bench_model.py --seq 2048 --blocks "${1#model2048}" --batches 32 16 8 --json "$OUT/$1.json" ;;
     model12b)
       $PY scripts/bench_model.py --preset 1.2b --seq 1024 --batches 32 16 8 --no-hf --json "$OUT/bench_model_12b.json"
       ;;
