@@ -177,3 +177,15 @@ def test_benchmark_runs_can_skip_the_final_checkpoint(corpus, dist_env, tmp_path
     assert result.steps == 4 and result.checkpoint is None
     assert not (tmp_path / "bench" / "checkpoints").exists()
     assert [r["step"] for r in read_metrics(tmp_path / "bench")] == [4]
+
+
+def test_wandb_logging_without_the_package_fails_before_set_up(monkeypatch, tmp_path):
+    import importlib.util
+
+    from trainer.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"wandb\.mode=offline needs the wandb package"):
+        train(load_config(None, [f"run.dir={tmp_path}", "wandb.mode=offline"]))
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import uuid
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from trainer.config import EvalSection, RunConfig, WandbSection
+from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 
 Emit = Callable[[int, dict[str, float]], None]
 
@@ -38,6 +39,14 @@ class MetricsJsonl(Callback):
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def require_wandb(cfg: WandbSection) -> None:
+    """Fail before any heavy set-up when W&B logging is asked for and the package is missing."""
+    if cfg.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"wandb.mode={cfg.mode} needs the wandb package (pip install wandb); or set wandb.mode=disabled"
+        )
 
 
 class WandbLogger(Callback):

@@ -23,7 +23,7 @@ from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from models import GPT
 from trainer import parallelize
-from trainer.callbacks import Callback, build_callbacks
+from trainer.callbacks import Callback, build_callbacks, require_wandb
 from trainer.checkpoint import CHECKPOINTS, CheckpointError, latest_checkpoint, resolve_checkpoint, restore
 from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
 from trainer.engine import accelerator_device, build_engine, build_optimizer, init_distributed
@@ -140,6 +140,7 @@ def _init_weights(model: GPT, path: str) -> None:
 
 
 def build_run(cfg: RunConfig) -> Run:
+    require_wandb(cfg.wandb)
     rank, world = init_distributed()
     grad_accum = grad_accum_steps(cfg.train, world, cfg.data.seq_len)  # impossible batch arithmetic fails here
     seed_everything(cfg.train.seed)

@@ -21,19 +21,22 @@ install_wheels() {  # .whl (training) and .whl-eval (lm-eval), each once per mac
   done
 }
 
-link_shared() {  # configs name ../shared; the device tool carries it as .carry/shared
-  if [ ! -e ../shared ] && [ -d .carry/shared ]; then ln -s "$PWD/.carry/shared" ../shared; fi
+# The configs name ../shared (beside the checkout); the device tool carries it as .carry/shared instead, so
+# every command below names the data explicitly.
+SHARED=../shared; [ -d .carry/shared ] && SHARED=$PWD/.carry/shared
+TOKENIZER=$SHARED/tokenizers/llama-style-32k-bpe.model
+
+unpack_eval_data() {
   if [ -f .carry/eval_data.tar.gz ] && [ ! -d eval_data ]; then tar -xzf .carry/eval_data.tar.gz; fi
 }
 
-train_shards() { ls ../shared/corpora/debian_text_00[01].jsonl.zst 2>/dev/null; }
+train_shards() { ls "$SHARED"/corpora/debian_text_00[01].jsonl.zst 2>/dev/null; }
 
 prepare_bench_corpus() {  # whichever training shards were carried; benchmarks only need real tokens
   [ -f corpus/bench_32k/manifest.json ] && return 0
   local shards; shards=$(train_shards)
-  [ -n "$shards" ] || { echo "no ../shared/corpora/debian_text_00[01] shard carried"; return 1; }
-  $PY scripts/prepare_data.py --files $shards --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model \
-    --out corpus/bench_32k --workers "$(nproc)"
+  [ -n "$shards" ] || { echo "no corpora/debian_text_00[01] shard carried under $SHARED"; return 1; }
+  $PY scripts/prepare_data.py --files $shards --tokenizer "$TOKENIZER" --out corpus/bench_32k --workers "$(nproc)"
 }
 
 summarize() {  # run dir, stage: the metrics file and a one-line summary into $OUT
@@ -42,10 +45,12 @@ summarize() {  # run dir, stage: the metrics file and a one-line summary into $O
 }
 
 bench_train() {  # stage, run dir, train.py args...: a throughput run cut at TRAIN_BUDGET seconds (SIGKILL: a
-  # SIGTERM would make the trainer save a pre-emption checkpoint), summarised whatever it reached
+  # SIGTERM would make the trainer save a pre-emption checkpoint), summarised whatever it reached. EXTRA holds
+  # more key=value overrides, e.g. EXTRA="distributed.offload_ratio=0.9 train.global_batch_size=128".
   local stage=$1 dir=$2; shift 2
   prepare_bench_corpus || return 1
-  timeout -s KILL "${TRAIN_BUDGET:-540}" $PY scripts/train.py "$@"
+  # shellcheck disable=SC2086  # EXTRA is a list of overrides
+  timeout -s KILL "${TRAIN_BUDGET:-540}" $PY scripts/train.py "$@" "data.tokenizer=$TOKENIZER" ${EXTRA:-}
   local rc=$?
   summarize "$dir" "$stage"
   return $rc
@@ -54,7 +59,7 @@ bench_train() {  # stage, run dir, train.py args...: a throughput run cut at TRA
 stage() {
   case "$1" in
     setup)
-      install_wheels && link_shared
+      install_wheels && unpack_eval_data
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       echo "cpus $(nproc), memory $(free -g | awk '/Mem:/ {print $2}') GiB"
       $PY -c "import torch, triton, deepspeed, omegaconf, zstandard, sentencepiece, transformers
@@ -80,7 +85,7 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
     scale67neox) bench_train scale67neox runs/bench/6.7b configs/experiments/bench/6.7b_offload.yaml model.block=neox ;;
     eval468)  # a short 468M run, then the paper task set 0-shot, timed
       [ -d eval_data ] || { echo "eval_data missing: carry .carry/eval_data.tar.gz (scripts/gpu/pack.sh)"; return 1; }
-      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml \
+      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml "data.tokenizer=$TOKENIZER" \
         && summarize runs/bench/468m eval468_train || return 1
       local start=$SECONDS
       $PY scripts/evaluate.py --checkpoint runs/bench/468m --tasks paper --task-dir eval_data --batch-size 64 \
@@ -90,10 +95,13 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
     grid)  # the small grid of issue #9 (long: see scripts/gpu/README.md); resumable, re-run to continue
       [ "$(train_shards | wc -l)" = 2 ] || { echo "the grid needs both training shards carried"; return 1; }
       [ -f corpus/shared_32k/manifest.json ] || $PY scripts/prepare_data.py --files $(train_shards) \
-        --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model --out corpus/shared_32k --workers "$(nproc)"
-      # SIGTERM before the device's own limit: the current run saves a checkpoint, the next call resumes it
+        --tokenizer "$TOKENIZER" --out corpus/shared_32k --workers "$(nproc)"
+      # SIGTERM before the device's own limit: the current run saves a checkpoint, the next call resumes it.
+      # W&B is not on the GPU image (metrics.jsonl holds everything the report needs).
       LAUNCHER=$PY PYTHON=$PY timeout -s TERM "${TRAIN_BUDGET:-540}" bash scripts/run_grid.sh configs/experiments/small \
-        0 1 && tar -czf "$OUT/small_report.tar.gz" -C runs/small report
+        0 1 -- "data.tokenizer=$TOKENIZER" "data.val_files=[$SHARED/corpora/debian_text_002.jsonl.zst]" \
+        wandb.mode=disabled ${EXTRA:-} \
+        && tar -czf "$OUT/small_report.tar.gz" -C runs/small report
       ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
