@@ -82,8 +82,51 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# Kernel name fragments -> where step time goes (for "what limits MFU": matmuls at their best are the ceiling).
+KERNEL_KINDS = {
+    "matmul": ("gemm", "cutlass", "xmma", "cublas", "nvjet", "aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
+    "loss": ("_row_stats", "_row_grad"),
+    "optimizer": ("adam", "multi_tensor"),
+    "compiled elementwise": ("triton_",),
+}
+
+
+def kernel_breakdown(step: Callable, ids: torch.Tensor, device: str, steps: int = 3) -> dict[str, float]:
+    """Share of device (CUDA) or CPU self time by kind of kernel over a few steps, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step(ids)
+        _sync(device)
+    from torch.autograd import DeviceType
+
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if device == "cuda" and evt.device_type != DeviceType.CUDA:
+            continue  # kernels only: an aten op's device time is its kernels' again
+        us = evt.self_device_time_total if device == "cuda" else evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
+        times[kind] = times.get(kind, 0.0) + us
+    total = sum(times.values()) or 1.0
+    return {k: v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def measure(
-    build: Callable, preset: str, block: str, seq: int, compile: bool, batches: list[int], iters: int, device: str
+    build: Callable,
+    preset: str,
+    block: str,
+    seq: int,
+    compile: bool,
+    batches: list[int],
+    iters: int,
+    device: str,
+    profile: bool = False,
 ) -> dict:
     for batch in batches:
         model = step = None
@@ -111,8 +154,11 @@ def measure(
         fpt = 6.0 * n + 12.0 * layers * width * seq
         peak = (peak_flops() or 989e12) if device == "cuda" else math.nan
         gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan
-        return {"micro_batch": batch, "s_per_step": secs, "tokens_per_s": tokens_s, "mfu": tokens_s * fpt / peak,
-                "peak_gib": gib, "params": n}  # fmt: skip
+        result = {"micro_batch": batch, "s_per_step": secs, "tokens_per_s": tokens_s, "mfu": tokens_s * fpt / peak,
+                  "peak_gib": gib, "params": n}  # fmt: skip
+        if profile:
+            result["time_share"] = kernel_breakdown(step, ids, device)
+        return result
     return {"micro_batch": 0, "error": "out of memory at every micro-batch"}
 
 
@@ -126,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--profile", action="store_true", help="losslab rows: share of kernel time by kind")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -138,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             impls = [("losslab", losslab_step)] + ([] if args.no_hf else [("hf", hf_step)])
             for name, build in impls:
                 for compile in [mode == "compiled" for mode in args.modes]:
-                    r = measure(build, args.preset, block, seq, compile, args.batches, args.iters, args.device)
+                    profile = args.profile and name == "losslab"
+                    r = measure(build, args.preset, block, seq, compile, args.batches, args.iters, args.device, profile)
                     r.update(impl=name, block=block, seq=seq, compiled=compile, preset=args.preset)
                     rows.append(r)
                     print(json.dumps(r), flush=True)

@@ -27,10 +27,14 @@ def test_bench_loss_runs_and_checks_every_loss(tmp_path):
 def test_bench_model_runs_both_blocks_next_to_transformers(tmp_path):
     out = tmp_path / "model.json"
     argv = ["--device", "cpu", "--preset", "debug", "--modes", "eager", "--seq", "32", "--batches", "2",
-            "--iters", "1", "--json", str(out)]  # fmt: skip
+            "--iters", "1", "--profile", "--json", str(out)]  # fmt: skip
     assert bench_model.main(argv) == 0
     rows = json.loads(out.read_text())
     assert {(r["impl"], r["block"]) for r in rows} == {(i, b) for i in ("losslab", "hf") for b in ("neox", "llama")}
     assert all(r["micro_batch"] == 2 and r["tokens_per_s"] > 0 for r in rows)
     for block in ("neox", "llama"):  # the same shape on both sides
         assert len({r["params"] for r in rows if r["block"] == block}) == 1
+    for r in rows:  # where the time goes, for the losslab rows
+        assert ("time_share" in r) == (r["impl"] == "losslab")
+        if "time_share" in r:
+            assert abs(sum(r["time_share"].values()) - 1) < 1e-6 and r["time_share"].get("matmul", 0) > 0

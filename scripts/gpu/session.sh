@@ -74,18 +74,21 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
       ;;
     loss) $PY scripts/bench_loss.py --train-step --json "$OUT/bench_loss.json" ;;
     model1024neox | model1024llama)  # one block family a stage: 4 configurations, each compiled once or twice
-      $PY scripts/bench_model.py --seq 1024 --blocks "${1#model1024}" --batches 64 32 16 --json "$OUT/$1.json" ;;
+      $PY scripts/bench_model.py --seq 1024 --blocks "${1#model1024}" --batches 64 32 16 --profile \
+        --json "$OUT/$1.json" ;;
     model2048neox | model2048llama)
-      $PY scripts/bench_model.py --seq 2048 --blocks "${1#model2048}" --batches 32 16 8 --json "$OUT/$1.json" ;;
+      $PY scripts/bench_model.py --seq 2048 --blocks "${1#model2048}" --batches 32 16 8 --profile \
+        --json "$OUT/$1.json" ;;
     model12b)
-      $PY scripts/bench_model.py --preset 1.2b --seq 1024 --batches 32 16 8 --no-hf --json "$OUT/bench_model_12b.json"
+      $PY scripts/bench_model.py --preset 1.2b --seq 1024 --batches 32 16 8 --no-hf --profile --json "$OUT/$1.json"
       ;;
     scale12) bench_train scale12 runs/bench/1.2b configs/experiments/bench/1.2b_zero2.yaml ;;
     scale67) bench_train scale67 runs/bench/6.7b configs/experiments/bench/6.7b_offload.yaml ;;
     scale67neox) bench_train scale67neox runs/bench/6.7b configs/experiments/bench/6.7b_offload.yaml model.block=neox ;;
     eval468)  # a short 468M run, then the paper task set 0-shot, timed
       [ -d eval_data ] || { echo "eval_data missing: carry .carry/eval_data.tar.gz (scripts/gpu/pack.sh)"; return 1; }
-      prepare_bench_corpus && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml "data.tokenizer=$TOKENIZER" \
+      prepare_bench_corpus \
+        && $PY scripts/train.py configs/experiments/bench/468m_eval.yaml "data.tokenizer=$TOKENIZER" \
         && summarize runs/bench/468m eval468_train || return 1
       local start=$SECONDS
       $PY scripts/evaluate.py --checkpoint runs/bench/468m --tasks paper --task-dir eval_data --batch-size 64 \
@@ -98,9 +101,9 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
         --tokenizer "$TOKENIZER" --out corpus/shared_32k --workers "$(nproc)"
       # SIGTERM before the device's own limit: the current run saves a checkpoint, the next call resumes it.
       # W&B is not on the GPU image (metrics.jsonl holds everything the report needs).
-      LAUNCHER=$PY PYTHON=$PY timeout -s TERM "${TRAIN_BUDGET:-540}" bash scripts/run_grid.sh configs/experiments/small \
-        0 1 -- "data.tokenizer=$TOKENIZER" "data.val_files=[$SHARED/corpora/debian_text_002.jsonl.zst]" \
-        wandb.mode=disabled ${EXTRA:-} \
+      LAUNCHER=$PY PYTHON=$PY timeout -s TERM "${TRAIN_BUDGET:-540}" \
+        bash scripts/run_grid.sh configs/experiments/small 0 1 -- "data.tokenizer=$TOKENIZER" \
+        "data.val_files=[$SHARED/corpora/debian_text_002.jsonl.zst]" wandb.mode=disabled ${EXTRA:-} \
         && tar -czf "$OUT/small_report.tar.gz" -C runs/small report
       ;;
     *) echo "unknown stage $1"; return 2 ;;
