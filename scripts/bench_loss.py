@@ -96,20 +96,34 @@ def check(name: str, hidden, weight, labels, counts) -> dict[str, float]:
     return {"loss_rel": abs((lf - lr) / lr).item(), "grad_h_rel": rel(hf, hr), "grad_w_rel": rel(wf, wr)}
 
 
+def liger_rows(hidden, weight, labels, warmup: int, iters: int, device: str) -> list[dict]:
+    """Liger Kernel's fused linear cross-entropy as users run it (its default: grad-weight accumulated in the
+    weight's dtype) and with fp32 accumulation (``accum_dtype``; losslab always accumulates in fp32)."""
+    if device != "cuda":
+        print("no Liger rows: its kernels need CUDA", file=sys.stderr)
+        return []
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except Exception as e:  # not installed, or an import that fails on this stack: the other rows still run
+        print(f"no Liger rows: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+    rows = []
+    for impl, kwargs in (("liger", {}), ("liger-fp32-accum", {"accum_dtype": torch.float32})):
+        try:
+            liger = LigerFusedLinearCrossEntropyLoss(**kwargs)
+            ms, gib = timed(liger_step_fn(liger, hidden, weight, labels), warmup, iters, device)
+        except Exception as e:
+            print(f"no {impl} row: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        rows.append({"V": weight.shape[0], "loss": "ce", "impl": impl, "ms": ms, "peak_gib": gib})
+    return rows
+
+
 def bench_losses(n: int, d: int, vocabs: list[int], warmup: int, iters: int, device: str = "cuda") -> list[dict]:
     rows = []
     for v in vocabs:
         hidden, weight, labels, counts = make_inputs(n, d, v, device)
-        try:
-            if device != "cuda":
-                raise ImportError("Liger's kernels need CUDA")
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            liger = LigerFusedLinearCrossEntropyLoss()
-            ms, gib = timed(liger_step_fn(liger, hidden, weight, labels), warmup, iters, device)
-            rows.append({"V": v, "loss": "ce", "impl": "liger", "ms": ms, "peak_gib": gib})
-        except ImportError as e:
-            print(f"no Liger row: {e}", file=sys.stderr)
+        rows += liger_rows(hidden, weight, labels, warmup, iters, device)
         for name in sorted(LOSSES):
             errs = check(name, hidden, weight, labels, counts)
             for impl, cfg in (
