@@ -146,6 +146,8 @@ def measure(
             _sync(device)
         except torch.OutOfMemoryError:
             continue
+        except Exception as e:  # a configuration that does not run here (a compile error, say): report, go on
+            return {"micro_batch": 0, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         secs = (time.perf_counter() - start) / iters
         n = sum(p.numel() for p in model.parameters())
         layers = model.config.num_hidden_layers if hasattr(model, "config") else model.cfg.n_layers
