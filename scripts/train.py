@@ -9,6 +9,7 @@ import sys
 from data.shards import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
+from trainer.engine import EngineSetupError
 from trainer.loop import NonFiniteLossError, train
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, CheckpointError, EngineSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

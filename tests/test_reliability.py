@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import debug_overrides
@@ -179,3 +180,20 @@ def test_every_zero_stage_reloads_with_weights_only(dist_env, tmp_path, stage, p
     _, client = second.load_checkpoint(str(tmp_path), tag="t")
     assert client["losslab"] == {"step": 1}
     assert torch.equal(second(batch).loss, first(batch).loss)
+
+
+def test_cpu_adam_that_cannot_be_built_is_a_clear_error(monkeypatch):
+    """Offloading the optimizer compiles DeepSpeed's CPU Adam at first use; a machine without a toolchain gets
+    a message that says so and what to do, not a compiler log ending in a traceback."""
+    import deepspeed.ops.adam
+
+    from trainer.config import DistributedSection, TrainSection
+    from trainer.engine import EngineSetupError, build_optimizer
+
+    def no_toolchain(*args, **kwargs):
+        raise RuntimeError("Error building extension 'cpu_adam'")
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", no_toolchain)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    with pytest.raises(EngineSetupError, match=r"CPU Adam.*could not be built.*cpu_adam.*DS_BUILD_CPU_ADAM=1"):
+        build_optimizer(groups, TrainSection(), DistributedSection(zero_stage=3, offload_optimizer=True))

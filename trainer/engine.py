@@ -17,6 +17,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from trainer.config import DistributedSection, TrainSection
 
 
+class EngineSetupError(RuntimeError):
+    """What this machine lacks for the asked-for DeepSpeed layout (reported without a traceback)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,7 +98,14 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainSection, distribut
     if distributed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        try:
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as e:  # its C++ op is built at first use; a machine without a toolchain fails here
+            raise EngineSetupError(
+                "distributed.offload_optimizer needs DeepSpeed's CPU Adam, which could not be built on this machine "
+                f"({type(e).__name__}: {e}). It is compiled at first use and needs a C++ compiler, Python headers "
+                "and ninja; or install DeepSpeed with DS_BUILD_CPU_ADAM=1 where they are."
+            ) from e
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
