@@ -28,9 +28,16 @@ class _Generation:
     done: bool = False
 
 
+def uses_bf16(precision: str, device: str | torch.device) -> bool:
+    """``auto``: bf16 on CUDA (the precision the model trained in), fp32 elsewhere; ``fp32`` / ``bf16`` force one."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: choose auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
 class LosslabLM(TemplateLM):
-    """``precision``: ``auto`` runs bf16 autocast on CUDA (the precision the model trained in; log-probabilities
-    are still computed in fp32) and fp32 elsewhere; ``fp32`` / ``bf16`` force one. ``kv_cache``: generation
+    """``precision``: see ``uses_bf16``; with bf16 the forward runs under autocast and log-probabilities are still
+    computed in fp32. ``kv_cache``: generation
     caches keys and values (one token per step) where the context window allows; False re-reads the window
     every step (the reference the cached path is tested against)."""
 
@@ -50,9 +57,7 @@ class LosslabLM(TemplateLM):
         self.batch_size = batch_size
         self._device = torch.device(device)
         self.max_length = model.cfg.max_seq_len
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision={precision!r}: choose auto, fp32 or bf16")
-        self._bf16 = precision == "bf16" or (precision == "auto" and self._device.type == "cuda")
+        self._bf16 = uses_bf16(precision, self._device)
         self.kv_cache = kv_cache
 
     def _autocast(self):

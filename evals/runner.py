@@ -92,9 +92,9 @@ def evaluate_checkpoint(
     if offline if offline is not None else bool(task_dir):
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from evals.lm import LosslabLM
+    from evals.lm import LosslabLM, uses_bf16
 
-    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    bf16 = uses_bf16(precision, device)  # decided here too: the weights are loaded in that dtype
     model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
     lm = LosslabLM(model, tokenizer, batch_size=batch_size, device=device, precision="bf16" if bf16 else "fp32")

@@ -50,6 +50,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def assert_same_losses(run_dir: Path, reference: Path) -> None:
+    """Every step of both runs logged, with equal losses (fp32, within 1e-5)."""
+    got, ref = losses(run_dir), losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+
+
 def common(corpus, run_dir: Path, **extra) -> list[str]:
     base = {"train.max_steps": STEPS, "train.log_every": 1, "train.precision": "fp32", "train.global_batch_size": 16}
     return debug_overrides(corpus, run_dir, **{**base, **extra})
@@ -68,10 +76,7 @@ def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_
     run_dir = tmp_path / f"zero{stage}"
     proc = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": stage}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two, one = losses(run_dir), losses(single_rank)
-    assert sorted(two) == list(range(1, STEPS + 1))
-    for step in two:
-        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+    assert_same_losses(run_dir, single_rank)
 
 
 def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp_path):
@@ -84,10 +89,7 @@ def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp
     assert first.returncode == 0, first.stderr[-3000:]
     proc = launch(1, common(corpus, run_dir, **extra, **{"train.resume": "auto"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    offloaded, one = losses(run_dir), losses(single_rank)
-    assert sorted(offloaded) == list(range(1, STEPS + 1))
-    for step in offloaded:
-        assert abs(offloaded[step] - one[step]) < 1e-5, (step, offloaded[step], one[step])
+    assert_same_losses(run_dir, single_rank)
 
 
 def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
@@ -96,10 +98,7 @@ def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     second = launch(1, common(corpus, run_dir, **{"train.resume": "auto"}))
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed, one = losses(run_dir), losses(single_rank)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in resumed:
-        assert abs(resumed[step] - one[step]) < 1e-5, (step, resumed[step], one[step])
+    assert_same_losses(run_dir, single_rank)
 
 
 def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path):
@@ -124,10 +123,7 @@ def test_zero_checkpoint_resumes_on_another_number_of_ranks(single_rank, corpus,
     assert first.returncode == 0, first.stderr[-3000:]
     second = launch(1, common(corpus, run_dir, **{**extra, "train.resume": "auto"}))
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed, one = losses(run_dir), losses(single_rank)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in resumed:
-        assert abs(resumed[step] - one[step]) < 1e-5, (step, resumed[step], one[step])
+    assert_same_losses(run_dir, single_rank)
 
 
 def test_zero_checkpoint_without_portable_state_says_how_to_resume(corpus, tmp_path):
