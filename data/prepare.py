@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.shards import ReadStats, iter_documents, resolve_files
+from data.shards import DataError, ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
 from trainer.run_info import file_sha256
 
@@ -117,11 +117,55 @@ def prepare(
         if manifest.get("fingerprint") == fp:
             return manifest
     tok = Tokenizer(tokenizer_path)
-    dtype = token_dtype(tok.vocab_size)
+    _remove_stale_outputs(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        manifest = _write(files, tok, tokenizer_path, tmp, fp, by_source, workers, batch_bytes, show_progress)
+    except BaseException:  # an error or Ctrl-C: leave no half-written output behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # atomic publish: the old output (if any) is moved aside before the new one takes its name
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
 
+
+def _remove_stale_outputs(out: Path) -> None:
+    """Half-written outputs of earlier runs that were killed (SIGKILL leaves no chance to clean up)."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write(
+    files: list[str],
+    tok: Tokenizer,
+    tokenizer_path: str,
+    tmp: Path,
+    fp: dict,
+    by_source: bool,
+    workers: int,
+    batch_bytes: int,
+    show_progress: bool,
+) -> dict:
+    """Tokenise ``files`` into the directory ``tmp``; returns the manifest written there."""
+    dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     writers: dict[str, tuple] = {}  # source -> (file handle, offsets list)
@@ -174,8 +218,7 @@ def prepare(
                 pool.join()
             progress.close()
     if not writers:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"no documents in {files} (read stats: {stats.as_dict()})")
+        raise DataError(f"no documents in {files} (read stats: {stats.as_dict()})")
 
     sources = {}
     for name, (_, offsets) in sorted(writers.items()):
@@ -192,10 +235,4 @@ def prepare(
         "read_stats": asdict(stats),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    # atomic publish: the old output (if any) is moved aside before the new one takes its name
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
     return manifest

@@ -72,6 +72,9 @@ def _parse(raw: bytes, stats: ReadStats) -> Document | None:
     if not isinstance(text, str):
         stats.missing_text += 1
         return None
+    if "\\u" in line and not _encodable(text):  # a lone surrogate (valid JSON "\ud800") is no text
+        stats.bad_utf8 += 1
+        return None
     if not text.strip():
         stats.empty += 1
         return None
@@ -79,6 +82,14 @@ def _parse(raw: bytes, stats: ReadStats) -> Document | None:
     source = meta.get("pile_set_name", "") if isinstance(meta, dict) else ""
     stats.documents += 1
     return Document(text=text, source=str(source))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Truncated(Exception):
@@ -122,8 +133,11 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def iter_documents(path: str, stats: ReadStats) -> Iterator[Document]:
-    """Yield the good documents of one shard. A truncated or corrupt file is counted in
+    """Yield the good documents of one shard. A truncated, empty or corrupt file is counted in
     ``stats.corrupt_files``; its documents before the damage are used, the partial line at the damage is not."""
+    if os.path.getsize(path) == 0:  # not even a zstd header: a file whose write never happened
+        stats.corrupt_files += 1
+        return
     with open(path, "rb") as fh:
         lines = _lines(_decompressed_chunks(fh))
         try:

@@ -96,6 +96,9 @@ class PackedStream:
             epoch += 1
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        # Each pass reads the stream from its start (a resumed one replays up to its position), so it counts
+        # bad input from zero: the counters then equal an uninterrupted run's, however often it was resumed.
+        self.stats = ReadStats()
         rows: list[torch.Tensor] = []
         for g, window in enumerate(self._global_windows()):
             if g < self._skip:

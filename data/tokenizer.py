@@ -8,17 +8,21 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
-from data.shards import ReadStats, iter_documents
+from data.shards import DataError, ReadStats, iter_documents
 
 
 class Tokenizer:
     def __init__(self, model_path: str) -> None:
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path!r}")
+            raise DataError(f"tokenizer model not found: {model_path!r}")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise DataError(f"tokenizer {model_path!r} is not a sentencepiece model ({reason})") from None
         if self.sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {model_path!r} has no EOS piece; documents could not be separated")
+            raise DataError(f"tokenizer {model_path!r} has no EOS piece; documents could not be separated")
 
     @property
     def vocab_size(self) -> int:

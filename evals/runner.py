@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from data.tokenizer import Tokenizer
 from evals.buckets import bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
-from evals.task_sets import resolve_tasks
+from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
-from trainer.checkpoint import COUNTS_FILE, load_model
+from trainer.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
+from trainer.checkpoint_files import load_json, load_safetensors
 
 RESULTS_FILE = "eval_results.json"
 
@@ -58,8 +57,8 @@ def run_buckets(model: Any, ckpt: Path, val_files: list[str], val_tokens: int, b
     counts_file = ckpt / COUNTS_FILE
     if not counts_file.is_file():
         raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
-    counts = load_file(str(counts_file))["token_counts"]
-    windows = held_out_windows(val_files, Tokenizer(str(ckpt / "tokenizer.model")), model.cfg.max_seq_len, val_tokens)
+    counts = load_safetensors(counts_file)["token_counts"]
+    windows = held_out_windows(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
     loss, targets = per_token_loss(model, windows, batch_size=batch_size)
     return bucket_metrics(loss, targets, frequency_buckets(counts))
 
@@ -89,6 +88,7 @@ def evaluate_checkpoint(
     """
     if not tasks and not val_files:
         raise ValueError("nothing to evaluate: give tasks and/or held-out files")
+    check_tasks(tasks, task_dir)  # a typo fails now, not after the model is loaded
     if offline if offline is not None else bool(task_dir):
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -96,7 +96,7 @@ def evaluate_checkpoint(
 
     bf16 = uses_bf16(precision, device)  # decided here too: the weights are loaded in that dtype
     model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
+    tokenizer = checkpoint_tokenizer(ckpt, model.cfg)
     lm = LosslabLM(model, tokenizer, batch_size=batch_size, device=device, precision="bf16" if bf16 else "fp32")
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     metrics: dict[str, float] = {}
@@ -112,7 +112,7 @@ def evaluate_checkpoint(
         metrics.update(
             {f"bucket/{k}": v for k, v in run_buckets(model, ckpt, val_files, val_tokens, batch_size).items()}
         )
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = load_json(ckpt / META)
     summary = {
         "checkpoint": str(ckpt),
         "step": meta.get("step"),

@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
 import argparse
 import json
 import sys
@@ -25,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offline", action="store_true", help="never contact the hub (implied by --task-dir)")
     args = parser.parse_args(argv)
 
+    from data.shards import DataError
     from evals.runner import RESULTS_FILE, evaluate_checkpoint
+    from trainer.checkpoint_files import CheckpointError
 
     try:
         summary = evaluate_checkpoint(
@@ -41,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             val_tokens=args.val_tokens,
             precision=args.precision,
         )
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary["metrics"], indent=2))

@@ -4,6 +4,11 @@ Re-running on the same inputs reuses the output."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
 import argparse
 import json
 import os
@@ -25,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         manifest = prepare(args.files, args.tokenizer, args.out, by_source=args.by_source, workers=args.workers)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out in a folder that cannot be created or written
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     tokens = sum(s["tokens"] for s in manifest["sources"].values())
     print(json.dumps({"sources": manifest["sources"], "read_stats": manifest["read_stats"]}, indent=2))

@@ -3,33 +3,56 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
+import argparse
+import os
 
 from data.shards import DataError
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_files import CheckpointError
 from trainer.config import ConfigError, load_config
-from trainer.engine import EngineSetupError
-from trainer.loop import NonFiniteLossError, train
+
+# Failures of the inputs, reported in one line (exit 2): everything that can be checked is checked before the
+# first step, and what can only fail later (an unreadable checkpoint at resume) is reported the same way.
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/demo.yaml")
+    parser.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/experiments/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (derived fields filled) and exit"
+    )
+    parser.add_argument("--list", action="store_true", help="list presets, losses, task sets, DeepSpeed layouts")
     args = parser.parse_intermixed_args(argv)
+    if args.list:
+        print(choices_listing())
+        return 0
+    if args.config is None:
+        parser.error("the experiment config is required (or --list)")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(print_config(cfg), end="")
+            return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    # imported only to train: deepspeed writes to stdout when imported, and --print-config's output is YAML
+    from trainer.engine import EngineSetupError
+    from trainer.loop import NonFiniteLossError, train
+
     try:
         result = train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, FileExistsError, CheckpointError, EngineSetupError) as e:
+    except (*INPUT_ERRORS, EngineSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
@@ -49,6 +72,37 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"eval {key}: {value:.4f}")
         print(f"run directory: {result.run_dir.resolve()}")
     return 0
+
+
+def print_config(cfg) -> str:
+    """The config a launch would run, as YAML that loads back to itself (the world size from the launcher's
+    WORLD_SIZE, else 1)."""
+    from trainer.callbacks import run_names
+    from trainer.config import resolved, to_yaml
+
+    out = resolved(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    out.run.name, out.wandb.group, _ = run_names(out)
+    return to_yaml(out)
+
+
+def choices_listing() -> str:
+    from evals.task_sets import TASK_SETS
+    from models.config import BLOCKS
+    from models.presets import PRESETS
+    from trainer.config import CONFIG_ROOT
+    from trainer.losses import LOSSES
+
+    lines = ["model.preset (layers x width, heads, SwiGLU width, context):"]
+    for name, p in PRESETS.items():
+        lines.append(f"  {name:<6} {p.n_layers} x {p.d_model}, {p.n_heads} heads, {p.d_swiglu}, {p.max_seq_len}")
+    lines.append(f"model.block: {', '.join(BLOCKS)}")
+    lines.append(f"loss.name: {', '.join(sorted(LOSSES))}")
+    lines.append("eval.tasks sets: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in TASK_SETS.items()))
+    layouts = sorted(p.stem for p in (CONFIG_ROOT / "deepspeed").glob("*.yaml"))
+    lines.append(f"distributed.preset: {', '.join(layouts)}")
+    experiments = sorted(str(p.relative_to(CONFIG_ROOT.parent)) for p in (CONFIG_ROOT / "experiments").rglob("*.yaml"))
+    lines.append("experiments:\n  " + "\n  ".join(experiments))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

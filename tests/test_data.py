@@ -58,7 +58,7 @@ def test_truncated_shard_is_reported_and_rest_of_corpus_used(tmp_path: Path):
 def test_missing_files_fail_clearly(tmp_path: Path):
     with pytest.raises(DataError, match="not found"):
         resolve_files([str(tmp_path / "nothing_*.jsonl.zst")])
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
+    with pytest.raises(DataError, match="tokenizer"):
         Tokenizer(str(tmp_path / "missing.model"))
 
 
@@ -108,7 +108,8 @@ def test_stream_is_infinite_over_epochs(corpus):
     num_batches = epoch_tokens // (256 * 8) + 3  # more than one epoch's worth
     batches = list(itertools.islice(iter(stream), num_batches))
     assert len(batches) == num_batches and all(b.shape == (8, 256) for b in batches)
-    assert stream.stats.documents > 2 * 240  # the 240 documents were read again (the probe pass read them once)
+    # counted by this pass from zero: the 240 documents of the first epoch, then some of them again
+    assert 240 < stream.stats.documents < 2 * 240
     assert tokenizer.eos_id in torch.cat(batches)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -27,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from data.tokenizer import Tokenizer
 from models import GPT, GPTConfig
+from trainer.checkpoint_files import CheckpointError, load_json, load_safetensors, reading
 from trainer.engine import consolidated_state_dict, gather_portable_state, scatter_portable_state
 from trainer.run_info import git_sha
 
@@ -66,7 +67,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -105,6 +106,7 @@ def save_checkpoint(
             save_file(full, str(tmp / PORTABLE_FILE))
     if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
         os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # every rank's DeepSpeed and RNG files are in place
     if rank == 0:
         assert state is not None
         # the trained module is the objective (model + loss); keep only the model's weights
@@ -117,16 +119,34 @@ def save_checkpoint(
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         if token_counts is not None:  # training-data frequencies: PDL's weights and the eval's buckets
             save_file({"token_counts": token_counts.cpu().contiguous()}, str(tmp / COUNTS_FILE))
-        (tmp / META).write_text(json.dumps({**meta, "git_sha": git_sha()}, indent=2))
+        # every file and its size, so that a loader names a missing or torn file before a library trips on it
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / META).write_text(json.dumps({**meta, "files": files, "git_sha": git_sha()}, indent=2))
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         if final.exists():  # the same step saved again (a resumed run that had not got further)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, tag)
+        write_atomic(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def verify_files(ckpt: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """The checkpoint's meta, after checking that its files (all, or ``names``) are there with the sizes they
+    were written with. Checkpoints written before the file list existed are not checked."""
+    meta = load_json(ckpt / META)
+    listed = meta.get("files") or {}
+    for name in listed if names is None else [n for n in names if n in listed]:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint was written with it)")
+        if path.stat().st_size != listed[name]:
+            raise CheckpointError(
+                f"{path}: {path.stat().st_size} bytes, but it was written with {listed[name]} (truncated or replaced)"
+            )
+    return meta
 
 
 def _complete(root: Path) -> list[Path]:
@@ -157,12 +177,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     found = latest_checkpoint(p)
     if found is None:
-        raise FileNotFoundError(f"no complete checkpoint at {str(p)!r} (expected {META} in a step_* directory)")
+        raise CheckpointError(f"no complete checkpoint at {str(p)!r} (expected {META} in a step_* directory)")
     return found
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot (or must not) be loaded."""
+def check_model_fits(ckpt: Path, model_cfg: GPTConfig, what: str) -> None:
+    """Refuse, before loading any tensor, a checkpoint whose model is not this run's model."""
+    saved = load_json(ckpt / "model_config.json")
+    mine = asdict(model_cfg)
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"{what} {ckpt} holds another model ({shown})")
 
 
 def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
@@ -170,7 +196,7 @@ def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
 
     A ZeRO checkpoint's optimizer state is partitioned by rank: on another number of ranks it is rebuilt from
     the layout-free ``optimizer_full.safetensors`` (written with ``checkpoint.portable_optimizer=true``)."""
-    meta = json.loads((ckpt / META).read_text())
+    meta = verify_files(ckpt)
     world = dist.get_world_size()
     if meta.get("zero_stage", 0) > 0 and meta.get("world_size", world) != world:
         if not (ckpt / PORTABLE_FILE).is_file():
@@ -179,26 +205,37 @@ def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
                 f"{meta['world_size']} ranks, write checkpoints with checkpoint.portable_optimizer=true, or start "
                 "a new run from its weights with model.init_from"
             )
-        scatter_portable_state(engine, load_file(str(ckpt / PORTABLE_FILE)), meta["adam_step"])
+        scatter_portable_state(engine, load_safetensors(ckpt / PORTABLE_FILE), meta["adam_step"])
         scheduler = engine.lr_scheduler
         scheduler.load_state_dict(meta["lr_scheduler"])
         # a scheduler's state holds the last rates but does not apply them (an optimizer state_dict would)
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
+        _restore_rng(ckpt)
         return meta
-    try:
-        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
-        raise CheckpointError(
-            f"refusing to load {ckpt}: it holds more than tensors and plain data ({reason})"
-        ) from None
-    if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {str(ckpt)!r}")
+    path, client = reading(ckpt, lambda: engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    if path is None or not isinstance(client, dict) or "losslab" not in client:
+        raise CheckpointError(f"{ckpt}: DeepSpeed found no loadable state in it")
+    _restore_rng(ckpt)
+    return client["losslab"]
+
+
+def _restore_rng(ckpt: Path) -> None:
     rng_file = ckpt / f"rng_rank{dist.get_rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
-        set_rng_state(json.loads(rng_file.read_text()))
-    return client["losslab"]
+        set_rng_state(load_json(rng_file))
+
+
+def checkpoint_tokenizer(ckpt: Path, model_cfg: GPTConfig) -> Tokenizer:
+    """The tokenizer saved with a checkpoint, refused when its vocabulary is not the model's (a model read
+    with another tokenizer scores at chance, and nothing else would say so)."""
+    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise CheckpointError(
+            f"{ckpt / 'tokenizer.model'} has {tokenizer.vocab_size} tokens but the model in {ckpt} was trained on "
+            f"{model_cfg.vocab_size}: it is not this model's tokenizer"
+        )
+    return tokenizer
 
 
 def load_model(
@@ -206,12 +243,20 @@ def load_model(
 ) -> tuple[GPT, Path]:
     """Rebuild the model of a checkpoint from its own files (safetensors: no pickled code runs)."""
     ckpt = resolve_checkpoint(path)
-    cfg = GPTConfig(**json.loads((ckpt / "model_config.json").read_text()))
+    verify_files(ckpt, ["model_config.json", "model.safetensors"])
+    fields = load_json(ckpt / "model_config.json")
+    try:
+        cfg = GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'model_config.json'}: not a model config this losslab can build: {e}") from None
     model = GPT(cfg)
-    state = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {ckpt} does not match its model config: missing {missing}, unexpected {unexpected}"
+    state = load_safetensors(ckpt / "model.safetensors")
+    wrong = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} does not match its model config: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}, other shape {wrong}"
         )
+    model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval(), ckpt

@@ -7,11 +7,14 @@ Load order (later wins): the schema's defaults -> ``configs/base.yaml`` -> the f
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -166,6 +169,8 @@ class DebugSection:
 
     nan_at_step: int = 0
     """Make the loss of this step NaN."""
+    nan_at_steps: list[int] = field(default_factory=list)
+    """Make the loss of each of these steps NaN (e.g. [3, 5, 7]: non-finite steps between finite ones)."""
     sigterm_at_step: int = 0
     """Send this process SIGTERM during this step (pre-emption)."""
     kill_in_checkpoint_at_step: int = 0
@@ -203,17 +208,36 @@ def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfi
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {str(path)!r}")
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    except (OmegaConfBaseException, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping")
     return cfg
+
+
+def _includes(exp: DictConfig, path: str | os.PathLike) -> list[str]:
+    includes = exp.pop("includes", [])
+    if not OmegaConf.is_list(includes) and not isinstance(includes, list):
+        raise ConfigError(f"{path}: includes must be a list of config files, e.g. [loss/mile.yaml], not {includes!r}")
+    names = list(includes)
+    bad = [x for x in names if not isinstance(x, str)]
+    if bad:
+        raise ConfigError(f"{path}: includes must name config files (strings); got {bad}")
+    return names
 
 
 def _compose(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...], preset: str) -> DictConfig:
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _load_yaml(CONFIG_ROOT / "base.yaml"), "configs/base.yaml")
     exp = _load_yaml(Path(path)) if path is not None else OmegaConf.create({})
-    for inc in exp.pop("includes", []):
+    for inc in _includes(exp, path) if path is not None else []:
         inc_path = Path(inc) if os.path.isabs(inc) else CONFIG_ROOT / inc
         cfg = _merge(cfg, _load_yaml(inc_path), str(inc_path))
     if preset:
@@ -250,8 +274,95 @@ def _choice(key: str, value: str, valid: list[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {valid}")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric key may take: ``lo`` < (or <=) value < (or <=) ``hi``; finite unless ``inf_ok``."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    inf_ok: bool = False
+
+    def holds(self, v: float) -> bool:
+        if math.isnan(v) or (math.isinf(v) and not self.inf_ok):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        lo = f"{'(' if self.lo_open else '['}{self.lo:g}"
+        hi = f"{self.hi:g}{')' if self.hi_open else ']'}"
+        return f"in {lo}, {hi}" + ("" if self.inf_ok else ", finite")
+
+
+NON_NEGATIVE = Bound(0.0)
+POSITIVE = Bound(0.0, lo_open=True)
+AT_LEAST_ONE = Bound(1.0)
+FRACTION = Bound(0.0, 1.0)
+OPEN_FRACTION = Bound(0.0, 1.0, hi_open=True)
+
+BOUNDS: dict[str, Bound] = {
+    # One table for every numeric key with a range: validate() checks them all, before anything is built.
+    "model.n_layers": AT_LEAST_ONE,
+    "model.d_model": AT_LEAST_ONE,
+    "model.n_heads": AT_LEAST_ONE,
+    "model.d_mlp": AT_LEAST_ONE,
+    "model.max_seq_len": AT_LEAST_ONE,
+    "model.init_std": POSITIVE,
+    "model.rotary_pct": FRACTION,
+    "loss.gamma": NON_NEGATIVE,
+    "loss.focal_alpha": POSITIVE,
+    "loss.alpha": NON_NEGATIVE,
+    "loss.eps": NON_NEGATIVE,
+    "loss.smoothing": NON_NEGATIVE,
+    "loss.max_weight": NON_NEGATIVE,
+    "loss.chunk_size": NON_NEGATIVE,
+    "data.seq_len": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.count_bytes": NON_NEGATIVE,
+    "data.shuffle_buffer": NON_NEGATIVE,
+    "train.max_steps": AT_LEAST_ONE,
+    "train.micro_batch_size": AT_LEAST_ONE,
+    "train.grad_accum": AT_LEAST_ONE,
+    "train.global_batch_size": NON_NEGATIVE,
+    "train.global_batch_tokens": NON_NEGATIVE,
+    # lr may be inf: that is a run the non-finite-loss guard stops, with its own message
+    "train.lr": Bound(0.0, lo_open=True, inf_ok=True),
+    "train.min_lr_ratio": FRACTION,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.beta1": OPEN_FRACTION,
+    "train.beta2": OPEN_FRACTION,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.log_every": AT_LEAST_ONE,
+    "train.peak_tflops": NON_NEGATIVE,
+    "train.max_nonfinite_in_a_row": NON_NEGATIVE,
+    "distributed.offload_ratio": FRACTION,
+    "checkpoint.every": NON_NEGATIVE,
+    "checkpoint.keep": NON_NEGATIVE,
+    "eval.num_fewshot": NON_NEGATIVE,
+    "eval.limit": NON_NEGATIVE,
+    "eval.batch_size": AT_LEAST_ONE,
+    "eval.val_tokens": AT_LEAST_ONE,
+    "debug.nan_at_step": NON_NEGATIVE,
+    "debug.sigterm_at_step": NON_NEGATIVE,
+    "debug.kill_in_checkpoint_at_step": NON_NEGATIVE,
+}
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    for key, bound in BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not bound.holds(float(value)):
+            raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cheap, pure checks of values (no I/O)."""
+    """Cheap, pure checks of values (no I/O): choices, the ``BOUNDS`` table, and how keys fit together."""
+    _check_bounds(cfg)
     _choice("model.preset", cfg.model.preset, sorted(PRESETS))
     _choice("model.block", cfg.model.block, list(BLOCKS))
     _choice("loss.name", cfg.loss.name, sorted(LOSSES))
@@ -264,8 +375,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"distributed.zero_stage={d.zero_stage} is not valid; choose one of [0, 1, 2, 3]")
     if d.offload_optimizer and d.zero_stage < 1:
         raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
-    if not 0.0 <= d.offload_ratio <= 1.0:
-        raise ConfigError(f"distributed.offload_ratio={d.offload_ratio} is not a fraction in [0, 1]")
     if d.offload_ratio < 1.0 and not (d.offload_optimizer and d.zero_stage == 3):
         raise ConfigError(
             "distributed.offload_ratio < 1 (partial optimizer offload) needs distributed.offload_optimizer=true "
@@ -282,15 +391,13 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.train.resume not in ("none", "auto") and not os.path.isdir(cfg.train.resume):
         raise ConfigError(f"train.resume={cfg.train.resume!r}: choose none, auto, or an existing checkpoint directory")
-    if cfg.train.global_batch_size < 0:
-        raise ConfigError("train.global_batch_size must be >= 0")
-    for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "data.seq_len"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1")
     max_len = cfg.model.max_seq_len or get_preset(cfg.model.preset).max_seq_len
     if cfg.data.seq_len > max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}")
+    try:  # the architecture's own rules (heads divide the width, rotary dims even, ...), with a stand-in vocab
+        model_config(cfg, vocab_size=1)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def grad_accum_steps(train: TrainSection, world_size: int, seq_len: int) -> int:
@@ -340,6 +447,20 @@ def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
             )
         },
     )
+
+
+def resolved(cfg: RunConfig, world_size: int = 1) -> RunConfig:
+    """The config with what is derived filled in: the model's shape from its preset and block family, and the
+    gradient accumulation that the global batch implies on ``world_size`` ranks. Loading it back gives itself."""
+    out = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train, grad_accum=0)
+    )
+    shape = model_config(cfg, vocab_size=1)
+    for name in ("n_layers", "d_model", "n_heads", "d_mlp", "max_seq_len", "init_std", "rotary_pct"):
+        setattr(out.model, name, getattr(shape, name))
+    out.model.parallel_residual = shape.parallel_residual
+    out.train.grad_accum = grad_accum_steps(cfg.train, world_size, cfg.data.seq_len)
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:

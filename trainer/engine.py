@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
+from trainer.checkpoint_files import load_torch
 from trainer.config import DistributedSection, TrainSection
 
 
@@ -60,6 +61,12 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def loop_clips_gradients(train: TrainSection, distributed: DistributedSection) -> bool:
+    """True where DeepSpeed clips without keeping the norm (ZeRO-0 in fp32): the loop then clips, and logs the
+    norm it gets. Every other layout (ZeRO-1/2/3, bf16) computes and keeps the global norm itself."""
+    return train.grad_clip > 0 and distributed.zero_stage == 0 and not use_bf16(train.precision)
+
+
 def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> dict[str, Any]:
     """DeepSpeed's config, generated from losslab's (``train.grad_accum`` is the resolved value), with
     ``distributed.raw`` merged over it last."""
@@ -77,7 +84,7 @@ def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> di
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips_gradients(train, distributed) else train.grad_clip,
         # with the optimizer on the CPU the device-side skip (found_inf) is unavailable: DeepSpeed's own
         # overflow check skips non-finite steps instead
         "bf16": {"enabled": use_bf16(train.precision), "check_grad_overflow": distributed.offload_optimizer},
@@ -119,8 +126,7 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 def _load_weights_only(path: str, map_location: Any = None) -> Any:
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    return load_torch(path, _deepspeed_safe_globals(), map_location=map_location)
 
 
 def safe_checkpoint_loading(engine: Any) -> None:

@@ -17,14 +17,11 @@ import torch
 
 from models import GPT
 from trainer.callbacks import EvalCallback
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import save_checkpoint, write_atomic
 from trainer.config import RunConfig
 from trainer.losses import IGNORE_INDEX
 from trainer.perf import memory_metrics
-from trainer.run import RESULT, Run, build_run
-
-# summed over micro-steps and averaged over ranks at logging steps
-STEP_METRICS = ("loss", "ce", "entropy", "weight")
+from trainer.run import RESULT, STEP_METRICS, Run, build_run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,34 +48,32 @@ def train(cfg: RunConfig) -> TrainResult:
     resumed = run.info["resumed_from"]
     ckpt = Path(resumed) if resumed else None  # a run resumed at its last step has nothing left to do
     clock = _Clock(run.tokens_per_step * step)
-    for step in range(run.start_step, cfg.train.max_steps + 1):
-        if cfg.debug.sigterm_at_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        sums = _train_step(run, step)
-        final = step == cfg.train.max_steps
-        log_step = step % cfg.train.log_every == 0
-        # Ranks agree on a signal with a collective (a host sync), so several ranks check at logging steps only;
-        # a single process checks its flag every step.
-        preempted = (run.world_size == 1 or log_step) and run.preemption.requested()
-        if log_step or final or preempted:
-            last_loss = _log(run, step, sums, clock)
-        if (
-            (final and cfg.checkpoint.at_end)
-            or preempted
-            or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-        ):
-            ckpt = _checkpoint(run, step, final=final)
-        if preempted:
-            print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
-            break
-    for cb in run.callbacks:
-        cb.on_end()
+    try:
+        for step in range(run.start_step, cfg.train.max_steps + 1):
+            if cfg.debug.sigterm_at_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            _train_step(run, step)
+            final = step == cfg.train.max_steps
+            # Every step: the flag is reduced over a host group, so this costs no device synchronisation.
+            preempted = run.preemption.requested()
+            if step % cfg.train.log_every == 0 or final:
+                last_loss = _log(run, step, clock)
+            if (
+                (final and cfg.checkpoint.at_end)
+                or preempted
+                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            ):
+                ckpt = _checkpoint(run, step, final=final)
+            if preempted:
+                print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
+                break
+    except BaseException as e:  # the run stops here: say so in result.json, whatever stopped it
+        _write_result(run, complete=False, step=step, loss=last_loss, ckpt=ckpt, error=f"{type(e).__name__}: {e}")
+        _end_callbacks(run, failed=True)
+        raise
+    _end_callbacks(run, failed=False)
     run.preemption.restore()
-    if torch.distributed.get_rank() == 0:
-        result = {"complete": not preempted and step == cfg.train.max_steps, "steps": step,
-                  "tokens": step * run.tokens_per_step, "final_loss": last_loss if math.isfinite(last_loss) else None,
-                  "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
-        (run.run_dir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    _write_result(run, complete=not preempted and step == cfg.train.max_steps, step=step, loss=last_loss, ckpt=ckpt)
     return TrainResult(
         run_dir=run.run_dir,
         steps=step,
@@ -91,11 +86,40 @@ def train(cfg: RunConfig) -> TrainResult:
     )
 
 
-def _train_step(run: Run, step: int) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the summed metrics (on device).
+def _write_result(
+    run: Run, *, complete: bool, step: int, loss: float, ckpt: Path | None, error: str | None = None
+) -> None:
+    """``result.json``, written at every stop (finished, pre-empted, or stopped by an error)."""
+    if torch.distributed.get_rank() != 0:
+        return
+    result = {
+        "complete": complete,
+        "steps": step,
+        "tokens": step * run.tokens_per_step,
+        "final_loss": loss if math.isfinite(loss) else None,
+        "checkpoint": str(ckpt) if ckpt else None,
+    }
+    if error is not None:
+        result["error"] = error.splitlines()[0] if error else error
+    write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+
+
+def _end_callbacks(run: Run, *, failed: bool) -> None:
+    for cb in run.callbacks:
+        try:
+            cb.on_end()
+        except Exception as e:  # a logger that cannot close must not hide why the run stopped
+            if not failed:
+                raise
+            print(f"warning: {type(cb).__name__} did not close: {e}", file=sys.stderr)
+
+
+def _train_step(run: Run, step: int) -> None:
+    """One optimizer step over ``grad_accum`` micro-batches; adds its metrics to the logging interval (on device).
 
     A non-finite loss is caught on the device: the fused AdamW reads ``found_inf`` and leaves parameters and
     moments untouched, so the step is skipped without a host sync; the count is checked at logging steps.
+    (With the optimizer offloaded, or under ZeRO in fp32, DeepSpeed's own overflow check skips it instead.)
     """
     engine, optimizer = run.engine, run.optimizer
     sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
@@ -106,10 +130,11 @@ def _train_step(run: Run, step: int) -> torch.Tensor:
     if run.world_size > 1:
         torch.distributed.all_reduce(valid)
     denominator = valid / (run.grad_accum * run.world_size)
+    nan_here = step == run.cfg.debug.nan_at_step or step in run.cfg.debug.nan_at_steps
     for micro, windows in enumerate(micro_batches):
         out = engine(windows, denominator=denominator)
         loss = out.loss
-        if run.cfg.debug.nan_at_step == step:
+        if nan_here:
             loss = loss * float("nan")
         engine.backward(loss)
         sums += torch.stack([loss.detach().float()] + [out.metrics[k].float() for k in STEP_METRICS[1:]])
@@ -122,9 +147,14 @@ def _train_step(run: Run, step: int) -> torch.Tensor:
             run.nonfinite_run = (run.nonfinite_run + 1) * bad
             run.nonfinite_max_run = torch.maximum(run.nonfinite_max_run, run.nonfinite_run)
             run.last_nonfinite_step = torch.where(bad.bool(), step, run.last_nonfinite_step)
+            if run.loop_clips:  # after the last backward, where the gradients are complete (and all-reduced)
+                run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
         engine.step()
     optimizer.found_inf = None
-    return sums / run.grad_accum
+    # the interval's metrics are means over its finite steps (a skipped step changed nothing)
+    good = (1 - bad).float()
+    run.interval[:-1] += torch.nan_to_num(sums / run.grad_accum) * good
+    run.interval[-1] += good
 
 
 class _Clock:
@@ -138,10 +168,14 @@ class _Clock:
         return rate
 
 
-def _log(run: Run, step: int, sums: torch.Tensor, clock: _Clock) -> float:
-    """The loop's only host sync: one all-reduce of every logged scalar, on logging steps."""
+def _log(run: Run, step: int, clock: _Clock) -> float:
+    """The loop's only host sync: one all-reduce of every logged scalar, on logging steps. ``loss`` and the
+    other step metrics are means over the interval since the last logging step."""
+    finite_steps = run.interval[-1].clamp(min=1)
+    means = torch.where(run.interval[-1] > 0, run.interval[:-1] / finite_steps, torch.nan)
     counters = torch.stack([run.nonfinite_total, run.nonfinite_max_run, run.last_nonfinite_step]).float()
-    values = run.reduce_mean(torch.cat([sums, counters]))  # counters are equal on all ranks (the loss is global)
+    values = run.reduce_mean(torch.cat([means, counters]))  # counters are equal on all ranks (the loss is global)
+    run.interval.zero_()
     metrics = dict(zip(STEP_METRICS, values[: len(STEP_METRICS)], strict=True))
     nonfinite_total, max_run, last_bad = (round(v) for v in values[len(STEP_METRICS) :])
     run.nonfinite_max_run.zero_()
@@ -168,7 +202,7 @@ def _log(run: Run, step: int, sums: torch.Tensor, clock: _Clock) -> float:
         skipped_nonfinite_steps=nonfinite_total,
         **{f"data/{k}": v for k, v in run.source.stats.as_dict().items()},
     )
-    grad_norm = run.engine.get_global_grad_norm()
+    grad_norm = run.grad_norm if run.loop_clips else run.engine.get_global_grad_norm()
     if grad_norm is not None and math.isfinite(float(grad_norm)):
         metrics["grad_norm"] = float(grad_norm)
     run.emit(step, metrics)
@@ -181,6 +215,8 @@ def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
         "tokens": step * run.tokens_per_step,
         "data_state": run.source.state_dict(),
         "data_stats": run.source.stats.as_dict(),
+        # the logging interval in progress, so a run resumed mid-interval logs what an uninterrupted one would
+        "log_interval": run.interval.tolist(),
         "tokenizer_sha256": run.info["tokenizer_sha256"],
         "world_size": run.world_size,
     }

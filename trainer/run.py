@@ -16,17 +16,33 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from data.shards import resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
-from models import GPT
+from evals.task_sets import check_tasks
+from models import GPT, GPTConfig
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks, require_wandb
-from trainer.checkpoint import CHECKPOINTS, CheckpointError, latest_checkpoint, resolve_checkpoint, restore
-from trainer.config import RunConfig, grad_accum_steps, model_config, to_yaml
-from trainer.engine import accelerator_device, build_engine, build_optimizer, init_distributed
+from trainer.checkpoint import (
+    CHECKPOINTS,
+    META,
+    CheckpointError,
+    check_model_fits,
+    latest_checkpoint,
+    resolve_checkpoint,
+    restore,
+    write_atomic,
+)
+from trainer.checkpoint_files import load_json, load_safetensors
+from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
+from trainer.engine import (
+    accelerator_device,
+    build_engine,
+    build_optimizer,
+    init_distributed,
+    loop_clips_gradients,
+)
 from trainer.losses import LOSSES, build_loss
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
@@ -35,6 +51,8 @@ from trainer.run_info import file_sha256, git_sha
 from trainer.signals import Preemption
 
 METRICS = "metrics.jsonl"
+STEP_METRICS = ("loss", "ce", "entropy", "weight")
+"""Per-step metrics of the objective, averaged over micro-steps, ranks and the logging interval."""
 RESULT = "result.json"
 """Written in the run directory when training stops (``loop.py``): ``complete`` tells a finished run from a
 pre-empted one (both exit 0), so a driver such as ``scripts/run_grid.sh`` skips finished runs and resumes the
@@ -68,6 +86,11 @@ class Run:
     nonfinite_max_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
     last_nonfinite_step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
     nonfinite_reported: int = 0
+    interval: torch.Tensor | None = None
+    """[len(STEP_METRICS) + 1]: sums of the step metrics over the finite steps since the last log, and their count."""
+    loop_clips: bool = False
+    """The loop clips gradients itself (``engine.loop_clips_gradients``); ``grad_norm`` is then its norm."""
+    grad_norm: torch.Tensor | None = None
 
     def next_batch(self) -> torch.Tensor:
         if self.pending is not None:
@@ -100,13 +123,31 @@ def _resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
     return resolve_checkpoint(cfg.train.resume)
 
 
-def _prepare_run_dir(run_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    previous = [run_dir / METRICS, run_dir / CHECKPOINTS, run_dir / RESULT]
-    if not resuming and any(p.exists() for p in previous):
-        if not overwrite:
+# What a run leaves in its directory; a run started again from its first step replaces all of it.
+_RUN_FILES = (METRICS, CHECKPOINTS, RESULT, "wandb_id")
+
+
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume_ckpt: Path | None) -> None:
+    """Decide from the directory's state what this launch does, and clear what a fresh start replaces.
+
+    empty -> start. Holds a run, with a checkpoint to continue from -> (resume=auto) continue it. Holds a run
+    that never completed a checkpoint (killed early, or while writing the first) -> resume=auto starts it again
+    from step 1: nothing of it can be continued, and a pre-empted job relaunched with the same command must
+    not fail. A run that finished without a checkpoint to continue from, or resume=none over any run, needs
+    run.overwrite=true (or another run.dir)."""
+    previous = [run_dir / name for name in _RUN_FILES]
+    started = any(p.exists() for p in previous)
+    if resume_ckpt is None and started:
+        finished = _finished(run_dir)
+        if cfg.train.resume == "auto" and not finished:
+            if dist.get_rank() == 0:
+                print(f"{run_dir}: no complete checkpoint to continue from; starting the run again", flush=True)
+        elif not cfg.run.overwrite:
+            what = "a finished run with no checkpoint to continue" if finished else "a run"
+            advice = "" if finished else "continue it with train.resume=auto, "
             raise FileExistsError(
-                f"run directory {str(run_dir)!r} already holds a run; continue it with train.resume=auto, "
-                "choose another run.dir, or set run.overwrite=true"
+                f"run directory {str(run_dir)!r} already holds {what}; {advice}choose another run.dir, "
+                "or set run.overwrite=true to replace it"
             )
         dist.barrier()  # every rank has looked before rank 0 removes anything
         if dist.get_rank() == 0:
@@ -119,16 +160,48 @@ def _prepare_run_dir(run_dir: Path, *, overwrite: bool, resuming: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / RESULT).read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(r + "\n" for r in rows))
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again), and a torn last
+    line (a crash mid-write)."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            rows.append(line)
+    write_atomic(path, "".join(r + "\n" for r in rows))
 
 
-def _init_weights(model: GPT, path: str) -> None:
+def _check_resume(ckpt: Path, model_cfg: GPTConfig, tokenizer: Tokenizer) -> None:
+    """The checkpoint a run resumes from holds this run's model and was trained with this tokenizer."""
+    check_model_fits(ckpt, model_cfg, "train.resume: the checkpoint")
+    saved = load_json(ckpt / META).get("tokenizer_sha256")
+    if saved and saved != file_sha256(tokenizer.path):
+        raise CheckpointError(
+            f"data.tokenizer={tokenizer.path!r} is not the tokenizer the checkpoint {ckpt} was trained with"
+        )
+
+
+def _init_weights(model: GPT, path: str, tokenizer: Tokenizer) -> None:
     ckpt = resolve_checkpoint(path)
-    state = load_file(str(ckpt / "model.safetensors"))
+    saved_vocab = load_json(ckpt / "model_config.json").get("vocab_size")
+    if saved_vocab != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"model.init_from={path!r} has a vocabulary of {saved_vocab} tokens, data.tokenizer={tokenizer.path!r} "
+            f"has {tokenizer.vocab_size}: they must be the same tokenizer"
+        )
+    state = load_safetensors(ckpt / "model.safetensors")
     mine = model.state_dict()
     wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
     if wrong or set(state) != set(mine):
@@ -146,25 +219,34 @@ def build_run(cfg: RunConfig) -> Run:
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.run.dir)
     resume_ckpt = _resume_from(cfg, run_dir)
-    _prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, resuming=resume_ckpt is not None)
 
-    # Data first: a missing file, tokenizer or empty corpus fails before any heavy work.
+    # Everything that can be checked is checked before any heavy work and before the run directory is touched:
+    # data files, tokenizer, the corpus yielding a batch, the checkpoint to resume or start from, eval tasks.
     tokenizer = Tokenizer(cfg.data.tokenizer)
     micro = cfg.train.micro_batch_size
     source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
     resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
     probe = iter(source)
     first = next(probe)  # [B, T+1]
+    model_cfg = model_config(cfg, tokenizer.vocab_size)
+    if resume_ckpt is not None:
+        _check_resume(resume_ckpt, model_cfg, tokenizer)
+    if cfg.eval.tasks:
+        try:
+            check_tasks(cfg.eval.tasks, cfg.eval.task_dir)
+        except ValueError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+    _prepare_run_dir(run_dir, cfg, resume_ckpt)
+
     needs_counts = LOSSES[cfg.loss.name].needs_token_counts or (cfg.eval.buckets and bool(cfg.data.val_files))
     counts = token_counts(cfg.data, source, tokenizer, cfg.train.seed) if needs_counts else None
 
-    model_cfg = model_config(cfg, tokenizer.vocab_size)
     # Built where it trains: on the CPU a 6.7B model in fp32 would take 27 GB of host memory and minutes to
     # initialise before DeepSpeed moved it.
     with torch.device(accelerator_device()):
         model = GPT(model_cfg)
     if cfg.model.init_from:
-        _init_weights(model, cfg.model.init_from)
+        _init_weights(model, cfg.model.init_from, tokenizer)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
@@ -172,9 +254,10 @@ def build_run(cfg: RunConfig) -> Run:
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
     engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg, cfg.distributed)
 
-    start_step = 1
+    start_step, interval = 1, None
     if resume_ckpt is not None:
         meta = restore(engine, resume_ckpt)
+        interval = meta.get("log_interval")
         source.load_state_dict(meta["data_state"])
         start_step = meta["step"] + 1
         if rank == 0:
@@ -224,4 +307,9 @@ def build_run(cfg: RunConfig) -> Run:
     )
     for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
         setattr(run, name, getattr(run, name).to(device))
+    n_interval = len(STEP_METRICS) + 1
+    if interval is None or len(interval) != n_interval:
+        interval = [0.0] * n_interval
+    run.interval = torch.tensor(interval, dtype=torch.float32, device=device)
+    run.loop_clips = loop_clips_gradients(cfg.train, cfg.distributed)
     return run

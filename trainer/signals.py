@@ -1,29 +1,49 @@
-"""Pre-emption: SIGTERM or SIGINT asks the loop to finish its step, checkpoint and exit cleanly."""
+"""Pre-emption: SIGTERM or SIGINT asks the loop to finish its step, checkpoint and exit cleanly.
+
+What the launchers do with a signal (see README, "Pre-emption"):
+- ``deepspeed`` (its per-node ``launch.py``) forwards SIGTERM/SIGINT to every rank, waits up to 30 s, then
+  SIGKILLs the ranks still alive. The top ``deepspeed`` process forwards nothing on a single node: signal the
+  process group (what Slurm and Kubernetes do) or ``launch.py``.
+- ``torchrun`` forwards SIGTERM/SIGINT to every rank and waits for them (``--signals_to_handle``).
+- Slurm ``srun``/``scancel`` signal every task of the step directly; with ``--signal=TERM@60`` ahead of the limit.
+Signalling a whole process group reaches each rank twice (directly and forwarded), a few milliseconds apart:
+signals within ``GRACE_S`` of the first are the same request. A signal after that exits at once.
+"""
 
 from __future__ import annotations
 
 import signal
 import sys
+import time
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
+GRACE_S = 10.0
+"""Signals this soon after the first are duplicates of it (a launcher forwarding what the group also got)."""
+
 
 class Preemption:
-    """Installs handlers for SIGTERM and SIGINT. The first signal sets a flag; a second one exits at once."""
+    """Installs handlers for SIGTERM and SIGINT. The first signal sets a flag; one after ``GRACE_S`` exits."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._group = _host_group()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.received is not None:
+            if now - self._first_at < GRACE_S:
+                return  # the same request, delivered twice
             self.restore()
+            print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
-        self.received = signum
+        self.received, self._first_at = signum, now
         print(
             f"received {signal.Signals(signum).name}: finishing the step, then checkpointing and exiting",
             file=sys.stderr,
@@ -31,14 +51,23 @@ class Preemption:
         )
 
     def requested(self) -> bool:
-        """True on every rank if any rank got a signal (ranks must stop at the same step, or collectives hang)."""
+        """True on every rank if any rank got a signal (ranks must stop at the same step, or collectives hang).
+
+        The flag is reduced over a host (gloo) group: checking every step costs no device synchronisation."""
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def _host_group() -> dist.ProcessGroup | None:
+    """A CPU process group over all ranks (collective: every rank builds it at the same point), or None alone."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
