@@ -33,16 +33,26 @@ class GPTConfig:
     bias: bool = True
     vocab_multiple: int = 128
     """The embedding and head rows are padded to a multiple of this for fast matmuls; padding is never predicted."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads); 0 = n_heads."""
+    tie_embeddings: bool = False
+    """The output head reuses the input embedding matrix (SmolLM2 and many small models)."""
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; valid blocks: {list(BLOCKS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct={self.rotary_pct} must be in [0, 1]")
         if self.rotary_dims % 2:
             raise ValueError(f"rotary dims {self.rotary_dims} (head_dim x rotary_pct) must be even")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def head_dim(self) -> int:

@@ -183,12 +183,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_model_fits(ckpt: Path, model_cfg: GPTConfig, what: str) -> None:
     """Refuse, before loading any tensor, a checkpoint whose model is not this run's model."""
-    saved = load_json(ckpt / "model_config.json")
+    saved = asdict(_saved_model_config(ckpt))
     mine = asdict(model_cfg)
     diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"{what} {ckpt} holds another model ({shown})")
+
+
+def _saved_model_config(ckpt: Path) -> GPTConfig:
+    """The checkpoint's model config; fields added since it was written take their defaults."""
+    path = ckpt / "model_config.json"
+    try:
+        return GPTConfig(**load_json(path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a model config this losslab can build: {e}") from None
 
 
 def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
@@ -244,12 +253,7 @@ def load_model(
     """Rebuild the model of a checkpoint from its own files (safetensors: no pickled code runs)."""
     ckpt = resolve_checkpoint(path)
     verify_files(ckpt, ["model_config.json", "model.safetensors"])
-    fields = load_json(ckpt / "model_config.json")
-    try:
-        cfg = GPTConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'model_config.json'}: not a model config this losslab can build: {e}") from None
-    model = GPT(cfg)
+    model = GPT(_saved_model_config(ckpt))
     state = load_safetensors(ckpt / "model.safetensors")
     wrong = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())

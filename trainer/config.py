@@ -57,6 +57,14 @@ class ModelSection:
     rotary_pct: float | None = None
     parallel_residual: bool | None = None
     """Left null: the block family's default (neox 0.25 / parallel, llama 1.0 / sequential)."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention (0: one per query head)."""
+    tie_embeddings: bool = False
+    """The output head reuses the input embedding matrix."""
+    rotary_base: float = 10000.0
+    """RoPE base (HF ``rope_theta``)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm / RMSNorm."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
@@ -312,6 +320,9 @@ BOUNDS: dict[str, Bound] = {
     "model.max_seq_len": AT_LEAST_ONE,
     "model.init_std": POSITIVE,
     "model.rotary_pct": FRACTION,
+    "model.n_kv_heads": NON_NEGATIVE,
+    "model.rotary_base": POSITIVE,
+    "model.norm_eps": POSITIVE,
     "loss.gamma": NON_NEGATIVE,
     "loss.focal_alpha": POSITIVE,
     "loss.alpha": NON_NEGATIVE,
@@ -433,6 +444,10 @@ def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
         vocab_size=vocab_size,
         block=m.block,
         bias=defaults["bias"],
+        n_kv_heads=m.n_kv_heads,
+        tie_embeddings=m.tie_embeddings,
+        rotary_base=m.rotary_base,
+        norm_eps=m.norm_eps,
         **{
             name: pick(name)
             for name in (
