@@ -20,7 +20,8 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     """Held-out shards for validation loss (optional)."""
     tokenizer: str = ""
-    """Path to a sentencepiece ``.model``."""
+    """A sentencepiece ``.model``, a Hugging Face ``tokenizer.json``, or a folder holding either (special tokens
+    and chat template from its ``tokenizer_config.json``); checkpoints carry these files."""
     seq_len: int = 128
     """Tokens per training sequence; windows of seq_len + 1 tokens give inputs and shifted labels."""
     count_bytes: int = 50_000_000

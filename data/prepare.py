@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from data.shards import DataError, ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
-from trainer.run_info import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -111,12 +110,12 @@ def prepare(
     inputs and tokenizer. ``workers=0`` tokenises in this process."""
     files = resolve_files(patterns)
     out = Path(out_dir)
-    fp = fingerprint(files, file_sha256(tokenizer_path), by_source)
+    tok = Tokenizer(tokenizer_path)
+    fp = fingerprint(files, tok.sha256, by_source)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("fingerprint") == fp:
             return manifest
-    tok = Tokenizer(tokenizer_path)
     _remove_stale_outputs(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,6 @@ from data.memmap import MemmapBatches, MemmapSource, PreparedCorpus
 from data.shards import DataError, ReadStats
 from data.stream import PackedStream
 from data.tokenizer import Tokenizer
-from trainer.run_info import file_sha256
 
 
 class BatchSource(Protocol):
@@ -37,7 +36,7 @@ def build_source(
     if cfg.prepared:
         corpus = PreparedCorpus(cfg.prepared)
         expected = corpus.manifest["fingerprint"]["tokenizer_sha256"]
-        if file_sha256(tokenizer.path) != expected:
+        if tokenizer.sha256 != expected:
             raise DataError(
                 f"data.tokenizer {tokenizer.path!r} is not the tokenizer {cfg.prepared!r} was prepared with"
             )

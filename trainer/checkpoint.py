@@ -2,7 +2,7 @@
 or reproduce the model without DeepSpeed: consolidated weights (safetensors), the resolved run config, the
 model config, the tokenizer, provenance and the loop's own state (step, tokens, data position, RNG states).
 
-Layout: ``RUN_DIR/checkpoints/step_0000300/{model.safetensors, config.yaml, model_config.json, tokenizer.model,
+Layout: ``RUN_DIR/checkpoints/step_0000300/{model.safetensors, config.yaml, model_config.json, tokenizer files,
 meta.json, rng_rank<r>.json, <DeepSpeed files>}`` and ``RUN_DIR/checkpoints/latest`` (the newest tag).
 
 Crash safety: a checkpoint is written into ``.tmp-step_N``, renamed to ``step_N`` only once every rank has
@@ -81,7 +81,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     config_yaml: str,
     model_cfg: GPTConfig,
-    tokenizer_path: str,
+    tokenizer_files: dict[str, str],
     keep: int,
     token_counts: torch.Tensor | None = None,
     portable: bool = False,
@@ -116,7 +116,8 @@ def save_checkpoint(
         save_file(weights, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for name, src in tokenizer_files.items():  # the tokenizer travels with the model
+            shutil.copyfile(src, tmp / name)
         if token_counts is not None:  # training-data frequencies: PDL's weights and the eval's buckets
             save_file({"token_counts": token_counts.cpu().contiguous()}, str(tmp / COUNTS_FILE))
         # every file and its size, so that a loader names a missing or torn file before a library trips on it
@@ -238,10 +239,10 @@ def _restore_rng(ckpt: Path) -> None:
 def checkpoint_tokenizer(ckpt: Path, model_cfg: GPTConfig) -> Tokenizer:
     """The tokenizer saved with a checkpoint, refused when its vocabulary is not the model's (a model read
     with another tokenizer scores at chance, and nothing else would say so)."""
-    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
+    tokenizer = Tokenizer(ckpt)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(
-            f"{ckpt / 'tokenizer.model'} has {tokenizer.vocab_size} tokens but the model in {ckpt} was trained on "
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model in {ckpt} was trained on "
             f"{model_cfg.vocab_size}: it is not this model's tokenizer"
         )
     return tokenizer

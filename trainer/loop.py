@@ -227,7 +227,7 @@ def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
         meta=meta,
         config_yaml=run.config_yaml,
         model_cfg=run.model.cfg,
-        tokenizer_path=run.cfg.data.tokenizer,
+        tokenizer_files=run.tokenizer.files,
         keep=run.cfg.checkpoint.keep,
         token_counts=run.token_counts,
         portable=run.cfg.checkpoint.portable_optimizer,

@@ -47,7 +47,7 @@ from trainer.losses import LOSSES, build_loss
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops
-from trainer.run_info import file_sha256, git_sha
+from trainer.run_info import git_sha
 from trainer.signals import Preemption
 
 METRICS = "metrics.jsonl"
@@ -80,6 +80,7 @@ class Run:
     batches: Any = None
     pending: torch.Tensor | None = None
     token_counts: torch.Tensor | None = None
+    tokenizer: Tokenizer | None = None
     # non-finite loss bookkeeping, on the device (read at logging steps only)
     nonfinite_total: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
     nonfinite_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
@@ -187,7 +188,7 @@ def _check_resume(ckpt: Path, model_cfg: GPTConfig, tokenizer: Tokenizer) -> Non
     """The checkpoint a run resumes from holds this run's model and was trained with this tokenizer."""
     check_model_fits(ckpt, model_cfg, "train.resume: the checkpoint")
     saved = load_json(ckpt / META).get("tokenizer_sha256")
-    if saved and saved != file_sha256(tokenizer.path):
+    if saved and saved != tokenizer.sha256:
         raise CheckpointError(
             f"data.tokenizer={tokenizer.path!r} is not the tokenizer the checkpoint {ckpt} was trained with"
         )
@@ -275,7 +276,7 @@ def build_run(cfg: RunConfig) -> Run:
         "grad_accum": grad_accum,
         "num_params": model.num_params(),
         "model": dataclasses.asdict(model_cfg),
-        "tokenizer_sha256": file_sha256(cfg.data.tokenizer),
+        "tokenizer_sha256": tokenizer.sha256,
         "data_files": source.files,
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
     }
@@ -304,6 +305,7 @@ def build_run(cfg: RunConfig) -> Run:
         batches=batches,
         pending=pending,
         token_counts=counts,
+        tokenizer=tokenizer,
     )
     for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
         setattr(run, name, getattr(run, name).to(device))
