@@ -26,5 +26,13 @@ class DataConfig:
     """Tokens per training sequence; windows of seq_len + 1 tokens give inputs and shifted labels."""
     count_bytes: int = 50_000_000
     """Bytes of training text sampled to count token frequencies (for loss.name=pdl)."""
+    count_over: str = "targets"
+    """targets: count the tokens that carry loss (a fine-tuning set's responses) | all: every token, prompts
+    included, as the official PDL code counts. The same for pretraining, where every token is a target."""
+    sft_files: list[str] = field(default_factory=list)
+    """Fine-tuning records (``.jsonl`` / ``.jsonl.zst``: prompt/response or chat messages, see ``data/sft.py``),
+    streamed instead of ``train_files``: the loss falls on the responses, packed records are kept apart."""
+    train_on_prompt: bool = False
+    """Fine-tuning: put the loss on the prompt tokens too."""
     shuffle_buffer: int = 256
     """Documents held in a seeded shuffle buffer while streaming (0 = corpus order)."""

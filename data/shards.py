@@ -10,10 +10,13 @@ import glob
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import zstandard
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,10 +33,12 @@ class ReadStats:
     bad_utf8: int = 0
     empty: int = 0
     corrupt_files: int = 0
+    bad_records: int = 0
+    """Fine-tuning lines that are JSON but not a usable record (see ``data/sft.py``)."""
 
     @property
     def skipped(self) -> int:
-        return self.bad_json + self.missing_text + self.bad_utf8 + self.empty
+        return self.bad_json + self.missing_text + self.bad_utf8 + self.empty + self.bad_records
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -55,7 +60,8 @@ def resolve_files(patterns: Iterable[str]) -> list[str]:
     return files
 
 
-def _parse(raw: bytes, stats: ReadStats) -> Document | None:
+def _parse_json(raw: bytes, stats: ReadStats) -> tuple[str, Any] | None:
+    """One line -> (its text, its JSON value), or None (a blank line; or bad input, counted)."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -64,10 +70,13 @@ def _parse(raw: bytes, stats: ReadStats) -> Document | None:
     if not line.strip():
         return None  # blank separator line, not a document
     try:
-        obj = json.loads(line)
+        return line, json.loads(line)
     except json.JSONDecodeError:
         stats.bad_json += 1
         return None
+
+
+def _as_document(line: str, obj: Any, stats: ReadStats) -> Document | None:
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str):
         stats.missing_text += 1
@@ -135,26 +144,38 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def iter_documents(path: str, stats: ReadStats) -> Iterator[Document]:
     """Yield the good documents of one shard. A truncated, empty or corrupt file is counted in
     ``stats.corrupt_files``; its documents before the damage are used, the partial line at the damage is not."""
+    return iter_records(path, stats, _as_document)
+
+
+def iter_records(path: str, stats: ReadStats, convert: Callable[[str, Any, ReadStats], T | None]) -> Iterator[T]:
+    """The JSON lines of a ``.jsonl.zst`` (or plain ``.jsonl``) file that ``convert`` accepts; bad lines and
+    damaged files are counted in ``stats`` as ``iter_documents`` says."""
     if os.path.getsize(path) == 0:  # not even a zstd header: a file whose write never happened
         stats.corrupt_files += 1
         return
     with open(path, "rb") as fh:
-        lines = _lines(_decompressed_chunks(fh))
+        compressed = path.endswith(".zst")
+        lines = _lines(_decompressed_chunks(fh) if compressed else iter(lambda: fh.read(1 << 20), b""))
         try:
             prev = next(lines, None)
             # one line of look-ahead, so the partial line before a truncation is never parsed
             for raw in lines:
-                doc = _parse(prev, stats)
-                if doc is not None:
-                    yield doc
+                item = _convert(prev, stats, convert)
+                if item is not None:
+                    yield item
                 prev = raw
         except (zstandard.ZstdError, _Truncated):
             stats.corrupt_files += 1
             return
         if prev is not None:
-            doc = _parse(prev, stats)
-            if doc is not None:
-                yield doc
+            item = _convert(prev, stats, convert)
+            if item is not None:
+                yield item
+
+
+def _convert(raw: bytes, stats: ReadStats, convert: Callable[[str, Any, ReadStats], T | None]) -> T | None:
+    parsed = _parse_json(raw, stats)
+    return None if parsed is None else convert(parsed[0], parsed[1], stats)
 
 
 def write_shard(path: str, docs: Iterable[dict], level: int = 10) -> int:

@@ -14,6 +14,7 @@ import torch
 from data.config import DataConfig
 from data.counts import count_tokens
 from data.memmap import MemmapBatches, MemmapSource, PreparedCorpus
+from data.sft import FineTuningRecords
 from data.shards import DataError, ReadStats
 from data.stream import PackedStream
 from data.tokenizer import Tokenizer
@@ -34,6 +35,8 @@ def build_source(
     cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seed: int, rank: int, world_size: int
 ) -> BatchSource:
     if cfg.prepared:
+        if cfg.sft_files:
+            raise DataError("data.sft_files are streamed; prepared fine-tuning data is not supported yet")
         corpus = PreparedCorpus(cfg.prepared)
         expected = corpus.manifest["fingerprint"]["tokenizer_sha256"]
         if tokenizer.sha256 != expected:
@@ -46,6 +49,18 @@ def build_source(
         return MemmapSource(batches, corpus, num_workers=cfg.num_workers)
     if cfg.mix:
         raise DataError("data.mix needs data.prepared (prepared data split by source)")
+    if cfg.sft_files:
+        return PackedStream(
+            cfg.sft_files,
+            tokenizer,
+            seq_len=cfg.seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=cfg.shuffle_buffer,
+            document_format=FineTuningRecords(cfg.train_on_prompt),
+        )
     if not cfg.train_files:
         raise DataError("no training data: set data.train_files (shards) or data.prepared (prepared data)")
     return PackedStream(
@@ -64,4 +79,8 @@ def token_counts(cfg: DataConfig, source: BatchSource, tokenizer: Tokenizer, see
     """[V] token frequencies: exact from prepared data, else counted over ``cfg.count_bytes`` of the shards."""
     if cfg.prepared:
         return PreparedCorpus(cfg.prepared).token_counts()
-    return count_tokens(source.files, tokenizer, cfg.count_bytes, seed=seed)
+    document_format = FineTuningRecords(cfg.train_on_prompt) if cfg.sft_files else None
+    return count_tokens(
+        source.files, tokenizer, cfg.count_bytes, seed=seed, document_format=document_format,
+        targets_only=cfg.count_over == "targets",
+    )  # fmt: skip

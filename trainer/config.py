@@ -381,6 +381,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"])
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
+    _choice("data.count_over", cfg.data.count_over, ["all", "targets"])
     d = cfg.distributed
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"distributed.zero_stage={d.zero_stage} is not valid; choose one of [0, 1, 2, 3]")

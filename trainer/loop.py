@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from data.batch import labels, model_inputs, to_device
 from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint, write_atomic
@@ -123,16 +124,16 @@ def _train_step(run: Run, step: int) -> None:
     """
     engine, optimizer = run.engine, run.optimizer
     sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
-    micro_batches = [run.next_batch().to(engine.device) for _ in range(run.grad_accum)]  # [B, T+1] each
+    micro_batches = [to_device(run.next_batch(), engine.device) for _ in range(run.grad_accum)]  # [B, T+1] each
     # Token-mean losses divide by the step's global count of valid tokens (DeepSpeed then averages over
     # micro-steps and ranks, hence the factor): exact even when batches hold different numbers of them.
-    valid = sum((w[:, 1:] != IGNORE_INDEX).sum() for w in micro_batches).float()
+    valid = sum((labels(w) != IGNORE_INDEX).sum() for w in micro_batches).float()
     if run.world_size > 1:
         torch.distributed.all_reduce(valid)
     denominator = valid / (run.grad_accum * run.world_size)
     nan_here = step == run.cfg.debug.nan_at_step or step in run.cfg.debug.nan_at_steps
     for micro, windows in enumerate(micro_batches):
-        out = engine(windows, denominator=denominator)
+        out = engine(**model_inputs(windows), denominator=denominator)
         loss = out.loss
         if nan_here:
             loss = loss * float("nan")
