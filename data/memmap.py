@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.mixing import Mixture
+from data.packing import Window
 from data.permutation import Permutation
 from data.prepare import MANIFEST
 from data.shards import DataError, ReadStats
@@ -34,12 +35,19 @@ class PreparedCorpus:
         self.manifest = json.loads((self.path / MANIFEST).read_text())
         self.dtype = np.dtype(self.manifest["dtype"])
         self.sources: dict[str, dict] = self.manifest["sources"]
+        self.records = self.manifest.get("kind") == "records"
+        """Fine-tuning records: a loss mask beside the tokens, and documents kept apart when packed."""
 
     def tokens_path(self, source: str) -> Path:
         return self.path / self.sources[source]["dir"] / "tokens.bin"
 
-    def token_counts(self) -> torch.Tensor:
-        return torch.from_numpy(np.load(self.path / "token_counts.npy"))
+    def source_file(self, source: str, name: str) -> Path:
+        return self.path / self.sources[source]["dir"] / name
+
+    def token_counts(self, targets_only: bool = True) -> torch.Tensor:
+        """Frequencies over every token, or (fine-tuning records, ``targets_only``) over those carrying loss."""
+        name = "target_counts.npy" if targets_only and self.records else "token_counts.npy"
+        return torch.from_numpy(np.load(self.path / name))
 
 
 class MemmapBatches(Dataset):
@@ -66,9 +74,13 @@ class MemmapBatches(Dataset):
             raise DataError(f"sources {empty} hold fewer than {self.window} tokens (one window)")
         self.mixture = Mixture([weights[n] for n in self.names])
         self.paths = [str(corpus.tokens_path(n)) for n in self.names]
+        self.records = corpus.records
+        self.mask_paths = [str(corpus.source_file(n, "loss_mask.bin")) for n in self.names]
+        self.offsets = [np.load(corpus.source_file(n, "doc_offsets.npy")) for n in self.names] if self.records else []
         self.dtype = corpus.dtype
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self._maps: list[np.memmap] | None = None  # opened lazily in each worker (a memmap must not be pickled)
+        self._masks: list[np.memmap] = []
         self._perms: dict[tuple[int, int], Permutation] = {}
 
     def __len__(self) -> int:  # batches are indexed without end; DataLoader needs a length only for samplers
@@ -82,18 +94,31 @@ class MemmapBatches(Dataset):
             self._perms[key] = Permutation(self.num_windows[source], seed=[self.seed, source, epoch])
         return self._perms[key]
 
-    def __getitem__(self, k: int) -> torch.Tensor:
+    def __getitem__(self, k: int) -> Window:
         if self._maps is None:
             self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self.paths]
+            if self.records:
+                self._masks = [np.memmap(p, dtype=np.uint8, mode="r") for p in self.mask_paths]
         B = self.batch_size
         g = k * B * self.world_size + self.rank * B + np.arange(B)  # [B] global sample ids
         sources, local = self.mixture.locate(g)
         out = np.empty((B, self.window), dtype=np.int64)
+        mask = np.empty((B, self.window), dtype=bool)
+        segments = np.empty((B, self.window), dtype=np.int32)
         for row, (s, i) in enumerate(zip(sources.tolist(), local.tolist(), strict=True)):
             n = self.num_windows[s]
             w = int(self._perm(s, i // n)(i % n))
-            out[row] = self._maps[s][w * self.window : (w + 1) * self.window]
-        return torch.from_numpy(out)  # [B, T+1]
+            span = slice(w * self.window, (w + 1) * self.window)
+            out[row] = self._maps[s][span]
+            if self.records:
+                mask[row] = self._masks[s][span]
+                # each token's document, from the document offsets; numbered from 0 within the window
+                doc = np.searchsorted(self.offsets[s], np.arange(span.start, span.stop), side="right")
+                segments[row] = doc - doc[0]
+        if not self.records:
+            return torch.from_numpy(out)  # [B, T+1]
+        return {"tokens": torch.from_numpy(out), "loss_mask": torch.from_numpy(mask),
+                "segments": torch.from_numpy(segments)}  # fmt: skip
 
 
 class _CountFrom:

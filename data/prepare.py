@@ -6,9 +6,12 @@ Output directory layout::
     OUT/token_counts.npy         int64 [V] token frequencies (EOS once per document), for PDL and rare-token eval
     OUT/<source>/tokens.bin      the source's documents, each followed by EOS (uint16, or uint32 if V > 65535)
     OUT/<source>/doc_offsets.npy int64 [D + 1] token offset of each document
+    OUT/<source>/loss_mask.bin   fine-tuning records only: uint8 per token, 1 where it carries loss
+    OUT/target_counts.npy        fine-tuning records only: frequencies of the tokens that carry loss
 
 One source ``all`` by default; ``by_source`` splits by ``meta.pile_set_name`` so that domains can be mixed by
-weight. The main process reads and parses; worker processes tokenise (the expensive part) and count.
+weight. ``sft`` reads fine-tuning records (``data/sft.py``) instead of Pile documents. The main process reads
+and parses; worker processes tokenise (the expensive part) and count.
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from data.sft import FineTuningRecords
 from data.shards import DataError, ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _worker_tok: Tokenizer | None = None
+_worker_records: FineTuningRecords | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,16 +51,24 @@ def source_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "unknown"
 
 
-def _init_worker(path: str) -> None:
-    global _worker_tok
-    _worker_tok = Tokenizer(path)
+def _init_worker(path: str, records: FineTuningRecords | None) -> None:
+    global _worker_tok, _worker_records
+    _worker_tok, _worker_records = Tokenizer(path), records
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """texts -> (tokens with EOS after each document, per-document lengths, bincount of the tokens)."""
+def _encode(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """texts or records -> (tokens with EOS after each document, per-document lengths, bincount of the tokens,
+    and for records: the loss mask (the EOS takes its document's last value, as packing gives it) and the
+    bincount of the tokens that carry loss)."""
     tok = _worker_tok
     assert tok is not None
-    ids = tok.encode_batch(texts, num_threads=1)
+    if _worker_records is None:
+        docs = tok.encode_batch(items, num_threads=1)
+        ids, masks = docs, None
+    else:
+        docs = _worker_records.encode(items, tok)
+        ids = [d["tokens"] for d in docs]
+        masks = [[*d["loss_mask"], d["loss_mask"][-1] if d["loss_mask"] else False] for d in docs]
     eos = np.array([tok.eos_id], dtype=np.int64)
     parts = []
     for x in ids:
@@ -62,20 +76,40 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts.append(eos)
     flat = np.concatenate(parts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    return flat.astype(token_dtype(tok.vocab_size)), lengths, np.bincount(flat, minlength=tok.vocab_size)
+    counts = np.bincount(flat, minlength=tok.vocab_size)
+    if masks is None:
+        return flat.astype(token_dtype(tok.vocab_size)), lengths, counts, None, None
+    mask = np.fromiter((m for row in masks for m in row), dtype=np.uint8, count=len(flat))
+    targets = np.bincount(flat[mask.astype(bool)], minlength=tok.vocab_size)
+    return flat.astype(token_dtype(tok.vocab_size)), lengths, counts, mask, targets
+
+
+def _items(path: str, stats: ReadStats, records: FineTuningRecords | None) -> Iterator[tuple[Any, str, int]]:
+    """(item, source, size) of each good document or record of a file."""
+    if records is not None:
+        for record in records.read(path, stats):
+            yield record, "all", len(repr(record))
+        return
+    for doc in iter_documents(path, stats):
+        yield doc.text, doc.source, len(doc.text)
 
 
 def _batches(
-    files: list[str], stats: ReadStats, by_source: bool, batch_bytes: int, progress: tqdm
-) -> Iterator[tuple[list[str], list[str]]]:
-    texts: list[str] = []
+    files: list[str],
+    stats: ReadStats,
+    by_source: bool,
+    batch_bytes: int,
+    progress: tqdm,
+    records: FineTuningRecords | None,
+) -> Iterator[tuple[list, list[str]]]:
+    texts: list = []
     sources: list[str] = []
     size = 0
     for path in files:
-        for doc in iter_documents(path, stats):
-            texts.append(doc.text)
-            sources.append(doc.source if by_source else "all")
-            size += len(doc.text)
+        for item, source, item_size in _items(path, stats, records):
+            texts.append(item)
+            sources.append(source if by_source else "all")
+            size += item_size
             if size >= batch_bytes:
                 progress.update(size)
                 yield texts, sources
@@ -85,8 +119,9 @@ def _batches(
         yield texts, sources
 
 
-def fingerprint(files: list[str], tokenizer_sha: str, by_source: bool) -> dict:
+def fingerprint(files: list[str], tokenizer_sha: str, by_source: bool, records: FineTuningRecords | None) -> dict:
     return {
+        "records": None if records is None else {"train_on_prompt": records.train_on_prompt},
         "format": FORMAT_VERSION,
         "files": [
             {"path": os.path.abspath(f), "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in files
@@ -105,13 +140,17 @@ def prepare(
     workers: int = os.cpu_count() or 1,
     batch_bytes: int = 1 << 20,
     show_progress: bool = True,
+    records: FineTuningRecords | None = None,
 ) -> dict:
-    """Tokenise the shards into ``out_dir``; returns the manifest. Reuses an existing output for the same
-    inputs and tokenizer. ``workers=0`` tokenises in this process."""
+    """Tokenise the shards (or, given ``records``, fine-tuning record files) into ``out_dir``; returns the
+    manifest. Reuses an existing output for the same inputs and tokenizer. ``workers=0`` tokenises in this
+    process."""
     files = resolve_files(patterns)
     out = Path(out_dir)
     tok = Tokenizer(tokenizer_path)
-    fp = fingerprint(files, tok.sha256, by_source)
+    if records is not None and by_source:
+        raise DataError("fine-tuning records have no sources to split by (by_source)")
+    fp = fingerprint(files, tok.sha256, by_source, records)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("fingerprint") == fp:
@@ -121,7 +160,7 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write(files, tok, tokenizer_path, tmp, fp, by_source, workers, batch_bytes, show_progress)
+        manifest = _write(files, tok, tokenizer_path, tmp, fp, by_source, workers, batch_bytes, show_progress, records)
     except BaseException:  # an error or Ctrl-C: leave no half-written output behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,21 +201,24 @@ def _write(
     workers: int,
     batch_bytes: int,
     show_progress: bool,
+    records: FineTuningRecords | None,
 ) -> dict:
     """Tokenise ``files`` into the directory ``tmp``; returns the manifest written there."""
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    writers: dict[str, tuple] = {}  # source -> (file handle, offsets list)
+    target_counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    writers: dict[str, tuple] = {}  # source -> (token file, offsets list, mask file or None)
     total_bytes = sum(os.path.getsize(f) for f in files)
     progress = tqdm(total=None, unit="B", unit_scale=True, desc="tokenising", disable=not show_progress)
     progress.set_postfix_str(f"{len(files)} files, {total_bytes / 1e6:.0f} MB compressed")
-    batches = _batches(files, stats, by_source, batch_bytes, progress)
+    batches = _batches(files, stats, by_source, batch_bytes, progress, records)
     with ExitStack() as files_open:  # one open token file per source
-        pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,)) if workers > 0 else None
+        init = (tokenizer_path, records)
+        pool = mp.get_context("fork").Pool(workers, _init_worker, init) if workers > 0 else None
         try:
             if pool is None:
-                _init_worker(tokenizer_path)
+                _init_worker(*init)
                 encoded = ((src, _encode(texts)) for texts, src in batches)
             else:
                 # batches go to the workers in order; their results come back in order (imap), so the output
@@ -197,8 +239,10 @@ def _write(
                         yield sources_q.popleft(), res
 
                 encoded = results()
-            for src, (flat, lengths, bincount) in encoded:
+            for src, (flat, lengths, bincount, mask, targets) in encoded:
                 counts += bincount
+                if targets is not None:
+                    target_counts += targets
                 starts = np.concatenate([[0], np.cumsum(lengths)])
                 i = 0
                 for name, run in itertools.groupby(src):  # consecutive documents of one source: one write
@@ -206,9 +250,12 @@ def _write(
                     if name not in writers:
                         d = tmp / source_dirname(name)
                         d.mkdir(exist_ok=True)
-                        writers[name] = (files_open.enter_context(open(d / "tokens.bin", "wb")), [0])
-                    fh, offsets = writers[name]
+                        mask_fh = files_open.enter_context(open(d / "loss_mask.bin", "wb")) if records else None
+                        writers[name] = (files_open.enter_context(open(d / "tokens.bin", "wb")), [0], mask_fh)
+                    fh, offsets, mask_fh = writers[name]
                     fh.write(flat[starts[i] : starts[j]].tobytes())
+                    if mask_fh is not None:
+                        mask_fh.write(mask[starts[i] : starts[j]].tobytes())
                     offsets.extend((offsets[-1] - starts[i] + starts[i + 1 : j + 1]).tolist())
                     i = j
         finally:
@@ -220,12 +267,15 @@ def _write(
         raise DataError(f"no documents in {files} (read stats: {stats.as_dict()})")
 
     sources = {}
-    for name, (_, offsets) in sorted(writers.items()):
+    for name, (_, offsets, _) in sorted(writers.items()):
         d = tmp / source_dirname(name)
         np.save(d / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
         sources[name] = {"dir": source_dirname(name), "tokens": offsets[-1], "documents": len(offsets) - 1}
     np.save(tmp / "token_counts.npy", counts)
+    if records is not None:
+        np.save(tmp / "target_counts.npy", target_counts)
     manifest = {
+        "kind": "records" if records is not None else "text",
         "fingerprint": fp,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,

@@ -36,7 +36,7 @@ def build_source(
 ) -> BatchSource:
     if cfg.prepared:
         if cfg.sft_files:
-            raise DataError("data.sft_files are streamed; prepared fine-tuning data is not supported yet")
+            raise DataError("set data.sft_files (streamed) or data.prepared (prepare_data.py --sft), not both")
         corpus = PreparedCorpus(cfg.prepared)
         expected = corpus.manifest["fingerprint"]["tokenizer_sha256"]
         if tokenizer.sha256 != expected:
@@ -78,7 +78,7 @@ def build_source(
 def token_counts(cfg: DataConfig, source: BatchSource, tokenizer: Tokenizer, seed: int) -> torch.Tensor:
     """[V] token frequencies: exact from prepared data, else counted over ``cfg.count_bytes`` of the shards."""
     if cfg.prepared:
-        return PreparedCorpus(cfg.prepared).token_counts()
+        return PreparedCorpus(cfg.prepared).token_counts(targets_only=cfg.count_over == "targets")
     document_format = FineTuningRecords(cfg.train_on_prompt) if cfg.sft_files else None
     return count_tokens(
         source.files, tokenizer, cfg.count_bytes, seed=seed, document_format=document_format,

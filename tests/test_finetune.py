@@ -175,3 +175,29 @@ def test_finetuning_resumes_exactly(sft_file, corpus, tmp_path):
     ).read_text()
     assert_same_run(run_dir, reference)
     assert metrics(run_dir)[20]["data/bad_records"] == metrics(reference)[20]["data/bad_records"]
+
+
+def test_prepared_records_hold_the_windows_streaming_makes(sft_file, corpus, tmp_path):
+    """prepare_data.py --sft: the same windows, loss mask and segments as the streamed records, memory-mapped."""
+    from data.memmap import MemmapBatches, PreparedCorpus
+    from data.prepare import prepare
+
+    out = tmp_path / "prepared"
+    prepare([str(sft_file)], corpus["tokenizer"], out, workers=0, show_progress=False, records=FineTuningRecords())
+    prepared = PreparedCorpus(out)
+    batches = MemmapBatches(prepared, {}, seq_len=SEQ, batch_size=1)
+    n = batches.num_windows[0]
+
+    def key(w: dict) -> tuple:
+        return tuple(w["tokens"].tolist()), tuple(w["loss_mask"].tolist()), tuple(w["segments"].tolist())
+
+    from_memmap = sorted(key({k: v[0] for k, v in batches[i].items()}) for i in range(n))
+    s = stream(sft_file, corpus["tokenizer"])
+    s.batch_size = 1
+    it = iter(s)
+    from_stream = sorted(key({k: v[0] for k, v in next(it).items()}) for _ in range(n))
+    assert from_memmap == from_stream
+    targets = count_tokens([str(sft_file)], Tokenizer(corpus["tokenizer"]), 10**9, document_format=FineTuningRecords())
+    assert torch.equal(prepared.token_counts(), targets)
+    proc_dir = tmp_path / "run"
+    assert run(debug_overrides(corpus, proc_dir, **{"data.prepared": out, "train.max_steps": 4}), tmp_path / "p") == 0
