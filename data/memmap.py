@@ -26,6 +26,13 @@ from data.permutation import Permutation
 from data.prepare import MANIFEST
 from data.shards import DataError, ReadStats
 
+STREAM_FILES = {
+    # per-token stream -> (file beside tokens.bin, dtype on disk, dtype in a batch)
+    "loss_mask": ("loss_mask.bin", np.uint8, np.bool_),
+    "weight": ("weight.bin", np.float32, np.float32),
+    "ref_ce": ("ref_ce.bin", np.float32, np.float32),
+}
+
 
 class PreparedCorpus:
     def __init__(self, path: str | Path) -> None:
@@ -43,6 +50,18 @@ class PreparedCorpus:
 
     def source_file(self, source: str, name: str) -> Path:
         return self.path / self.sources[source]["dir"] / name
+
+    def streams(self, names: list[str]) -> list[str]:
+        """The per-token streams (``STREAM_FILES``) that the sources ``names`` carry; all of them, or none."""
+        held = {s: [self.source_file(n, STREAM_FILES[s][0]).is_file() for n in names] for s in STREAM_FILES}
+        partial = [s for s, has in held.items() if any(has) and not all(has)]
+        if partial:
+            raise DataError(f"{self.path}: the streams {partial} exist for some of the sources {names} only")
+        return [s for s, has in held.items() if all(has)]
+
+    def stream_info(self, name: str) -> dict:
+        """What a stream added after preparation records about itself (``streams`` in the manifest)."""
+        return self.manifest.get("streams", {}).get(name, {})
 
     def token_counts(self, targets_only: bool = True) -> torch.Tensor:
         """Frequencies over every token, or (fine-tuning records, ``targets_only``) over those carrying loss."""
@@ -75,12 +94,19 @@ class MemmapBatches(Dataset):
         self.mixture = Mixture([weights[n] for n in self.names])
         self.paths = [str(corpus.tokens_path(n)) for n in self.names]
         self.records = corpus.records
-        self.mask_paths = [str(corpus.source_file(n, "loss_mask.bin")) for n in self.names]
+        self.streams = corpus.streams(self.names)
+        self.stream_paths = {
+            s: [str(corpus.source_file(n, STREAM_FILES[s][0])) for n in self.names] for s in self.streams
+        }
+        for name in self.streams:  # a stream scored over windows of another length does not line up with these
+            scored = corpus.stream_info(name).get("seq_len")
+            if scored is not None and scored != seq_len:
+                raise DataError(f"{corpus.path}: {name} was scored with seq_len={scored}, training uses {seq_len}")
         self.offsets = [np.load(corpus.source_file(n, "doc_offsets.npy")) for n in self.names] if self.records else []
         self.dtype = corpus.dtype
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self._maps: list[np.memmap] | None = None  # opened lazily in each worker (a memmap must not be pickled)
-        self._masks: list[np.memmap] = []
+        self._streams: dict[str, list[np.memmap]] = {}
         self._perms: dict[tuple[int, int], Permutation] = {}
 
     def __len__(self) -> int:  # batches are indexed without end; DataLoader needs a length only for samplers
@@ -97,28 +123,33 @@ class MemmapBatches(Dataset):
     def __getitem__(self, k: int) -> Window:
         if self._maps is None:
             self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self.paths]
-            if self.records:
-                self._masks = [np.memmap(p, dtype=np.uint8, mode="r") for p in self.mask_paths]
+            self._streams = {
+                s: [np.memmap(p, dtype=STREAM_FILES[s][1], mode="r") for p in paths]
+                for s, paths in self.stream_paths.items()
+            }
         B = self.batch_size
         g = k * B * self.world_size + self.rank * B + np.arange(B)  # [B] global sample ids
         sources, local = self.mixture.locate(g)
         out = np.empty((B, self.window), dtype=np.int64)
-        mask = np.empty((B, self.window), dtype=bool)
+        streams = {s: np.empty((B, self.window), dtype=STREAM_FILES[s][2]) for s in self.streams}
         segments = np.empty((B, self.window), dtype=np.int32)
         for row, (s, i) in enumerate(zip(sources.tolist(), local.tolist(), strict=True)):
             n = self.num_windows[s]
             w = int(self._perm(s, i // n)(i % n))
             span = slice(w * self.window, (w + 1) * self.window)
             out[row] = self._maps[s][span]
+            for name, maps in self._streams.items():
+                streams[name][row] = maps[s][span]
             if self.records:
-                mask[row] = self._masks[s][span]
                 # each token's document, from the document offsets; numbered from 0 within the window
                 doc = np.searchsorted(self.offsets[s], np.arange(span.start, span.stop), side="right")
                 segments[row] = doc - doc[0]
-        if not self.records:
+        if not self.records and not self.streams:
             return torch.from_numpy(out)  # [B, T+1]
-        return {"tokens": torch.from_numpy(out), "loss_mask": torch.from_numpy(mask),
-                "segments": torch.from_numpy(segments)}  # fmt: skip
+        batch = {"tokens": torch.from_numpy(out), **{k: torch.from_numpy(v) for k, v in streams.items()}}
+        if self.records:
+            batch["segments"] = torch.from_numpy(segments)
+        return batch  # [B, T+1] each
 
 
 class _CountFrom:

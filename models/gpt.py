@@ -4,13 +4,31 @@
   matrices, biases — HF ``GPTNeoXForCausalLM``;
 - ``llama``: full rotary, sequential residual, RMSNorm, SwiGLU MLP, no biases — HF ``LlamaForCausalLM``.
 
-Both have untied embeddings and a fused QKV projection laid out ``[n_heads, 3, head_dim]`` per output row
-(NeoX's layout, so its export is a renaming; LLaMA's export splits it). ``models/hf.py`` converts.
+Attention is grouped-query when ``n_kv_heads < n_heads`` (``GPTConfig.kv_heads`` key/value heads, each shared
+by ``g = n_heads / kv_heads`` consecutive query heads: query head ``h`` reads key/value head ``h // g``, as in HF's
+``repeat_kv`` and SDPA's ``enable_gqa``). The fused QKV projection ``attn.qkv`` has ``(n_heads + 2 kv_heads) *
+head_dim`` output rows laid out group by group, ``[kv_heads, g + 2, head_dim]``: for each key/value head, its
+``g`` query heads, then its key, then its value (Megatron-LM's GQA layout). With ``g = 1`` this is exactly
+NeoX's ``[n_heads, 3, head_dim]`` (q, k, v per head), so NeoX's export is a renaming and checkpoints from before
+GQA load unchanged; LLaMA's export splits the rows into ``q_proj``/``k_proj``/``v_proj``. ``models/hf.py``
+converts.
+
+Embeddings are untied by default; with ``tie_embeddings`` the output head reads the input embedding matrix
+(``embed.weight``, one Parameter: ``parameters()``, ``state_dict()`` and ZeRO-3's consolidated weights hold it
+once, under that name, and the head owns no parameter). Under ZeRO-3 DeepSpeed gathers it for the head's
+forward as an external parameter of the head (found on first access inside the engine's forward).
 
 The model returns final hidden states; the output head is a separate module so a training loss can consume
 ``(hidden, head.weight)`` without materialising the logits (see ``LMHead.forward``). For generation,
-``forward(ids, cache=KVCache.empty(n_layers))`` keeps each layer's keys and values, so later calls feed one
-new token at a time.
+``forward(ids, cache=KVCache.empty(n_layers))`` keeps each layer's keys and values (only the ``kv_heads``
+key/value heads), so later calls feed one new token at a time.
+
+Packed documents (``forward(ids, segment_ids=...)``): a segment is a maximal run of equal ids in a row. Both
+isolation mechanisms apply: attention is block-diagonal causal (a token attends only to earlier tokens of its
+own segment) AND rotary positions restart at 0 at each segment start, so a segment packed anywhere in a row
+gives the logits it would give alone at the start of a row. (Rotary scores depend on relative positions only:
+the mask is what isolates; the restart makes the numbers those of the segment alone, as the fp32 rotary tables
+round differently at other offsets, and matches HF's per-document ``position_ids``.)
 """
 
 from __future__ import annotations
@@ -26,11 +44,14 @@ from torch import Tensor, nn
 
 from models.config import GPTConfig
 
+# SDPA shares key/value heads across query groups itself from torch 2.5 (no repeated K/V in memory).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 @dataclass
 class LayerKV:
-    k: Tensor | None = None  # [B, H, L, hd]
-    v: Tensor | None = None  # [B, H, L, hd]
+    k: Tensor | None = None  # [B, kv_heads, L, hd]
+    v: Tensor | None = None  # [B, kv_heads, L, hd]
 
 
 @dataclass
@@ -43,6 +64,27 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
         return cls([LayerKV() for _ in range(n_layers)])
+
+
+@dataclass
+class Packing:
+    """Per-token positions and the block-diagonal causal mask of packed segments (see the module docstring)."""
+
+    positions: Tensor  # [B, T] int64: position within the token's own segment
+    mask: Tensor  # [B, 1, T, T] bool: True where query t may attend to key s (same segment, s <= t)
+
+    @classmethod
+    def from_segment_ids(cls, segment_ids: Tensor) -> Packing:
+        # segment_ids: [B, T] any integer ids; a new segment starts wherever the id changes
+        B, T = segment_ids.shape
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # [B, T]
+        run = starts.long().cumsum(dim=1)  # [B, T] segment number (runs, so repeated ids stay apart)
+        idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, T] start of own segment
+        causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+        same = run[:, :, None] == run[:, None, :]  # [B, T, T]
+        return cls(positions=idx - first, mask=(same & causal)[:, None])
 
 
 class Rotary(nn.Module):
@@ -59,13 +101,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        # x: [B, H, T, hd] at positions offset .. offset + T - 1
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        # x: [B, H, T, hd] at positions offset .. offset + T - 1, or at ``positions`` [B, T] (packed segments)
         if self.dims == 0:
             return x
-        T = x.shape[-2]
-        cos = self.cos[offset : offset + T].to(x.dtype)  # [T, dims]
-        sin = self.sin[offset : offset + T].to(x.dtype)
+        if positions is None:
+            T = x.shape[-2]
+            cos = self.cos[offset : offset + T].to(x.dtype)  # [T, dims]
+            sin = self.sin[offset : offset + T].to(x.dtype)
+        else:
+            cos = self.cos[positions].to(x.dtype)[:, None]  # [B, 1, T, dims]
+            sin = self.sin[positions].to(x.dtype)[:, None]
         x_rot, x_pass = x[..., : self.dims], x[..., self.dims :]
         half = self.dims // 2
         rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_half
@@ -73,25 +119,47 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head or grouped-query attention; the fused QKV rows are ``[kv_heads, g + 2, head_dim]`` (module
+    docstring)."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
 
-    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0, packing: Packing | None = None) -> Tensor:
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_heads, 3, self.head_dim)  # [B, T, H, 3, hd] (NeoX layout)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, H, T, hd]
-        q, k = self.rotary(q, offset), self.rotary(k, offset)
+        G, hd = self.group, self.head_dim
+        qkv = self.qkv(x).view(B, T, self.kv_heads, G + 2, hd)  # [B, T, KV, g+2, hd]
+        q = qkv[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]; head h -> kv h // g
+        k, v = qkv[:, :, :, G].transpose(1, 2), qkv[:, :, :, G + 1].transpose(1, 2)  # each [B, KV, T, hd]
+        positions = None if packing is None else packing.positions
+        q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         if kv is not None:  # generation: attend to the cached positions too, and cache these
             if kv.k is not None:
-                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)  # [B, H, offset + T, hd]
+                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)  # [B, KV, offset + T, hd]
             kv.k, kv.v = k, v
-        # A prompt attends causally; a single new token attends to every position before it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0)  # [B, H, T, hd]
+        y = self._sdpa(q, k, v, offset, packing)  # [B, H, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, offset: int, packing: Packing | None) -> Tensor:
+        # q: [B, H, T, hd]; k, v: [B, KV, L, hd]
+        gqa = self.group > 1
+        # Shared key/value heads go to SDPA as they are (flash and CPU kernels serve the groups themselves). They
+        # are repeated only where that cannot work: torch < 2.5, and a packing mask on CUDA, whose mask-taking
+        # memory-efficient kernel has no GQA (SDPA would take the math kernel, which repeats them anyway and also
+        # builds [B, H, T, T] scores).
+        if gqa and (not _SDPA_GQA or (packing is not None and q.is_cuda)):
+            k, v = (t.repeat_interleave(self.group, dim=1) for t in (k, v))  # [B, H, L, hd]; head h -> kv h // g
+            gqa = False
+        extra = {"enable_gqa": True} if gqa else {}
+        if packing is not None:  # packed segments: block-diagonal causal (the mask includes causality)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask, **extra)
+        # A prompt attends causally; a single new token attends to every position before it.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0, **extra)
 
 
 class GeluMLP(nn.Module):
@@ -130,10 +198,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = SwiGLU(cfg) if cfg.block == "llama" else GeluMLP(cfg)
 
-    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0, packing: Packing | None = None) -> Tensor:
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), GPT-J / NeoX style
-            return x + self.attn(self.ln_attn(x), kv, offset) + self.mlp(self.ln_mlp(x))
-        x = x + self.attn(self.ln_attn(x), kv, offset)
+            return x + self.attn(self.ln_attn(x), kv, offset, packing) + self.mlp(self.ln_mlp(x))
+        x = x + self.attn(self.ln_attn(x), kv, offset, packing)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -157,6 +225,27 @@ class LMHead(nn.Module):
         return fn(hidden, weight)
 
 
+class TiedLMHead(LMHead):
+    """The output projection that reads the input embedding's matrix (``weight`` is ``embed.weight``).
+
+    The embedding is kept as a plain attribute, not a submodule: the matrix then has one name (``embed.weight``)
+    in ``named_parameters()``, ``state_dict()`` and ZeRO-3's module walk, and this module owns no parameter.
+    Under ZeRO-3, DeepSpeed sees ``embed.weight`` read inside this module's forward and gathers it here as an
+    external parameter (forward and backward), so the fused loss inside ``forward`` gets the full matrix."""
+
+    def __init__(self, cfg: GPTConfig, embed: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        self.vocab_size = cfg.vocab_size
+        object.__setattr__(self, "_embed", embed)  # bypasses nn.Module's submodule registration
+
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        return self._embed.weight  # [padded V, d]
+
+    def extra_repr(self) -> str:
+        return "tied to embed.weight"
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -164,7 +253,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = make_norm(cfg)
-        self.head = LMHead(cfg)
+        self.head = TiedLMHead(cfg, self.embed) if cfg.tie_embeddings else LMHead(cfg)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -184,13 +273,21 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        # input_ids: [B, T] -> hidden [B, T, d]; with a cache, the positions after the cached ones
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, segment_ids: Tensor | None = None) -> Tensor:
+        # input_ids: [B, T] -> hidden [B, T, d]; with a cache, the positions after the cached ones;
+        # segment_ids: [B, T] packed documents kept apart (module docstring)
         x = self.embed(input_ids)
         if cache is None:
+            packing = None
+            if segment_ids is not None:
+                if segment_ids.shape != input_ids.shape:
+                    raise ValueError(f"segment_ids {tuple(segment_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+                packing = Packing.from_segment_ids(segment_ids)
             for block in self.blocks:
-                x = block(x)
+                x = block(x, None, 0, packing)
             return self.ln_f(x)
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) are for training; a KV cache decodes one sequence")
         T = input_ids.shape[1]
         if cache.length and T != 1:
             raise ValueError("a non-empty KV cache is extended one token at a time")
@@ -201,8 +298,8 @@ class GPT(nn.Module):
         cache.length += T
         return self.ln_f(x)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        return self.head(self.forward(input_ids))  # [B, T, V]
+    def logits(self, input_ids: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        return self.head(self.forward(input_ids, segment_ids=segment_ids))  # [B, T, V]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from models.gpt import GPT
-from trainer.losses import LossOutput, TokenLoss
+from trainer.losses import IGNORE_INDEX, LossOutput, TokenLoss
 
 
 class CausalLMObjective(nn.Module):
@@ -14,10 +15,33 @@ class CausalLMObjective(nn.Module):
         self.model = model
         self.loss_fn = loss_fn  # holds no parameters or buffers
 
-    def forward(self, windows: Tensor, denominator: Tensor | None = None) -> LossOutput:
-        # windows: [B, T+1] -> inputs [B, T], labels [B, T] (the next token)
-        inputs, labels = windows[:, :-1], windows[:, 1:]
-        hidden = self.model(inputs)  # [B, T, d]
+    def forward(
+        self,
+        windows: Tensor,
+        denominator: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> LossOutput:
+        """``windows``: [B, T+1] token ids -> inputs [B, T] and labels [B, T] (the next token).
+
+        ``segment_ids``: optional [B, T+1] document ids aligned with ``windows`` (packed documents kept apart:
+        the model attends within a document only and restarts positions at each one, see ``models/gpt.py``);
+        a position whose next token starts another document gets no loss. ``labels``: optional [B, T] targets
+        replacing ``windows[:, 1:]`` (``IGNORE_INDEX`` where a token carries no loss, e.g. a fine-tuning
+        prompt)."""
+        inputs = windows[:, :-1]
+        if labels is None:
+            labels = windows[:, 1:]
+        elif labels.shape != inputs.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} != inputs {tuple(inputs.shape)}")
+        seg_in = None
+        if segment_ids is not None:
+            if segment_ids.shape != windows.shape:
+                raise ValueError(f"segment_ids {tuple(segment_ids.shape)} != windows {tuple(windows.shape)}")
+            seg_in = segment_ids[:, :-1]  # [B, T]
+            # a document's last token cannot see the next document, so predicting its first token is noise
+            labels = torch.where(segment_ids[:, 1:] == seg_in, labels, IGNORE_INDEX)
+        hidden = self.model(inputs, segment_ids=seg_in)  # [B, T, d]
         # The loss runs inside the head's forward, so ZeRO-3 has the head weight gathered; its output, a named
         # tuple of a tensor and a dict, is a structure DeepSpeed's hooks see through.
         return self.model.head(hidden, lambda h, w: self.loss_fn(h, w, labels, denominator=denominator))
