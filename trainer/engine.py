@@ -138,6 +138,10 @@ def safe_checkpoint_loading(engine: Any) -> None:
 def build_engine(
     module: nn.Module, optimizer: Any, scheduler: Any, train: TrainSection, distributed: DistributedSection
 ) -> Any:
+    model = getattr(module, "model", None)
+    if distributed.zero_stage == 3 and model is not None and model.cfg.tie_embeddings:
+        # the head reads the embedding's matrix: say so, rather than rely on DeepSpeed noticing the access
+        deepspeed.zero.register_external_parameter(model.head, model.embed.weight)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, distributed)
     )
