@@ -36,9 +36,14 @@ def labels(batch: Window) -> Tensor:
     if isinstance(batch, dict) and "loss_mask" in batch:
         targets = targets.masked_fill(~batch["loss_mask"][:, 1:], IGNORE_INDEX)
     if isinstance(batch, dict) and "segments" in batch:
-        segments = batch["segments"]
-        targets = targets.masked_fill(segments[:, 1:] != segments[:, :-1], IGNORE_INDEX)
+        targets = mask_document_starts(targets, batch["segments"])
     return targets
+
+
+def mask_document_starts(targets: Tensor, segments: Tensor) -> Tensor:
+    """[B, T] targets with the first token of each packed document ignored: it is predicted from the end of
+    another document, which the model, keeping documents apart, cannot see. ``segments``: [B, T+1]."""
+    return targets.masked_fill(segments[:, 1:] != segments[:, :-1], IGNORE_INDEX)
 
 
 def segment_ids(batch: Window) -> Tensor | None:
@@ -56,7 +61,13 @@ def token_inputs(batch: Window) -> dict[str, Tensor] | None:
 
 def model_inputs(batch: Window) -> dict[str, Tensor | None]:
     """The arguments of ``CausalLMObjective.forward``: the windows, and for a batch with streams its [B, T+1]
-    segments (or None) and [B, T] labels, so the objective computes the loss over the targets the loop counted."""
+    segments (or None), [B, T] labels, so the objective computes the loss over the targets the loop counted, and the
+    loss's per-token inputs."""
     if isinstance(batch, Tensor):
         return {"windows": batch}
-    return {"windows": tokens(batch), "segment_ids": batch.get("segments"), "labels": labels(batch)}
+    return {
+        "windows": tokens(batch),
+        "segment_ids": batch.get("segments"),
+        "labels": labels(batch),
+        "token_inputs": token_inputs(batch),
+    }

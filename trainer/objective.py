@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from data.batch import mask_document_starts
 from models.gpt import GPT
-from trainer.losses import IGNORE_INDEX, LossOutput, TokenLoss
+from trainer.losses import LossOutput, TokenLoss
 
 
 class CausalLMObjective(nn.Module):
@@ -21,6 +21,7 @@ class CausalLMObjective(nn.Module):
         denominator: Tensor | None = None,
         segment_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        token_inputs: dict[str, Tensor] | None = None,
     ) -> LossOutput:
         """``windows``: [B, T+1] token ids -> inputs [B, T] and labels [B, T] (the next token).
 
@@ -28,7 +29,8 @@ class CausalLMObjective(nn.Module):
         the model attends within a document only and restarts positions at each one, see ``models/gpt.py``);
         a position whose next token starts another document gets no loss. ``labels``: optional [B, T] targets
         replacing ``windows[:, 1:]`` (``IGNORE_INDEX`` where a token carries no loss, e.g. a fine-tuning
-        prompt)."""
+        prompt). ``token_inputs``: the loss's per-token inputs (``weight``, ``ref_ce``), [B*T] each, in the order
+        of the flattened labels."""
         inputs = windows[:, :-1]
         if labels is None:
             labels = windows[:, 1:]
@@ -39,9 +41,10 @@ class CausalLMObjective(nn.Module):
             if segment_ids.shape != windows.shape:
                 raise ValueError(f"segment_ids {tuple(segment_ids.shape)} != windows {tuple(windows.shape)}")
             seg_in = segment_ids[:, :-1]  # [B, T]
-            # a document's last token cannot see the next document, so predicting its first token is noise
-            labels = torch.where(segment_ids[:, 1:] == seg_in, labels, IGNORE_INDEX)
+            labels = mask_document_starts(labels, segment_ids)
         hidden = self.model(inputs, segment_ids=seg_in)  # [B, T, d]
         # The loss runs inside the head's forward, so ZeRO-3 has the head weight gathered; its output, a named
         # tuple of a tensor and a dict, is a structure DeepSpeed's hooks see through.
-        return self.model.head(hidden, lambda h, w: self.loss_fn(h, w, labels, denominator=denominator))
+        return self.model.head(
+            hidden, lambda h, w: self.loss_fn(h, w, labels, denominator=denominator, token_inputs=token_inputs)
+        )
