@@ -159,6 +159,11 @@ class EvalSection:
     """Held-out loss by token-frequency bucket (80/15/5% of training occurrences) on data.val_files."""
     val_tokens: int = 200_000
     """Fixed held-out token budget for the bucket evaluation (the same for every checkpoint and run)."""
+    val_every: int = 0
+    """Held-out loss per domain of data.val_files (``eval_domain/...``) every N steps and at each checkpoint;
+    0: off. A fixed, cached token set (``evals/domains.py``)."""
+    val_tokens_per_domain: int = 20_000
+    """Held-out tokens per domain for ``val_every``."""
 
 
 @dataclass
@@ -357,6 +362,8 @@ BOUNDS: dict[str, Bound] = {
     "eval.limit": NON_NEGATIVE,
     "eval.batch_size": AT_LEAST_ONE,
     "eval.val_tokens": AT_LEAST_ONE,
+    "eval.val_every": NON_NEGATIVE,
+    "eval.val_tokens_per_domain": AT_LEAST_ONE,
     "debug.nan_at_step": NON_NEGATIVE,
     "debug.sigterm_at_step": NON_NEGATIVE,
     "debug.kill_in_checkpoint_at_step": NON_NEGATIVE,

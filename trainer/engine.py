@@ -3,6 +3,7 @@ engine. No other module imports deepspeed."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import socket
@@ -147,6 +148,13 @@ def build_engine(
     )
     safe_checkpoint_loading(engine)
     return engine
+
+
+def gathered(engine: Any, params: list[nn.Parameter]) -> Any:
+    """A context in which ``params`` are whole on every rank (collective under ZeRO-3; nothing to do otherwise)."""
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
 
 
 PORTABLE_KEYS = ("exp_avg", "exp_avg_sq")

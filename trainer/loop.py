@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from data.batch import labels, model_inputs, to_device
+from evals.domains import domain_losses
 from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint, write_atomic
 from trainer.config import RunConfig
+from trainer.engine import gathered
 from trainer.losses import IGNORE_INDEX
 from trainer.perf import memory_metrics
 from trainer.run import RESULT, STEP_METRICS, Run, build_run
@@ -59,11 +61,14 @@ def train(cfg: RunConfig) -> TrainResult:
             preempted = run.preemption.requested()
             if step % cfg.train.log_every == 0 or final:
                 last_loss = _log(run, step, clock)
-            if (
+            save = (
                 (final and cfg.checkpoint.at_end)
                 or preempted
-                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            ):
+                or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            )
+            if run.held_out is not None and (save or step % cfg.eval.val_every == 0):
+                _validate(run, step)
+            if save:
                 ckpt = _checkpoint(run, step, final=final)
             if preempted:
                 print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
@@ -208,6 +213,14 @@ def _log(run: Run, step: int, clock: _Clock) -> float:
         metrics["grad_norm"] = float(grad_norm)
     run.emit(step, metrics)
     return metrics["loss"]
+
+
+def _validate(run: Run, step: int) -> None:
+    """Held-out loss per domain on the fixed set (every rank takes part: the forward may gather weights)."""
+    assert run.held_out is not None
+    with gathered(run.engine, [run.model.head.weight]):
+        metrics = domain_losses(run.model, run.held_out, batch_size=run.cfg.eval.batch_size)
+    run.emit(step, {f"eval_domain/{k}": v for k, v in metrics.items()})
 
 
 def _checkpoint(run: Run, step: int, *, final: bool) -> Path:

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from data.shards import resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
+from evals.domains import DomainSet, build_domain_set
 from evals.task_sets import check_tasks
 from models import GPT, GPTConfig
 from trainer import parallelize
@@ -92,6 +93,8 @@ class Run:
     loop_clips: bool = False
     """The loop clips gradients itself (``engine.loop_clips_gradients``); ``grad_norm`` is then its norm."""
     grad_norm: torch.Tensor | None = None
+    held_out: DomainSet | None = None
+    """The fixed per-domain held-out windows (``eval.val_every``)."""
 
     def next_batch(self) -> torch.Tensor:
         if self.pending is not None:
@@ -307,6 +310,8 @@ def build_run(cfg: RunConfig) -> Run:
         token_counts=counts,
         tokenizer=tokenizer,
     )
+    if cfg.eval.val_every and cfg.data.val_files:
+        run.held_out = build_domain_set(cfg.data.val_files, tokenizer, cfg.data.seq_len, cfg.eval.val_tokens_per_domain)
     for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
         setattr(run, name, getattr(run, name).to(device))
     n_interval = len(STEP_METRICS) + 1
