@@ -64,16 +64,18 @@ def mean_length(outputs: Sequence[str]) -> float:
 
 
 def is_degenerate(text: str) -> bool:
-    """True when the output is empty after ``strip()``, or is one phrase repeated: its most frequent 3-gram
-    (words as in ``words``) occurs at least twice and makes up at least half of its 3-grams. An output of one or
-    two words, or whose 3-grams are all different, is never degenerate unless empty."""
+    """True when the output is empty after ``strip()``, or is a phrase repeated: its most frequent 3-gram
+    (words as in ``words``) occurs at least twice and makes up at least half of its 3-grams, or at most half of
+    its 3-grams are distinct (a short phrase looping after an opening, "... A soldier. A soldier. A soldier.").
+    An output of one or two words, or whose 3-grams are all different, is never degenerate unless empty."""
     if not text.strip():
         return True
     grams = ngrams(words(text), DEGENERATE_NGRAM)
     if not grams:
         return False
-    top = Counter(grams).most_common(1)[0][1]
-    return top >= 2 and top / len(grams) >= DEGENERATE_SHARE
+    counted = Counter(grams)
+    top = counted.most_common(1)[0][1]
+    return (top >= 2 and top / len(grams) >= DEGENERATE_SHARE) or len(counted) / len(grams) <= DEGENERATE_SHARE
 
 
 def degenerate_fraction(outputs: Sequence[str]) -> float:

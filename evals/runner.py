@@ -10,12 +10,15 @@ from typing import Any
 import torch
 
 from evals.buckets import bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
+from evals.generation import rarity_metrics
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
 from trainer.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
 from trainer.checkpoint_files import load_json, load_safetensors
 
 RESULTS_FILE = "eval_results.json"
+SAMPLES_FILE = "eval_samples.json"
+"""Per-document scores of each task, beside ``eval_results.json`` (see ``document_scores``)."""
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -45,7 +48,7 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
         num_fewshot=num_fewshot,
         limit=limit or None,
         task_manager=manager,
-        log_samples=False,
+        log_samples=True,  # per-document scores: paired comparisons between runs, generation rarity
         random_seed=0,
         numpy_random_seed=0,
         torch_random_seed=0,
@@ -102,12 +105,17 @@ def evaluate_checkpoint(
     metrics: dict[str, float] = {}
     results: dict[str, Any] = {}
     n_samples: dict[str, Any] = {}
+    per_document: dict[str, Any] = {}
+    counts = load_safetensors(ckpt / COUNTS_FILE)["token_counts"] if (ckpt / COUNTS_FILE).is_file() else None
     for k in shots if tasks else []:
         raw = run_lm_eval(lm, tasks, task_dir=task_dir, num_fewshot=k, limit=limit)
         suffix = f"@{k}shot" if k else ""
         metrics.update({f"{name}{suffix}": v for name, v in flat_metrics(raw).items()})
+        if counts is not None:  # generation tasks: how rare the output's tokens are under the training counts
+            metrics.update({f"{name}{suffix}": v for name, v in rarity_metrics(raw, tokenizer, counts).items()})
         results[f"{k}shot"] = raw.get("results", {})
         n_samples.update(raw.get("n-samples", {}))
+        per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
     if val_files:
         metrics.update(
             {f"bucket/{k}": v for k, v in run_buckets(model, ckpt, val_files, val_tokens, batch_size).items()}
@@ -126,4 +134,20 @@ def evaluate_checkpoint(
         "n_samples": n_samples,
     }
     (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if per_document:
+        (ckpt / SAMPLES_FILE).write_text(json.dumps(per_document) + "\n")
     return summary
+
+
+def document_scores(raw: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per task, each numeric per-document score lm-eval logged (``acc``, ``acc_norm``, ``rouge1``, ...) and the
+    documents' ids, in document order: what a paired comparison of two runs needs."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for task, samples in (raw.get("samples") or {}).items():
+        if not samples:
+            continue
+        samples = sorted(samples, key=lambda s: s["doc_id"])
+        names = [k for k, v in samples[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[task] = {name: [float(s[name]) for s in samples] for name in names if name != "doc_id"}
+        out[task]["doc_id"] = [s["doc_id"] for s in samples]
+    return out

@@ -71,7 +71,9 @@ def test_degenerate_and_length():
     assert is_degenerate("Ay my lord ay MY LORD")  # ay my lord, my lord ay, lord ay my, ay my lord: 2 of 4
     assert not is_degenerate("I love you")  # one 3-gram, occurring once
     assert not is_degenerate("no no")  # no 3-gram, not empty
-    assert not is_degenerate("a b c a b c x y z w")  # abc twice of 8 3-grams: 25%
+    assert not is_degenerate("a b c a b c x y z w")  # abc twice of 8 3-grams: 25%; 7 of 8 distinct
+    # an opening, then a loop: no 3-gram reaches half, and 5 of 11 3-grams are distinct
+    assert is_degenerate("it was so. A soldier. A soldier. A soldier. A soldier. A soldier.")
     outputs = ["", "la la la la", "good night sweet prince", "go"]
     assert degenerate_fraction(outputs) == pytest.approx(2 / 4)
     assert mean_length(outputs) == pytest.approx((0 + 4 + 4 + 1) / 4)
