@@ -117,9 +117,11 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A ``tokenizer.json``; special tokens and the chat template from the ``tokenizer_config.json`` beside it."""
+    """A ``tokenizer.json``; special tokens and the chat template from the ``tokenizer_config.json`` beside it
+    (transformers 5 writes the template to ``chat_template.jinja`` instead: read from there when present)."""
 
     CONFIG = "tokenizer_config.json"
+    TEMPLATE = "chat_template.jinja"
 
     def __init__(self, path: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as Backend
@@ -151,6 +153,10 @@ class HFTokenizer(Tokenizer):
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template_file = file.parent / self.TEMPLATE
+        if template_file.is_file():
+            template = template_file.read_text()
+            self.files[self.TEMPLATE] = str(template_file)
         self.chat_template = template if isinstance(template, str) else None
 
     def _special(self, token: Any) -> int | None:
