@@ -7,6 +7,7 @@ Correctness first: each fused loss is compared with its materialised reference b
     python scripts/bench_loss.py                      # N=16384, d=1024, V=50304 and 32000, bf16
     python scripts/bench_loss.py --train-step         # also the 468M full-step overhead of mile vs ce
     python scripts/bench_loss.py --json out.json      # machine-readable results
+    python scripts/bench_loss.py --cpu-memory --tokens 4096 --dim 256 --vocab 32000   # issue #17, on the CPU
 
 ``--device cpu`` with small sizes is a smoke test of the script itself (tests/test_bench.py): times from the
 wall clock, no memory figures, no Liger row.
@@ -14,18 +15,24 @@ wall clock, no memory figures, no Liger row.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
 from trainer.losses import LOSSES, build_loss
+from trainer.losses.kernels import kernel_name, select_rows, verdicts
 
-LOSS_ARGS = {"ce": {}, "mile": {"gamma": 1.0}, "focal": {"gamma": 1.0}, "focal_lin": {"gamma": 2.0}, "pdl": {}}
+LOSS_ARGS = {"mile": {"gamma": 1.0}, "focal": {"gamma": 1.0}, "focal_lin": {"gamma": 2.0}}  # the rest: defaults
+MODIFIERS = {"label_smoothing": 0.1, "z_loss": 1e-4}  # the memory comparison's "+modifiers" rows
 
 
 def timed(fn: Callable[[], None], warmup: int, iters: int, device: str = "cuda") -> tuple[float, float]:
@@ -63,10 +70,18 @@ def make_inputs(n: int, d: int, v: int, device: str = "cuda", seed: int = 0):
     return hidden, weight, labels, counts
 
 
-def step_fn(loss_fn, hidden, weight, labels) -> Callable[[], None]:
+def token_inputs(n: int, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
+    """weighted's per-token weights, and rho1's reference losses — far apart, so that the bf16 and the
+    materialised paths keep the same tokens (another kept set would be another loss, not a rounding error)."""
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    ref_ce = -100.0 * torch.randperm(n, device=device, generator=g).float()
+    return {"weight": torch.rand(n, device=device, generator=g) * 2, "ref_ce": ref_ce}
+
+
+def step_fn(loss_fn, hidden, weight, labels, inputs=None) -> Callable[[], None]:
     def run() -> None:
         hidden.grad = weight.grad = None
-        out = loss_fn(hidden, weight, labels)
+        out = loss_fn(hidden, weight, labels, token_inputs=inputs)
         out.loss.backward()
 
     return run
@@ -84,59 +99,128 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def check(name: str, hidden, weight, labels, counts) -> dict[str, float]:
+def check(name: str, hidden, weight, labels, counts, inputs) -> dict[str, float]:
     """Fused (default kernel) vs the materialised reference, same bf16 inputs."""
     results = []
     for fused in ("true", "false"):
         hidden.grad = weight.grad = None
-        out = build_loss({"name": name, "fused": fused, **LOSS_ARGS[name]}, counts)(hidden, weight, labels)
+        loss_fn = build_loss({"name": name, "fused": fused, **LOSS_ARGS.get(name, {})}, counts)
+        out = loss_fn(hidden, weight, labels, token_inputs=inputs)
         out.loss.backward()
         results.append((out.loss.detach().float(), hidden.grad.clone(), weight.grad.clone()))
     (lf, hf, wf), (lr, hr, wr) = results
     return {"loss_rel": abs((lf - lr) / lr).item(), "grad_h_rel": rel(hf, hr), "grad_w_rel": rel(wf, wr)}
 
 
-def liger_rows(hidden, weight, labels, warmup: int, iters: int, device: str) -> list[dict]:
-    """Liger Kernel's fused linear cross-entropy as users run it (its default: grad-weight accumulated in the
-    weight's dtype) and with fp32 accumulation (``accum_dtype``; losslab always accumulates in fp32)."""
+LIGER_MIN = (0, 8, 2)  # earlier versions give wrong gradients with per-token weights
+
+
+def liger_loss_class(device: str):
+    """-> (Liger's fused linear cross-entropy class, its version) or (None, why there is no Liger row)."""
     if device != "cuda":
-        print("no Liger rows: its kernels need CUDA", file=sys.stderr)
-        return []
+        return None, "Liger's kernels need CUDA"
     try:
+        import importlib.metadata as md
+
+        version = md.version("liger-kernel")
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except Exception as e:  # not installed, or an import that fails on this stack: the other rows still run
-        print(f"no Liger rows: {type(e).__name__}: {e}", file=sys.stderr)
-        return []
+        return None, f"liger-kernel cannot be imported: {type(e).__name__}: {e}"
+    parts = tuple(int(x) for x in version.split(".")[:3] if x.isdigit())
+    if parts < LIGER_MIN:
+        return None, f"liger-kernel {version} < {'.'.join(map(str, LIGER_MIN))} (wrong gradients with weights)"
+    return LigerFusedLinearCrossEntropyLoss, version
+
+
+def liger_rows(hidden, weight, labels, warmup: int, iters: int, device: str) -> list[dict]:
+    """Liger Kernel's fused linear cross-entropy (plain CE) as users run it (its default: grad-weight accumulated
+    in the weight's dtype) and with fp32 accumulation (``accum_dtype``; losslab always accumulates in fp32).
+    Where it cannot run, one row saying why (``skipped``)."""
+    base = {"V": weight.shape[0], "loss": "ce"}
+    cls, version = liger_loss_class(device)
+    if cls is None:
+        print(f"no Liger rows: {version}", file=sys.stderr)
+        return [{**base, "impl": "liger", "skipped": version}]
     rows = []
     for impl, kwargs in (("liger", {}), ("liger-fp32-accum", {"accum_dtype": torch.float32})):
         try:
-            liger = LigerFusedLinearCrossEntropyLoss(**kwargs)
+            liger = cls(**kwargs)
             ms, gib = timed(liger_step_fn(liger, hidden, weight, labels), warmup, iters, device)
         except Exception as e:
             print(f"no {impl} row: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({**base, "impl": impl, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
-        rows.append({"V": weight.shape[0], "loss": "ce", "impl": impl, "ms": ms, "peak_gib": gib})
+        rows.append({**base, "impl": impl, "ms": ms, "peak_gib": gib, "version": version})
     return rows
 
 
-def bench_losses(n: int, d: int, vocabs: list[int], warmup: int, iters: int, device: str = "cuda") -> list[dict]:
-    rows = []
+def bench_losses(
+    n: int, d: int, vocabs: list[int], warmup: int, iters: int, device: str = "cuda", emit=lambda rows: None
+) -> list[dict]:
+    """``emit(rows)`` is called after every row (the script rewrites its JSON: a run cut short keeps its rows)."""
+    rows: list[dict] = []
     for v in vocabs:
         hidden, weight, labels, counts = make_inputs(n, d, v, device)
+        inputs = token_inputs(n, device)
         rows += liger_rows(hidden, weight, labels, warmup, iters, device)
+        emit(rows)
         for name in sorted(LOSSES):
-            errs = check(name, hidden, weight, labels, counts)
+            errs = check(name, hidden, weight, labels, counts, inputs)
             for impl, cfg in (
                 ("fused", {"fused": "true"}),
                 ("fused-torch", {"fused": "true", "kernel": "torch"}),
                 ("naive", {"fused": "false"}),
             ):
-                loss_fn = build_loss({"name": name, **cfg, **LOSS_ARGS[name]}, counts)
-                ms, gib = timed(step_fn(loss_fn, hidden, weight, labels), warmup, iters, device)
-                rows.append({"V": v, "loss": name, "impl": impl, "ms": ms, "peak_gib": gib, **errs})
+                loss_fn = build_loss({"name": name, **cfg, **LOSS_ARGS.get(name, {})}, counts)
+                ms, gib = timed(step_fn(loss_fn, hidden, weight, labels, inputs), warmup, iters, device)
+                row = {"V": v, "loss": name, "impl": impl, "ms": ms, "peak_gib": gib, **errs}
+                if impl != "naive":  # which row kernel ran (auto: Triton on CUDA if it passed its self-check)
+                    row["kernel"] = kernel_name(select_rows(cfg.get("kernel", "auto"), hidden.device, hidden.dtype))
+                rows.append(row)
+                emit(rows)
         hidden = weight = None
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def profiled_peak_mib(fn: Callable[[], None]) -> float:
+    """Peak CPU memory allocated while fn() runs, from torch's profiler: its memory timeline (every tensor
+    allocation and free, by category), summed over categories at each instant."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "deprecated": its replacement is CUDA-only
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
+    return max((sum(s) for s in sizes), default=0) / 2**20
+
+
+def cpu_memory(n: int, d: int, v: int, emit=lambda rows: None) -> list[dict]:
+    """Issue #17: the fused path's peak memory for every loss (and with label smoothing and z-loss) next to fused
+    CE's, fp32 on the CPU; the target is <= 1.10x."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, d, generator=g) * 0.5).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    counts = torch.randint(0, 10_000, (v,), generator=g)
+    inputs = token_inputs(n, "cpu")
+    rows: list[dict] = []
+    for name in ["ce", *sorted(set(LOSSES) - {"ce"})]:
+        for mods in ({}, MODIFIERS):
+            loss_fn = build_loss({"name": name, "fused": "true", **LOSS_ARGS.get(name, {}), **mods}, counts)
+            step = step_fn(loss_fn, hidden, weight, labels, inputs)
+            step()  # warm-up: first-use allocations (and a kernel's self-check) are not the loss's
+            peak = profiled_peak_mib(step)
+            base = next((r["peak_mib"] for r in rows if r["loss"] == "ce" and r["modifiers"] == bool(mods)), peak)
+            rows.append({"loss": name, "modifiers": bool(mods), "peak_mib": peak, "vs_ce": peak / base})
+            print(f"| {name}{' +ls +z' if mods else ''} | {peak:.1f} | {peak / base:.3f}x |", flush=True)
+            emit(rows)
     return rows
 
 
@@ -183,29 +267,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--preset", default="468m", help="model of the --train-step comparison")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="only the fused path's peak memory of every loss vs CE's, on the CPU (issue #17): "
+                             "N = --tokens, d = --dim, V = --vocab (first)")  # fmt: skip
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    if args.cpu_memory:
+        print(f"# CPU, torch {torch.__version__}, fp32, N={args.tokens}, d={args.dim}, V={args.vocab[0]}: "
+              "fused forward + backward, peak memory from torch's profiler\n| loss | peak MiB | vs fused CE |\n"
+              "|---|---|---|")  # fmt: skip
+        result = {"N": args.tokens, "d": args.dim, "V": args.vocab[0], "torch": torch.__version__}
+
+        def emit_memory(rows: list[dict]) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps({**result, "cpu_memory": rows}, indent=2))
+
+        rows = cpu_memory(args.tokens, args.dim, args.vocab[0], emit_memory)
+        return 0 if all(r["vs_ce"] <= 1.10 for r in rows) else 1
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_loss.py needs a CUDA GPU (--device cpu only checks the script)", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, N={args.tokens}, d={args.dim}, bf16")
-    rows = bench_losses(args.tokens, args.dim, args.vocab, args.warmup, args.iters, args.device)
+    result = {"device": name, "torch": torch.__version__, "N": args.tokens, "d": args.dim, "losses": []}
+
+    def emit(rows: list[dict]) -> None:
+        result["losses"] = rows
+        result["self_checks"] = {k: {"ok": v.ok, "reason": v.reason} for k, v in verdicts().items()}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+
+    rows = bench_losses(args.tokens, args.dim, args.vocab, args.warmup, args.iters, args.device, emit)
     print("| V | loss | impl | ms (fwd+bwd) | peak GiB | loss rel err | grad_h rel err | grad_w rel err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "skipped" in r:
+            print(f"| {r['V']} | {r['loss']} | {r['impl']} | skipped: {r['skipped']} | | | | |")
+            continue
         errs = " | ".join(f"{r[k]:.1e}" if k in r else "" for k in ("loss_rel", "grad_h_rel", "grad_w_rel"))
         print(f"| {r['V']} | {r['loss']} | {r['impl']} | {r['ms']:.2f} | {r['peak_gib']:.2f} | {errs} |")
-    result = {"device": name, "torch": torch.__version__, "losses": rows}
     if args.train_step:
         steps = bench_train_step(args.warmup, args.iters, args.micro_batch, args.seq, args.preset, args.device)
         print(f"| {args.preset} step | ms | tokens/s | peak GiB |\n|---|---|---|---|")
         for r in steps:
             print(f"| {r['loss']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} |")
         result["train_step"] = steps
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        emit(rows)
     return 0
 
 

@@ -13,11 +13,15 @@ peak memory. Step = forward + loss + backward + optimizer step (no DeepSpeed: th
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
 import argparse
 import gc
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     r.update(impl=name, block=block, seq=seq, compiled=compile, preset=args.preset)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
+                    if args.json:  # after every configuration: a run cut at its time limit keeps its rows
+                        Path(args.json).write_text(json.dumps(rows, indent=2))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n# {name}, torch {torch.__version__}, preset {args.preset}, vocab {VOCAB}")
     print(
@@ -201,9 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         if r["micro_batch"]:
             print(f"| {r['impl']} | {r['block']} | {r['seq']} | {r['compiled']} | {r['micro_batch']} | "
                   f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
     return 0
 
 

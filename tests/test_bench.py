@@ -15,13 +15,25 @@ def test_bench_loss_runs_and_checks_every_loss(tmp_path):
             "--train-step", "--preset", "debug", "--micro-batch", "2", "--seq", "16", "--json", str(out)]  # fmt: skip
     assert bench_loss.main(argv) == 0
     result = json.loads(out.read_text())
-    rows = result["losses"]
+    skipped = [r for r in result["losses"] if "skipped" in r]  # no Liger off CUDA: one row that says why
+    assert [(r["loss"], r["impl"], r["skipped"]) for r in skipped] == [("ce", "liger", "Liger's kernels need CUDA")]
+    rows = [r for r in result["losses"] if "skipped" not in r]
     assert {(r["loss"], r["impl"]) for r in rows} == {
         (name, impl) for name in LOSSES for impl in ("fused", "fused-torch", "naive")
     }
     for r in rows:  # fused vs materialised, same bf16 inputs
         assert r["ms"] > 0 and max(r["loss_rel"], r["grad_h_rel"], r["grad_w_rel"]) < 2e-2, r
+        assert r.get("kernel") == (None if r["impl"] == "naive" else "trainer.losses.paths:TorchRows")
     assert [r["loss"] for r in result["train_step"]] == ["ce", "mile", "ce", "mile"]
+
+
+def test_bench_loss_compares_the_peak_memory_of_every_loss_on_the_cpu(tmp_path):
+    out = tmp_path / "memory.json"
+    argv = ["--cpu-memory", "--tokens", "64", "--dim", "16", "--vocab", "300", "--json", str(out)]
+    assert bench_loss.main(argv) in (0, 1)  # 1: a loss above 1.10x fused CE's peak (a finding, not a crash)
+    rows = json.loads(out.read_text())["cpu_memory"]
+    assert {(r["loss"], r["modifiers"]) for r in rows} == {(name, m) for name in LOSSES for m in (False, True)}
+    assert all(r["peak_mib"] > 0 for r in rows) and rows[0]["loss"] == "ce" and rows[0]["vs_ce"] == 1.0
 
 
 def test_bench_model_runs_both_blocks_next_to_transformers(tmp_path):

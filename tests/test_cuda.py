@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from tests.test_distributed import common, launch, losses
-from tests.test_losses import LOSS_PARAMS, naive_loss, rel_err
-from trainer.losses import LOSSES, LossConfig, build_loss
+from tests.test_losses import FUSED_CASES, naive_loss, rel_err
+from trainer.losses import LossConfig, build_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_fused_bf16_loss_at_a_real_vocabulary(name):
+@pytest.mark.parametrize("case", [c for c, _ in FUSED_CASES])
+def test_fused_bf16_loss_at_a_real_vocabulary(case):
     n, d, v = 2048, 256, 50304
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(n, d, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -26,15 +26,29 @@ def test_fused_bf16_loss_at_a_real_vocabulary(name):
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     labels[::7] = -100
     counts = torch.randint(0, 1000, (v,), generator=torch.Generator().manual_seed(0))
-    cfg = LossConfig(name=name, fused="true", **LOSS_PARAMS[name])  # kernel auto: Triton on CUDA
-    out = build_loss(cfg, counts)(hidden, weight, labels)
+    # rho1: reference losses far apart, so that bf16 and float64 keep the same tokens (another kept set would be
+    # another loss, not a rounding error)
+    ref_ce = -100.0 * torch.randperm(n, device="cuda", generator=g).float()
+    inputs = {"weight": torch.rand(n, device="cuda", generator=g) * 2, "ref_ce": ref_ce}
+    cfg = LossConfig(**dict(FUSED_CASES)[case], fused="true")  # kernel auto: Triton on CUDA
+    out = build_loss(cfg, counts)(hidden, weight, labels, token_inputs=inputs)
     gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    ref = naive_loss(h64, w64, labels, cfg, counts.cuda())
+    ref = naive_loss(h64, w64, labels, cfg, counts.cuda(), inputs)
     rh, rw = torch.autograd.grad(ref, (h64, w64))
     assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < 2e-3
     assert rel_err(gh, rh) < 2e-2 and rel_err(gw, rw) < 2e-2  # bf16 gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_triton_kernels_pass_their_self_check_on_the_gpu(dtype):
+    """Else the fused loss silently runs the torch kernel (with one warning) and the test above measures that."""
+    from trainer.losses.kernels import check
+    from trainer.losses.paths import TritonRows
+
+    verdict = check(TritonRows, torch.device("cuda"), dtype)
+    assert verdict.ok, verdict.reason
 
 
 def test_training_on_the_gpu_through_deepspeed(corpus, tmp_path):

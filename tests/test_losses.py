@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,21 +12,35 @@ from trainer.losses import IGNORE_INDEX, LOSSES, LossConfig, build_loss
 N, D, V = 96, 24, 70
 
 
-def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None) -> torch.Tensor:
+def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None, inputs=None) -> torch.Tensor:
     """Written from the papers' formulas, sharing no code with trainer.losses."""
     z = hidden.double() @ weight.double().T  # [N, V]
     logp = torch.log_softmax(z, dim=-1)
     valid = labels != IGNORE_INDEX
     y = labels.clamp(min=0)
     ce = -logp[torch.arange(len(y), device=y.device), y] * valid  # [N]
+    e = cfg.label_smoothing
+    ce_loss = ((1 - e) * ce - e * logp.mean(-1)) * valid  # the CE of the loss term: smoothed, masked
     p_all = logp.detach().exp()
     entropy = -(p_all * logp.detach()).sum(-1)
+    if cfg.entropy_clamp:  # the official MiLe code: probs = clamp(softmax, eps, 1); -sum probs log probs
+        clamped = p_all.clamp(cfg.entropy_clamp, 1.0)
+        entropy = -(clamped * clamped.log()).sum(-1)
     counted = torch.ones_like(valid) if cfg.count_ignored else valid
+    n_valid = valid.sum()
+    z_loss = cfg.z_loss * (torch.logsumexp(z, -1) ** 2 * valid).sum() / n_valid
     if cfg.name == "ce":
-        return ce.sum() / valid.sum()
+        return ce_loss.sum() / n_valid + z_loss
+    if cfg.name == "dft":
+        return (torch.exp(-ce.detach()) * ce_loss).sum() / n_valid + z_loss
     if cfg.name == "focal_lin":
         pt = torch.exp(-ce)
-        return (cfg.focal_alpha * (1 - pt) ** cfg.gamma * ce * valid).sum() / valid.sum()
+        return (cfg.focal_alpha * (1 - pt) ** cfg.gamma * ce_loss).sum() / n_valid + z_loss
+    if cfg.name == "rho1":
+        excess = (ce.detach() - inputs["ref_ce"].double()).tolist()
+        k = math.ceil(cfg.keep_ratio * int(n_valid))
+        ranked = sorted((i for i in range(len(y)) if valid[i]), key=lambda i: (-excess[i], i))  # ties: earlier
+        return ce_loss[ranked[:k]].sum() / k + z_loss
     if cfg.name == "mile":
         w = (1 + entropy) ** cfg.gamma
     elif cfg.name == "focal":
@@ -32,11 +48,13 @@ def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None) -> torch.Te
     elif cfg.name == "pdl":
         table = (counts.double() + cfg.smoothing + cfg.eps) ** (-cfg.alpha)
         w = table[y]
+    elif cfg.name == "weighted":
+        w = inputs["weight"].double()
     else:
         raise AssertionError(cfg.name)
     w = w * counted
     n = counted.sum()
-    return (w * ce).sum() / n * (n / w.sum())  # official form: mean(a * w * ce), a = 1 / mean(w)
+    return (w * ce_loss).sum() / n * (n / w.sum()) + z_loss  # official form: mean(a * w * ce), a = 1 / mean(w)
 
 
 def make_inputs(dtype, ignore: bool, seed: int = 0):
@@ -51,8 +69,16 @@ def make_inputs(dtype, ignore: bool, seed: int = 0):
     return hidden, weight, labels, counts
 
 
-def loss_and_grads(loss_fn, hidden, weight, labels):
-    out = loss_fn(hidden, weight, labels)
+def make_token_inputs(n: int = N, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Data-carried per-token streams: weights in [0, 2) with a fifth of them exactly 0, and reference CEs."""
+    g = torch.Generator().manual_seed(seed + 1)
+    weight = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    weight[torch.randperm(n, generator=g)[: n // 5]] = 0.0
+    return {"weight": weight, "ref_ce": torch.rand(n, generator=g, dtype=torch.float64) * 5}
+
+
+def loss_and_grads(loss_fn, hidden, weight, labels, token_inputs=None):
+    out = loss_fn(hidden, weight, labels, token_inputs=token_inputs)
     gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
     return out, gh, gw
 
@@ -63,30 +89,163 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 LOSS_PARAMS = {
     "ce": {},
+    "dft": {},
     "mile": {"gamma": 1.3},
     "focal": {"gamma": 1.5},
     "focal_lin": {"gamma": 2.0, "focal_alpha": 0.25},
     "pdl": {"alpha": 0.7},
+    "rho1": {"keep_ratio": 0.6},
+    "weighted": {},
 }
+MODIFIERS = {"smoothing": {"label_smoothing": 0.1}, "z_loss": {"z_loss": 0.05}, "both": {"label_smoothing": 0.2,
+             "z_loss": 0.02}}  # fmt: skip
+FUSED_CASES = (
+    [(name, {"name": name, **params}) for name, params in sorted(LOSS_PARAMS.items())]
+    + [
+        (f"{name}+ls+z", {"name": name, **LOSS_PARAMS[name], **MODIFIERS["both"]})
+        for name in ("ce", "mile", "focal_lin", "rho1")  # closed-form, normalised, autograd and two-pass gradients
+    ]
+    + [("mile+clamp", {"name": "mile", **LOSS_PARAMS["mile"], "entropy_clamp": 1e-8})]
+)
+"""(label, loss config) of every fused configuration that the GPU check runs (scripts/gpu/check_losses.py):
+each loss, both modifiers on a loss of each kind of gradient, and MiLe with the official clamped entropy."""
 
 
 def test_every_registered_loss_is_covered():
     assert set(LOSS_PARAMS) == set(LOSSES)
+    assert {cfg["name"] for _, cfg in FUSED_CASES} == set(LOSSES)
+
+
+def check_against_naive(cfg: LossConfig, ignore: bool, tol: float = 1e-6) -> None:
+    hidden, weight, labels, counts = make_inputs(torch.float64, ignore)
+    inputs = make_token_inputs()
+    out, gh, gw = loss_and_grads(build_loss(cfg, token_counts=counts), hidden, weight, labels, inputs)
+    ref = naive_loss(hidden, weight, labels, cfg, counts, inputs)
+    rh, rw = torch.autograd.grad(ref, (hidden, weight))
+    assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < tol
+    assert rel_err(gh, rh) < tol
+    assert rel_err(gw, rw) < tol
+    assert out.metrics["tokens"].item() == (labels != IGNORE_INDEX).sum().item()
 
 
 @pytest.mark.parametrize("name", sorted(LOSS_PARAMS))
 @pytest.mark.parametrize("fused", ["true", "false"])
 @pytest.mark.parametrize("ignore", [False, True])
 def test_float64_matches_naive_reference(name, fused, ignore):
-    hidden, weight, labels, counts = make_inputs(torch.float64, ignore)
-    cfg = LossConfig(name=name, fused=fused, chunk_size=17, **LOSS_PARAMS[name])  # 17: a ragged last chunk
-    out, gh, gw = loss_and_grads(build_loss(cfg, token_counts=counts), hidden, weight, labels)
-    ref = naive_loss(hidden, weight, labels, cfg, counts)
-    rh, rw = torch.autograd.grad(ref, (hidden, weight))
-    assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < 1e-6
-    assert rel_err(gh, rh) < 1e-6
-    assert rel_err(gw, rw) < 1e-6
-    assert out.metrics["tokens"].item() == (labels != IGNORE_INDEX).sum().item()
+    # chunk 17: a ragged last chunk
+    check_against_naive(LossConfig(name=name, fused=fused, chunk_size=17, **LOSS_PARAMS[name]), ignore)
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_PARAMS))
+@pytest.mark.parametrize("modifier", sorted(MODIFIERS))
+@pytest.mark.parametrize("fused", ["true", "false"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_modifiers_compose_with_every_loss(name, modifier, fused, ignore):
+    cfg = LossConfig(name=name, fused=fused, chunk_size=17, **LOSS_PARAMS[name], **MODIFIERS[modifier])
+    check_against_naive(cfg, ignore)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+@pytest.mark.parametrize(
+    "name,neutral",
+    [
+        ("ce", {"label_smoothing": 0.0, "z_loss": 0.0}),
+        ("rho1", {"keep_ratio": 1.0}),  # with ref_ce = 0: every valid token kept
+        ("weighted", {}),  # with unit weights
+        ("dft", {}),  # only where p_y = 1 would it be CE; checked below to differ
+    ],
+)
+def test_neutral_settings_reduce_exactly_to_ce(name, neutral, fused):
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=True)
+    inputs = {"weight": torch.ones(N, dtype=torch.float64), "ref_ce": torch.zeros(N, dtype=torch.float64)}
+    ce, gh_ce, gw_ce = loss_and_grads(build_loss({"name": "ce", "fused": fused}), hidden, weight, labels)
+    out, gh, gw = loss_and_grads(build_loss({"name": name, "fused": fused, **neutral}), hidden, weight, labels, inputs)
+    same = torch.allclose(out.loss, ce.loss, rtol=1e-12, atol=0)
+    if name == "dft":
+        assert not same  # sg(p_y) weights: not CE
+        return
+    assert same
+    assert torch.allclose(gh, gh_ce, rtol=1e-10, atol=1e-15) and torch.allclose(gw, gw_ce, rtol=1e-10, atol=1e-15)
+    assert out.metrics["z_loss"].item() == 0.0
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_official_clamped_entropy(fused, ignore):
+    """entropy_clamp = 1e-8 reproduces the official MiLe entropy; at peaked distributions it is not the exact one."""
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore)
+    hidden = (hidden.detach() * 6).requires_grad_()  # peaked: many probabilities below 1e-8
+    results = {}
+    for clamp in (0.0, 1e-8):
+        cfg = LossConfig(name="mile", fused=fused, chunk_size=17, entropy_clamp=clamp, **LOSS_PARAMS["mile"])
+        out, gh, gw = loss_and_grads(build_loss(cfg), hidden, weight, labels)
+        ref = naive_loss(hidden, weight, labels, cfg)
+        rh, rw = torch.autograd.grad(ref, (hidden, weight))
+        assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < 1e-10
+        assert rel_err(gh, rh) < 1e-10 and rel_err(gw, rw) < 1e-10
+        results[clamp] = (out.loss.item(), out.metrics["entropy"].item())
+    assert abs(results[1e-8][1] - results[0.0][1]) > 1e-7  # the clamp adds entropy from the tiny probabilities
+    assert results[1e-8][0] != results[0.0][0]
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_z_loss_stays_a_mean_over_valid_tokens_with_the_official_counting(fused):
+    """count_ignored makes MiLe divide by all positions; the z-loss still averages over the valid ones."""
+    cfg = LossConfig(name="mile", fused=fused, chunk_size=17, count_ignored=True, **MODIFIERS["both"])
+    check_against_naive(cfg, ignore=True)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_tokens_of_weight_zero_contribute_no_gradient(fused):
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=False)
+    inputs = make_token_inputs()
+    zero = inputs["weight"] == 0
+    assert zero.any()
+    out, gh, _ = loss_and_grads(build_loss({"name": "weighted", "fused": fused}), hidden, weight, labels, inputs)
+    assert (gh[zero] == 0).all() and (gh[~zero].abs().sum(-1) > 0).all()
+    # and changing a zero-weight token's label changes nothing
+    labels2 = labels.clone()
+    labels2[zero] = (labels2[zero] + 1) % V
+    out2 = build_loss({"name": "weighted", "fused": fused})(hidden, weight, labels2, token_inputs=inputs)
+    assert out2.loss.item() == pytest.approx(out.loss.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_rho1_trains_only_the_kept_tokens(fused):
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=True)
+    inputs = make_token_inputs()
+    valid = labels != IGNORE_INDEX
+    out, gh, _ = loss_and_grads(build_loss({"name": "rho1", "fused": fused, "keep_ratio": 0.25}), hidden, weight,
+                                labels, inputs)  # fmt: skip
+    kept = gh.abs().sum(-1) > 0
+    assert kept.sum().item() == math.ceil(0.25 * valid.sum().item()) and not kept[~valid].any()
+    assert out.metrics["weight"].item() == pytest.approx(kept.sum().item() / valid.sum().item())
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_z_loss_is_logged_separately(fused):
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=True)
+    valid = labels != IGNORE_INDEX
+    out = build_loss({"name": "mile", "fused": fused, "z_loss": 1e-4})(hidden, weight, labels)
+    lse = torch.logsumexp(hidden.detach() @ weight.detach().T, -1)
+    expected = 1e-4 * (lse[valid] ** 2).mean()
+    assert out.metrics["z_loss"].item() == pytest.approx(expected.item(), rel=1e-10)
+    plain = build_loss({"name": "mile", "fused": fused})(hidden, weight, labels)
+    assert out.loss.item() == pytest.approx(plain.loss.item() + expected.item(), rel=1e-10)
+
+
+def test_token_inputs_are_checked():
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=False)
+    with pytest.raises(ValueError, match=r"loss.name=weighted needs token_inputs \['weight'\]"):
+        build_loss({"name": "weighted"})(hidden, weight, labels)
+    with pytest.raises(ValueError, match=r"token_inputs\['ref_ce'\] has 5 values for 96 tokens"):
+        build_loss({"name": "rho1"})(hidden, weight, labels, token_inputs={"ref_ce": torch.zeros(5)})
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        build_loss({"name": "ce", "label_smoothing": 1.0})
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        build_loss({"name": "rho1", "keep_ratio": 0.0})
+    with pytest.raises(ValueError, match="entropy_clamp must be in"):
+        build_loss({"name": "mile", "entropy_clamp": -1e-8})
 
 
 @pytest.mark.parametrize("name", ["mile", "focal"])
@@ -123,11 +282,12 @@ def test_low_precision_fused_within_tolerance_of_float64(name, mode):
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     hidden, weight, labels, counts = make_inputs(dtype, ignore=True, seed=3)
     cfg = LossConfig(name=name, fused="true", chunk_size=32, **LOSS_PARAMS[name])
+    inputs = make_token_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-        out, gh, gw = loss_and_grads(build_loss(cfg, counts), hidden, weight, labels)
+        out, gh, gw = loss_and_grads(build_loss(cfg, counts), hidden, weight, labels, inputs)
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    ref = naive_loss(h64, w64, labels, cfg, counts)
+    ref = naive_loss(h64, w64, labels, cfg, counts, inputs)
     rh, rw = torch.autograd.grad(ref, (h64, w64))
     assert gh.dtype == dtype and gw.dtype == dtype
     assert abs(out.loss.item() - ref.item()) / abs(ref.item()) < 2e-2
@@ -137,10 +297,13 @@ def test_low_precision_fused_within_tolerance_of_float64(name, mode):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_closed_form_coefficient_is_the_derivative(name):
     """A loss declaring ``linear_in_ce`` gets dl/dce = w without autograd in the fused path: check the claim."""
+    from trainer.losses import Rows
+
     weighting = LOSSES[name](LossConfig(name=name, **LOSS_PARAMS[name]), torch.randint(1, 50, (V,)))
     ce = (torch.rand(N, dtype=torch.float64) * 5).requires_grad_()
     entropy, labels = torch.rand(N, dtype=torch.float64) * 3, torch.randint(0, V, (N,))
-    terms, w = weighting.row_terms(ce, entropy, labels)
+    rows = Rows(ce, entropy, entropy + 2, labels, labels >= 0, make_token_inputs())
+    terms, w = weighting.row_terms(ce, rows)
     (dl,) = torch.autograd.grad(terms.sum(), ce)
     assert torch.allclose(dl, w.detach()) == weighting.linear_in_ce
 
@@ -185,9 +348,13 @@ def test_pdl_needs_counts_and_unknown_names_fail_clearly():
         build_loss({"name": "ce", "gama": 1.0})
 
 
-def test_fused_never_materialises_full_logits():
-    """With chunk_size c, the largest float tensor allocated is c x V, not N x V."""
-    hidden, weight, labels, _ = make_inputs(torch.float32, ignore=False)
+@pytest.mark.parametrize("name", sorted(LOSS_PARAMS))
+@pytest.mark.parametrize("modifiers", [{}, MODIFIERS["both"]])
+def test_fused_never_materialises_full_logits(name, modifiers):
+    """With chunk_size c, the largest float tensor allocated is c x V, not N x V — for every loss, with the
+    modifiers and in the two-pass mode (rho1; mile with a z-loss)."""
+    hidden, weight, labels, counts = make_inputs(torch.float32, ignore=False)
+    inputs = make_token_inputs()
     seen = []
 
     class Spy(torch.overrides.TorchFunctionMode):
@@ -197,9 +364,9 @@ def test_fused_never_materialises_full_logits():
                 seen.append(result.numel())
             return result
 
-    loss_fn = build_loss({"name": "mile", "fused": "true", "chunk_size": 8})
+    loss_fn = build_loss({"name": name, "fused": "true", "chunk_size": 8, **LOSS_PARAMS[name], **modifiers}, counts)
     with Spy():
-        out = loss_fn(hidden, weight, labels)
+        out = loss_fn(hidden, weight, labels, token_inputs=inputs)
     out.loss.backward()
     assert max(seen) <= max(8 * V, V * D, N * D)
 

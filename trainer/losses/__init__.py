@@ -1,11 +1,24 @@
-"""Token-level training losses: CE, focal (paper variant and Lin et al.), MiLe and PDL.
+"""Token-level training losses: CE, DFT, focal (paper variant and Lin et al.), MiLe, PDL, Rho-1 and data-weighted
+CE, with label smoothing and z-loss on any of them, and plug-ins (``docs/losses.md``).
 
-Public API: ``build_loss(cfg, token_counts=None)`` -> a module called as ``loss_fn(hidden, head_weight, labels)``
-returning a ``LossOutput`` with ``.loss`` and ``.metrics``.
+Public API: ``build_loss(cfg, token_counts=None)`` -> a module called as ``loss_fn(hidden, head_weight, labels,
+token_inputs=None)`` returning a ``LossOutput`` with ``.loss`` and ``.metrics``. A plug-in loss subclasses
+``TokenWeighting`` (its ``row_terms`` receive ``Rows``) and is named ``loss.name: "package.module:Class"``.
 """
 
 from trainer.losses.config import IGNORE_INDEX, LossConfig
 from trainer.losses.module import LossOutput, TokenLoss, build_loss
-from trainer.losses.weighting import LOSSES, pdl_weights
+from trainer.losses.weighting import LOSSES, Rows, TokenWeighting, pdl_weights, resolve_loss
 
-__all__ = ["IGNORE_INDEX", "LOSSES", "LossConfig", "LossOutput", "TokenLoss", "build_loss", "pdl_weights"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "LossConfig",
+    "LossOutput",
+    "Rows",
+    "TokenLoss",
+    "TokenWeighting",
+    "build_loss",
+    "pdl_weights",
+    "resolve_loss",
+]

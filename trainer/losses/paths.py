@@ -1,21 +1,27 @@
-"""Two ways to get per-token CE, entropy and the loss numerator from (hidden, head weight, labels).
+"""Two ways to get per-token statistics and the loss numerator from (hidden, head weight, labels).
 
 ``reference``: materialises the [N, V] logits and lets autograd do the rest. Simple, obviously right,
 memory-hungry: the baseline for every test and benchmark.
 
-``chunked``: never holds more than a [chunk, V] block of logits. One online pass per block gives logsumexp,
-target logit and entropy, and — since each loss term depends on the logits only through the row's CE
-(weights are detached, or, for focal_lin, functions of the CE itself) — the gradient w.r.t. the logits is
-``c_i * (softmax_i - onehot_i)`` with ``c_i = dl_i/dce_i``. So the gradients w.r.t. hidden and head weight
-are computed inside the forward, block by block, and the backward only scales them (the Liger-Kernel
-strategy: 3 matmuls in all, no recomputation).
+``fused``: never holds more than a [chunk, V] block of logits. One online pass per block gives, per row,
+logsumexp, the target's CE, the entropy and (for label smoothing) the mean logit. Every loss here depends on a
+row's logits only through lse, the target logit z_y and the mean logit m (CE = lse - z_y, smoothed CE = lse -
+(1-e) z_y - e m, z-loss = lse^2; weights are detached or functions of these), so the gradient w.r.t. the logits
+is ``a_i * softmax_i - b_i * onehot_i - u_i`` with three per-row coefficients (``Coefs``: a = dl/dlse,
+b = -dl/dz_y, u = -dl/dm / V). The gradients w.r.t. hidden and head weight are computed inside the forward,
+block by block, and the backward only scales them (the Liger-Kernel strategy: 3 matmuls in all).
 
-Both return ``(numerator, ce, entropy, w)``: numerator = sum_i l_i (differentiable scalar, accumulation
-dtype), and detached [N] vectors. ``row_fn(ce, entropy, labels) -> (l, w, coef)`` applies the loss and the
-masks; ``coef`` is dl/dce where the loss gives it in closed form (l = w * ce with w detached: coef = w), else
-None and the chunked path differentiates ``l`` with autograd.
+A loss whose row terms need every row first (``two_pass``: rho1's top-k, or a weight-normalised loss with a
+z-loss, whose two parts have different normalisers) runs a statistics pass over all blocks, then the row terms
+once over all rows, then a gradient pass that recomputes each block's logits: 4 matmuls instead of 3.
 
-On a GPU the chunked path is bound by launches as much as by FLOPs, so each block costs few: the Triton
+``block_fn(rows: Block, need_coefs) -> (terms [c], w [c], Coefs | None)`` applies the loss and the masks
+(``module.py``); the z-loss is added here, with weight ``z_lambda`` relative to the numerator.
+
+Which ``RowKernel`` computes the row-wise part (Torch, Triton or a plug-in) and the check it passes before it is
+trusted: ``kernels.py``.
+
+On a GPU the fused path is bound by launches as much as by FLOPs, so each block costs few: the Triton
 statistics kernel writes straight into the [N] outputs, closed-form coefficients skip autograd, and the
 gradient matmuls write in place.
 """
@@ -23,6 +29,8 @@ gradient matmuls write in place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +38,36 @@ from torch import Tensor
 
 from trainer.losses.config import IGNORE_INDEX
 
-RowFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 CHUNK_BYTES = 64 * 2**20
+
+
+class Coefs(NamedTuple):
+    """Per-row gradient of a loss term w.r.t. its row of logits: ``a * softmax - b * onehot(y) - u`` ([c] each;
+    u None when 0)."""
+
+    a: Tensor
+    b: Tensor
+    u: Tensor | None = None
+
+
+@dataclass
+class Block:
+    """Detached statistics of a block of rows (or of all rows, in the two-pass mode), for ``block_fn``."""
+
+    ce: Tensor  # [c] CE of the target, 0 where ignored
+    entropy: Tensor  # [c]
+    lse: Tensor  # [c]
+    mean_z: Tensor | None  # [c] mean logit over the vocabulary (only with label smoothing)
+    labels: Tensor  # [c]
+    valid: Tensor  # [c] bool
+    vocab: int
+    inputs: dict[str, Tensor] = field(default_factory=dict)  # token inputs of these rows, [c] each
+
+
+BlockFn = Callable[[Block, bool], tuple[Tensor, Tensor, Coefs | None]]
+RowFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
+"""The older interface, kept for callers that need CE only (evals/buckets.py): (ce, entropy, labels) -> (l, w,
+dl/dce or None)."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,20 +75,31 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def entropy_from_logits(z: Tensor) -> Tensor:
-    """z [n, V] (detached) -> H [n] = -sum_v p_v log p_v, natural log."""
+def entropy_from_logits(z: Tensor, clamp: float = 0.0) -> Tensor:
+    """z [n, V] (detached) -> H [n] = -sum_v p_v log p_v, natural log; with ``clamp`` > 0 every p_v is first
+    clamped below at it (the official MiLe code's entropy)."""
+    if clamp:
+        p = torch.softmax(z, dim=-1).clamp_min_(clamp)
+        return -(p * p.log()).sum(-1)
     logp = F.log_softmax(z, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-def reference(hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn) -> tuple[Tensor, ...]:
+class Reference(NamedTuple):
+    """The reference path's per-row tensors: ce, lse and mean_z carry gradient; entropy is detached."""
+
+    ce: Tensor
+    lse: Tensor
+    mean_z: Tensor
+    entropy: Tensor
+
+
+def reference(hidden: Tensor, weight: Tensor, labels: Tensor, entropy_clamp: float = 0.0) -> Reference:
     # hidden [N, d], weight [V, d], labels [N]
     acc = accumulation_dtype(hidden.dtype)
     z = F.linear(hidden, weight).to(acc)  # [N, V], materialised
     ce = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="none")  # [N], 0 where ignored
-    entropy = entropy_from_logits(z.detach())  # [N]
-    terms, w, _ = row_fn(ce, entropy, labels)
-    return terms.sum(), ce.detach(), entropy, w
+    return Reference(ce, torch.logsumexp(z, dim=-1), z.mean(-1), entropy_from_logits(z.detach(), entropy_clamp))
 
 
 def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype) -> int:
@@ -63,42 +110,94 @@ def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype) -> int:
     return max(dim, CHUNK_BYTES // (vocab * torch.finfo(acc).bits // 8), 1)
 
 
+class RowKernel(Protocol):
+    """The row-wise part of the fused path on one [c, V] block of logits (``loss.kernel`` names one; a plug-in
+    is any class or object with these two methods)."""
+
+    def stats(
+        self,
+        z: Tensor,
+        y: Tensor,
+        valid: Tensor,
+        ce_out: Tensor,
+        ent_out: Tensor,
+        mz_out: Tensor | None = None,
+        entropy_clamp: float = 0.0,
+    ) -> tuple[Tensor, Any]:
+        """Write ce (0 where ignored), entropy (of the probabilities clamped below at ``entropy_clamp`` when it is
+        > 0) and, if given, the mean logit into the [c] outputs; -> (lse [c], state for ``grad``)."""
+        ...
+
+    def grad(self, z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, state: Any) -> Tensor:
+        """-> dl/dz [c, V] = a * softmax(z) - b * onehot(y) - u in z's dtype; may overwrite z. ``state`` is None
+        when the block's statistics came from an earlier pass (two-pass mode)."""
+        ...
+
+
 class TorchRows:
     """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype)."""
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, valid: Tensor, ce_out: Tensor, ent_out: Tensor) -> tuple[Tensor, Tensor]:
+    def stats(
+        z: Tensor,
+        y: Tensor,
+        valid: Tensor,
+        ce_out: Tensor,
+        ent_out: Tensor,
+        mz_out: Tensor | None = None,
+        entropy_clamp: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
         """Writes ce (0 where ignored) and entropy into the [c] outputs; returns (lse, state for ``grad``)."""
         zf = z.to(ce_out.dtype)  # [c, V]
         lse = torch.logsumexp(zf, dim=-1)  # [c]
         zy = zf.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # [c]
         ce_out.copy_(lse - zy).masked_fill_(~valid, 0.0)
+        if mz_out is not None:
+            torch.mean(zf, dim=-1, out=mz_out)
         p = (zf - lse[:, None]).exp_()  # [c, V] softmax
-        # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
-        torch.sub(lse, (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1), out=ent_out)
+        if entropy_clamp:  # -sum max(p, c) log max(p, c), a few rows at a time: small temporaries
+            for i in range(0, len(p), 256):
+                pc = p[i : i + 256].clamp_min(entropy_clamp)
+                ent_out[i : i + 256] = -(pc * pc.log()).sum(-1)
+        else:
+            # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
+            torch.sub(lse, (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1), out=ent_out)
         return lse, p
 
     @staticmethod
-    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, p: Tensor) -> Tensor:
-        p[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= valid.to(p.dtype)
-        return p.mul_(coef[:, None].to(p.dtype)).to(z.dtype)  # [c, V] dl/dz
+    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, p: Tensor | None) -> Tensor:
+        if p is None:  # two-pass mode: the softmax again from the recomputed logits
+            p = (z.to(lse.dtype) - lse[:, None]).exp_()
+        p.mul_(coefs.a[:, None].to(p.dtype))
+        p[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= (coefs.b * valid).to(p.dtype)
+        if coefs.u is not None:
+            p.sub_(coefs.u[:, None].to(p.dtype))
+        return p.to(z.dtype)  # [c, V] dl/dz
 
 
 class TritonRows:
     """The same with the Triton kernels of ``triton_rows.py``: two passes over the block, gradient in place."""
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, valid: Tensor, ce_out: Tensor, ent_out: Tensor) -> tuple[Tensor, None]:
+    def stats(
+        z: Tensor,
+        y: Tensor,
+        valid: Tensor,
+        ce_out: Tensor,
+        ent_out: Tensor,
+        mz_out: Tensor | None = None,
+        entropy_clamp: float = 0.0,
+    ) -> tuple[Tensor, None]:
         from trainer.losses.triton_rows import row_stats
 
-        lse, _, _ = row_stats(z, y, ce=ce_out, ent=ent_out)
+        lse, _, _ = row_stats(z, y, ce=ce_out, ent=ent_out, mz=mz_out, entropy_clamp=entropy_clamp)
         return lse, None
 
     @staticmethod
-    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coef: Tensor, _state: None) -> Tensor:
+    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, _state: None) -> Tensor:
         from trainer.losses.triton_rows import row_grad_
 
-        return row_grad_(z, y, lse, coef)
+        return row_grad_(z, y, lse, coefs.a, coefs.b, coefs.u)
 
 
 def _addmm_fp32_out(acc: Tensor, g: Tensor, h: Tensor) -> None:
@@ -151,49 +250,127 @@ def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor) -> None:
         grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
-class _ChunkedLinearLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, row_fn, chunk_rows, need_grad, rows):  # type: ignore[override]
-        N, d = hidden.shape
-        V = weight.shape[0]
-        acc = accumulation_dtype(hidden.dtype)
-        valid_all = labels != IGNORE_INDEX  # [N]
-        ce_all = hidden.new_empty(N, dtype=acc)
-        ent_all = hidden.new_empty(N, dtype=acc)
-        terms_all = hidden.new_empty(N, dtype=acc)
-        w_all = hidden.new_empty(N, dtype=acc)
-        grad_h = torch.empty_like(hidden) if need_grad else None  # [N, d]
-        grad_w = weight.new_zeros(V, d, dtype=acc) if need_grad else None  # [V, d], accumulated over blocks
+class Fused(NamedTuple):
+    numerator: Tensor  # sum of the row terms (z-loss included), accumulation dtype
+    ce: Tensor  # [N] detached, as the rest
+    entropy: Tensor
+    w: Tensor
+    lse: Tensor
+    grad_h: Tensor | None  # [N, d] gradient of the numerator, inputs' dtype
+    grad_w: Tensor | None  # [V, d]
+
+
+@dataclass
+class FusedOptions:
+    mean_z: bool = False
+    """Compute each row's mean logit (label smoothing needs it)."""
+    z_lambda: float | Callable[[Tensor], Tensor] = 0.0
+    """Add ``z_lambda * sum_valid lse^2`` to the numerator; a callable of the [N] weights (two-pass mode only)
+    when the ratio of the z-loss's normaliser to the loss's is known only once every row's weight is."""
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    """Token inputs, [N] each, handed to ``block_fn`` sliced like the rows."""
+    two_pass: bool = False
+    """Statistics of every row first, then ``block_fn`` once over all rows, then the gradients."""
+    entropy_clamp: float = 0.0
+    """> 0: the entropy of the probabilities clamped below at it (the official MiLe code's)."""
+
+
+def _with_z_loss(terms: Tensor, coefs: Coefs | None, lse: Tensor, valid: Tensor, lam) -> tuple[Tensor, Coefs | None]:
+    """terms + lam * lse^2 on valid rows; d/dlse = 2 lam lse goes into the softmax coefficient."""
+    if isinstance(lam, Tensor) or lam:
+        lse_valid = lse * valid  # [c]
+        terms = terms + lam * lse_valid * lse
+        if coefs is not None:
+            coefs = coefs._replace(a=coefs.a + 2 * lam * lse_valid)
+    return terms, coefs
+
+
+def forward_blocks(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    block_fn: BlockFn,
+    chunk_rows: int,
+    need_grad: bool,
+    rows: RowKernel,
+    opts: FusedOptions | None = None,
+) -> Fused:
+    """The fused computation, block by block; gradients (of the numerator) in the inputs' dtypes."""
+    opts = opts or FusedOptions()
+    N, d = hidden.shape
+    V = weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    valid_all = labels != IGNORE_INDEX  # [N]
+    ce_all, ent_all, lse_all, terms_all, w_all = (hidden.new_empty(N, dtype=acc) for _ in range(5))
+    mz_all = hidden.new_empty(N, dtype=acc) if opts.mean_z else None
+    grad_h = torch.empty_like(hidden) if need_grad else None  # [N, d]
+    grad_w = weight.new_zeros(V, d, dtype=acc) if need_grad else None  # [V, d], accumulated over blocks
+
+    def block(s: int, e: int, lse: Tensor) -> Block:
+        return Block(ce_all[s:e], ent_all[s:e], lse, None if mz_all is None else mz_all[s:e], labels[s:e],
+                     valid_all[s:e], V, {k: v[s:e] for k, v in opts.inputs.items()})  # fmt: skip
+
+    def stats(s: int, e: int) -> tuple[Tensor, Tensor, Any]:
+        z = hidden[s:e] @ weight.T  # [c, V], in the inputs' dtype
+        mz = None if mz_all is None else mz_all[s:e]
+        if opts.entropy_clamp:
+            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent_all[s:e], mz, opts.entropy_clamp)
+        else:  # a plug-in kernel need not know the option it is not asked for
+            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent_all[s:e], mz)
+        lse_all[s:e] = lse
+        return z, lse, state
+
+    def gradients(s: int, e: int, z: Tensor, lse: Tensor, coefs: Coefs, state: Any) -> None:
+        # dl/dz = a * softmax - b * onehot - u; ignored rows have a = b = u = 0 through the masks in block_fn
+        g = rows.grad(z, labels[s:e], valid_all[s:e], lse, coefs, state)  # [c, V]
+        if grad_h.dtype == g.dtype == weight.dtype and not torch.is_autocast_enabled(g.device.type):
+            torch.matmul(g, weight, out=grad_h[s:e])  # [c, d], no temporary
+        else:  # mixed dtypes (autocast over fp32 weights): the matmul's own output dtype, then copied
+            grad_h[s:e] = g @ weight
+        _accumulate_grad_w(grad_w, g, hidden[s:e])
+
+    if not opts.two_pass:  # one pass: statistics, row terms and gradients block by block
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
-            h, y, valid = hidden[s:e], labels[s:e], valid_all[s:e]  # [c, d], [c], [c]
-            z = h @ weight.T  # [c, V], in the inputs' dtype
-            lse, state = rows.stats(z, y, valid, ce_all[s:e], ent_all[s:e])
-            ce, ent = ce_all[s:e], ent_all[s:e]
-            terms, w, coef = row_fn(ce, ent, y)
-            if need_grad and coef is None:  # the loss is not linear in ce: differentiate its row terms
-                with torch.enable_grad():
-                    ce_leaf = ce.detach().requires_grad_()
-                    coef = torch.autograd.grad(row_fn(ce_leaf, ent, y)[0].sum(), ce_leaf)[0]  # [c] dl/dce
+            z, lse, state = stats(s, e)
+            terms, w, coefs = block_fn(block(s, e, lse), need_grad)
+            terms, coefs = _with_z_loss(terms, coefs, lse, valid_all[s:e], opts.z_lambda)
             terms_all[s:e] = terms
             w_all[s:e] = w
             if need_grad:
-                # dl/dz = coef * (softmax - onehot); ignored rows have coef 0 through the masks in row_fn
-                g = rows.grad(z, y, valid, lse, coef, state)  # [c, V]
-                if grad_h.dtype == g.dtype == weight.dtype and not torch.is_autocast_enabled(g.device.type):
-                    torch.matmul(g, weight, out=grad_h[s:e])  # [c, d], no temporary
-                else:  # mixed dtypes (autocast over fp32 weights): the matmul's own output dtype, then copied
-                    grad_h[s:e] = g @ weight
-                _accumulate_grad_w(grad_w, g, h)
+                gradients(s, e, z, lse, coefs, state)
             del z, state
+    else:  # statistics of every row, the row terms over all rows, then the gradients (logits recomputed)
+        for s in range(0, N, chunk_rows):
+            stats(s, min(s + chunk_rows, N))
+        terms, w, coefs = block_fn(block(0, N, lse_all), need_grad)
+        lam = opts.z_lambda(w) if callable(opts.z_lambda) else opts.z_lambda
+        terms, coefs = _with_z_loss(terms, coefs, lse_all, valid_all, lam)
+        terms_all.copy_(terms)
+        w_all.copy_(w)
         if need_grad:
-            # Converted now, not in backward: only the weight-dtype copy is held while the rest of the model's
-            # backward runs, and backward scales in place with no [V, d] temporaries.
-            grad_w = grad_w.to(weight.dtype)
-            ctx.save_for_backward(grad_h, grad_w)
+            for s in range(0, N, chunk_rows):
+                e = min(s + chunk_rows, N)
+                z = hidden[s:e] @ weight.T  # [c, V]
+                part = Coefs(*(None if c is None else c[s:e] for c in coefs))
+                gradients(s, e, z, lse_all[s:e], part, None)
+                del z
+    if need_grad:
+        # Converted now, not in backward: only the weight-dtype copy is held while the rest of the model's
+        # backward runs, and backward scales in place with no [V, d] temporaries.
+        grad_w = grad_w.to(weight.dtype)
+    return Fused(terms_all.sum(), ce_all, ent_all, w_all, lse_all, grad_h, grad_w)
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, block_fn, chunk_rows, need_grad, rows, opts):  # type: ignore[override]
+        out = forward_blocks(hidden, weight, labels, block_fn, chunk_rows, need_grad, rows, opts)
+        if need_grad:
+            ctx.save_for_backward(out.grad_h, out.grad_w)
         ctx.backward_done = False
-        ctx.mark_non_differentiable(ce_all, ent_all, w_all)
-        return terms_all.sum(), ce_all, ent_all, w_all
+        ctx.mark_non_differentiable(out.ce, out.entropy, out.w, out.lse)
+        return out.numerator, out.ce, out.entropy, out.w, out.lse
 
     @staticmethod
     def backward(ctx, g_num, *_unused):  # type: ignore[override]
@@ -203,33 +380,50 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h.mul_(g_num)
         grad_w.mul_(g_num)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def logits_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of ``hidden @ weight.T`` here: autocast's where it is on (it leaves float64 alone)."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def pick_rows(kernel: str, device: torch.device, dtype: torch.dtype) -> type[TorchRows] | type[TritonRows]:
-    """kernel: auto (Triton on CUDA when installed, for 16/32-bit floats) | triton | torch."""
-    if kernel == "torch" or dtype == torch.float64:
-        return TorchRows
-    if kernel == "triton":
-        if not triton_available():
-            raise RuntimeError("loss.kernel=triton but triton is not installed")
-        return TritonRows
-    return TritonRows if device.type == "cuda" and triton_available() else TorchRows
+def fused(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    block_fn: BlockFn,
+    chunk_rows: int = 0,
+    kernel: str = "auto",
+    opts: FusedOptions | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (numerator (differentiable), ce, entropy, w, lse) [N] detached. ``kernel``: auto | torch | triton |
+    "package.module:Class" (``trainer.losses.kernels``); any kernel other than torch is checked against it on
+    first use per device and dtype, and replaced by it if it fails."""
+    from trainer.losses.kernels import select_rows  # kernels imports this module
+
+    acc = accumulation_dtype(hidden.dtype)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.shape[1], acc)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    rows = select_rows(kernel, hidden.device, logits_dtype(hidden, weight))
+    return _ChunkedLinearLoss.apply(hidden, weight, labels, block_fn, chunk_rows, need_grad, rows, opts)
 
 
 def chunked(
     hidden: Tensor, weight: Tensor, labels: Tensor, row_fn: RowFn, chunk_rows: int = 0, kernel: str = "auto"
-) -> tuple[Tensor, ...]:
-    acc = accumulation_dtype(hidden.dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.shape[1], acc)
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    rows = pick_rows(kernel, hidden.device, hidden.dtype)
-    return _ChunkedLinearLoss.apply(hidden, weight, labels, row_fn, chunk_rows, need_grad, rows)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``fused`` for a ``row_fn(ce, entropy, labels) -> (l, w, dl/dce or None)``: -> (numerator, ce, entropy,
+    w)."""
+
+    def block_fn(b: Block, need_coefs: bool) -> tuple[Tensor, Tensor, Coefs | None]:
+        terms, w, coef = row_fn(b.ce, b.entropy, b.labels)
+        if need_coefs and coef is None:  # not linear in ce: differentiate the row terms
+            with torch.enable_grad():
+                leaf = b.ce.detach().requires_grad_()
+                coef = torch.autograd.grad(row_fn(leaf, b.entropy, b.labels)[0].sum(), leaf)[0]  # [c] dl/dce
+        return terms, w, Coefs(coef, coef) if need_coefs else None
+
+    return fused(hidden, weight, labels, block_fn, chunk_rows, kernel)[:4]

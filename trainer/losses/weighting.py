@@ -1,21 +1,52 @@
-"""Per-token loss terms of each registered loss.
+"""Per-token loss terms of each registered loss, and the plug-in interface for a user's own.
 
-Every loss here is ``L = sum_i l_i / D`` over the tokens of a batch, where ``l_i`` is a function of the
-token's cross-entropy ``ce_i`` (carrying gradient), its predictive entropy ``H_i`` (detached) and its label,
-and ``D`` is either the token count or the sum of detached weights ``w_i`` (rank-averaged; see ``module.py``).
-Formulas and the official code's quirks: MiLe arXiv 2310.19531, PDL arXiv 2505.16900, focal arXiv 1708.02002.
+Every loss here is ``L = sum_i l_i / D`` over the tokens of a call, where ``l_i`` is a function of the token's
+cross-entropy (carrying gradient), of detached per-row statistics (entropy, p_y, logsumexp), of the token inputs
+carried with the data (``weight``, ``ref_ce``) and of its label, and ``D`` is either the token count or the sum of
+detached weights ``w_i`` (rank-averaged; see ``module.py``). Formulas and the official code's quirks: MiLe arXiv
+2310.19531, PDL arXiv 2505.16900, focal arXiv 1708.02002, DFT arXiv 2508.05629, Rho-1 arXiv 2404.07965; data-carried
+weights gpt-neox #865. ``docs/losses.md`` has them all, the modifiers and a worked plug-in.
 
-A loss is one class with ``row_terms``; adding a loss is one registry entry. Both the reference path
-(autograd through materialised logits) and the fused path (``paths.chunked``, which needs dl_i/dce_i) call the
-same ``row_terms``, so the two paths can only differ in how the CE and its gradient are computed.
+A loss is one ``TokenWeighting`` subclass with ``row_terms``; adding a loss is one registry entry, or, outside
+this package, ``loss.name: "package.module:Class"``. Both the reference path (autograd through materialised
+logits) and the fused path (``paths.fused``) call the same ``row_terms``, so the two paths can only differ in how
+the per-row statistics and their gradients are computed.
 """
 
 from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from trainer.losses.config import IGNORE_INDEX, LossConfig
+
+
+@dataclass
+class Rows:
+    """What ``row_terms`` may use besides the loss's CE, for a block of rows (all rows for ``needs_all_rows``)."""
+
+    ce: Tensor
+    """[n] the plain (unsmoothed) CE, 0 where ignored. It carries the gradient like the ``ce`` argument (a
+    focal_lin-style weight differentiates through it); detach it for a detached weight."""
+    entropy: Tensor
+    """[n] predictive entropy (natural log), detached."""
+    lse: Tensor
+    """[n] logsumexp of the logits, detached."""
+    labels: Tensor
+    """[n] target ids (IGNORE_INDEX where ignored)."""
+    valid: Tensor
+    """[n] bool, labels != IGNORE_INDEX."""
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    """[n] token inputs carried with the data (``"weight"``, ``"ref_ce"``), detached."""
+
+    @property
+    def p_y(self) -> Tensor:
+        """[n] detached probability of the target (1 where ignored)."""
+        return torch.exp(-self.ce.detach())
 
 
 class TokenWeighting:
@@ -26,13 +57,19 @@ class TokenWeighting:
     """True: ignored positions count in the normaliser (the official MiLe/focal code's behaviour)."""
     needs_token_counts: bool = False
     """True: ``build_loss`` must be given corpus token counts (the trainer supplies them)."""
+    token_inputs: tuple[str, ...] = ()
+    """Token inputs the loss reads (``rows.inputs``); a call without them is an error naming them."""
+    needs_all_rows: bool = False
+    """True: ``row_terms`` must see every row of the call at once (a top-k over the batch); the fused path then
+    takes a second pass over the logits (4 matmuls instead of 3)."""
     linear_in_ce: bool = True
     """True: ``row_terms`` returns ``l = w * ce`` with ``w`` detached, so dl/dce = w in closed form (the fused
-    path then needs no autograd per block). False: l is another function of ce (autograd finds dl/dce)."""
+    path then needs no autograd per block). False: l is another function of ce (autograd finds the gradient)."""
 
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """ce [n] (0 where ignored, may require grad), entropy [n] detached, labels [n] ->
-        (l [n] per-token loss terms, w [n] detached normaliser weights). Masking is done by the caller."""
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        """ce [n]: the CE of the loss term — label-smoothed when ``loss.label_smoothing`` > 0 — carrying the
+        gradient (0 where ignored unless smoothed); ``rows``: the rest -> (l [n] per-token loss terms,
+        w [n] detached normaliser weights). Masking is done by the caller."""
         raise NotImplementedError
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
@@ -40,8 +77,8 @@ class TokenWeighting:
 
 
 class CrossEntropy(TokenWeighting):
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return ce, torch.ones_like(entropy)
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        return ce, torch.ones_like(rows.entropy)
 
 
 class MiLe(TokenWeighting):
@@ -53,8 +90,8 @@ class MiLe(TokenWeighting):
         self.gamma = cfg.gamma
         self.counts_ignored = cfg.count_ignored
 
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        w = (1.0 + entropy).pow(self.gamma)
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        w = (1.0 + rows.entropy).pow(self.gamma)
         return w * ce, w
 
 
@@ -67,8 +104,8 @@ class Focal(TokenWeighting):
         self.gamma = cfg.gamma
         self.counts_ignored = cfg.count_ignored
 
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        w = (-torch.expm1(-ce.detach())).pow(self.gamma)  # 1 - p, accurate when p -> 1
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        w = (-torch.expm1(-rows.ce.detach())).pow(self.gamma)  # 1 - p, accurate when p -> 1
         return w * ce, w
 
 
@@ -80,10 +117,10 @@ class FocalLin(TokenWeighting):
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
         self.gamma, self.alpha = cfg.gamma, cfg.focal_alpha
 
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         # clamp: (1 - p)^gamma has an infinite slope at p = 1 for gamma < 1; the clamp keeps it finite.
-        one_minus_p = (-torch.expm1(-ce)).clamp_min(1e-30)
-        return self.alpha * one_minus_p.pow(self.gamma) * ce, torch.ones_like(entropy)
+        one_minus_p = (-torch.expm1(-rows.ce)).clamp_min(1e-30)
+        return self.alpha * one_minus_p.pow(self.gamma) * ce, torch.ones_like(rows.entropy)
 
 
 class PowerLawDecay(TokenWeighting):
@@ -97,11 +134,54 @@ class PowerLawDecay(TokenWeighting):
             raise ValueError("loss.name=pdl needs token_counts (a [V] tensor of corpus token counts)")
         self.table = pdl_weights(token_counts, cfg)  # [V] float64, on CPU until first use
 
-    def row_terms(self, ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.table.device != labels.device:
-            self.table = self.table.to(labels.device)
-        w = self.table[labels.clamp_min(0)].to(ce.dtype)
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        if self.table.device != rows.labels.device:
+            self.table = self.table.to(rows.labels.device)
+        w = self.table[rows.labels.clamp_min(0)].to(ce.dtype)
         return w * ce, w
+
+
+class DFT(TokenWeighting):
+    """Dynamic fine-tuning (arXiv 2508.05629): l = sg(p_y) * CE, mean over tokens."""
+
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        p = rows.p_y.to(ce.dtype)
+        return p * ce, p
+
+
+class Weighted(TokenWeighting):
+    """Per-token weights carried with the data (gpt-neox #865): L = sum(w * CE) / sum(w)."""
+
+    normalised = True
+    token_inputs = ("weight",)
+
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        w = rows.inputs["weight"].to(ce.dtype)
+        return w * ce, w
+
+
+class Rho1(TokenWeighting):
+    """Selective language modelling (Rho-1, arXiv 2404.07965): of the valid tokens of the call, the
+    ceil(keep_ratio * n_valid) with the largest excess loss sg(CE) - ref_ce are kept; L = sum_kept CE / n_kept.
+    Ties are broken towards the earlier token."""
+
+    normalised = True
+    token_inputs = ("ref_ce",)
+    needs_all_rows = True
+
+    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
+        if not 0.0 < cfg.keep_ratio <= 1.0:
+            raise ValueError(f"loss.keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
+        self.keep_ratio = cfg.keep_ratio
+
+    def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+        excess = rows.ce.detach() - rows.inputs["ref_ce"].to(ce.dtype)  # [n]
+        excess = excess.masked_fill(~rows.valid, -math.inf)  # ignored tokens are never kept
+        k = math.ceil(self.keep_ratio * int(rows.valid.sum()))
+        # stable sort: among equal excesses the earlier token wins, the same on every device
+        order = torch.sort(excess, descending=True, stable=True).indices[:k]
+        kept = torch.zeros_like(ce, dtype=ce.dtype).index_fill_(0, order, 1.0).detach()
+        return kept * ce, kept
 
 
 def pdl_weights(token_counts: Tensor, cfg: LossConfig) -> Tensor:
@@ -123,18 +203,36 @@ def pdl_weights(token_counts: Tensor, cfg: LossConfig) -> Tensor:
     return w
 
 
+def resolve_loss(name: str) -> type[TokenWeighting]:
+    """A registered loss name, or "package.module:Class" naming a ``TokenWeighting`` subclass on the Python path;
+    ValueError naming ``loss.name`` otherwise."""
+    if name in LOSSES:
+        return LOSSES[name]
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)} or 'package.module:Class'")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"loss.name={name!r} cannot be imported: {type(e).__name__}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, TokenWeighting)):
+        raise ValueError(f"loss.name={name!r} is not a TokenWeighting subclass (trainer.losses.TokenWeighting)")
+    return cls
+
+
 def build_weighting(cfg: LossConfig, token_counts: Tensor | None) -> TokenWeighting:
-    if cfg.name not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.name!r}; valid losses: {sorted(LOSSES)}")
-    return LOSSES[cfg.name](cfg, token_counts)
+    return resolve_loss(cfg.name)(cfg, token_counts)
 
 
 LOSSES: dict[str, type[TokenWeighting]] = {
     "ce": CrossEntropy,
+    "dft": DFT,
     "focal": Focal,
     "focal_lin": FocalLin,
     "mile": MiLe,
     "pdl": PowerLawDecay,
+    "rho1": Rho1,
+    "weighted": Weighted,
 }
 
-__all__ = ["IGNORE_INDEX", "LOSSES", "TokenWeighting", "build_weighting", "pdl_weights"]
+__all__ = ["IGNORE_INDEX", "LOSSES", "Rows", "TokenWeighting", "build_weighting", "pdl_weights", "resolve_loss"]
