@@ -56,7 +56,7 @@ def test_debug_run_loss_falls(mile_run):
     assert mile_run.final_loss == rows[-1]["loss"]
 
 
-def test_run_outputs_are_reproducible(mile_run):
+def test_run_outputs_describe_the_run(mile_run):
     run_dir = mile_run.run_dir
     assert load_config(run_dir / "config.yaml").loss.name == "mile"  # the resolved config loads back
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -67,6 +67,16 @@ def test_run_outputs_are_reproducible(mile_run):
     assert ckpts == ["step_0000020", "step_0000030"]  # keep=2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run written"
     assert (mile_run.checkpoint / "token_counts.safetensors").is_file()
+
+
+def test_the_saved_config_reproduces_the_run(mile_run, tmp_path):
+    """The resolved config.yaml alone trains the same run again: every logged loss is equal."""
+    again = {"run.dir": str(tmp_path / "again"), "wandb.mode": "disabled", "eval.buckets": False,
+             "checkpoint.every": 0, "checkpoint.at_end": False}  # fmt: skip
+    train(load_config(mile_run.run_dir / "config.yaml", [f"{k}={v}" for k, v in again.items()]))
+    first = {r["step"]: r["loss"] for r in read_metrics(mile_run.run_dir) if "loss" in r}
+    second = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "again") if "loss" in r}
+    assert second == first and len(first) == 6
 
 
 def test_final_checkpoint_gets_rare_token_perplexity(mile_run):
@@ -108,8 +118,35 @@ def test_deepspeed_checkpoint_loads_into_a_fresh_engine(mile_run, corpus):
         assert torch.equal(model.eval().logits(ids), mile_run.model.eval().logits(ids))
 
 
+def expected_accuracy(run_dir: Path, docs: list[dict]) -> float:
+    """Multiple-choice accuracy computed directly: a document counts when its label's continuation has the
+    highest summed log-probability (continuation tokens = those of context + choice after the context's)."""
+    from data.tokenizer import Tokenizer
+
+    model, ckpt = load_model(run_dir)
+    tok = Tokenizer(str(ckpt / "tokenizer.model"))
+    correct = 0
+    for doc in docs:
+        ctx = tok.encode(doc["context"])
+        scores = []
+        for choice in doc["choices"]:
+            ids = tok.encode(doc["context"] + choice)
+            with torch.no_grad():
+                logp = torch.log_softmax(model.logits(torch.tensor([ids[:-1]])).double()[0], dim=-1)
+            scores.append(sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids))))
+        correct += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
+    return correct / len(docs)
+
+
 def test_evaluate_script_writes_results(mile_run, tmp_path):
-    docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(6)]
+    docs = [
+        {"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0},
+        {"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 1},
+        {"context": "A fool fears", "choices": [" the night", " the sea", " a letter"], "label": 2},
+        {"context": "Her father serves", "choices": [" the duke", " his honour"], "label": 0},
+        {"context": "My lord forgives", "choices": [" a soldier", " the queen"], "label": 1},
+        {"context": "The old man remembers", "choices": [" the castle", " qq zz"], "label": 0},
+    ]
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     proc = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--checkpoint", str(mile_run.run_dir), "--tasks", "toy_mc",
@@ -119,7 +156,7 @@ def test_evaluate_script_writes_results(mile_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((mile_run.checkpoint / "eval_results.json").read_text())
     assert results["step"] == 30 and results["n_samples"]["toy_mc"]["effective"] == 6
-    assert 0.0 <= results["metrics"]["toy_mc/acc"] <= 1.0
+    assert results["metrics"]["toy_mc/acc"] == pytest.approx(expected_accuracy(mile_run.run_dir, docs), abs=1e-9)
 
 
 def test_train_script_rejects_unknown_key_with_its_name(corpus, tmp_path):
@@ -167,7 +204,7 @@ def test_init_from_another_runs_weights(mile_run, corpus, tmp_path):
         None,
         debug_overrides(corpus, tmp_path / "bad", **{"model.init_from": str(mile_run.run_dir), "model.d_model": 32}),
     )
-    with pytest.raises(Exception, match="does not fit this model"):
+    with pytest.raises(Exception, match="model.d_model=32 disagrees with model.init_from"):
         build_run(bad)
 
 

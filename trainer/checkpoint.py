@@ -184,7 +184,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_model_fits(ckpt: Path, model_cfg: GPTConfig, what: str) -> None:
     """Refuse, before loading any tensor, a checkpoint whose model is not this run's model."""
-    saved = asdict(_saved_model_config(ckpt))
+    saved = asdict(saved_model_config(ckpt))
     mine = asdict(model_cfg)
     diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if diff:
@@ -192,7 +192,7 @@ def check_model_fits(ckpt: Path, model_cfg: GPTConfig, what: str) -> None:
         raise CheckpointError(f"{what} {ckpt} holds another model ({shown})")
 
 
-def _saved_model_config(ckpt: Path) -> GPTConfig:
+def saved_model_config(ckpt: Path) -> GPTConfig:
     """The checkpoint's model config; fields added since it was written take their defaults."""
     path = ckpt / "model_config.json"
     try:
@@ -254,7 +254,7 @@ def load_model(
     """Rebuild the model of a checkpoint from its own files (safetensors: no pickled code runs)."""
     ckpt = resolve_checkpoint(path)
     verify_files(ckpt, ["model_config.json", "model.safetensors"])
-    model = GPT(_saved_model_config(ckpt))
+    model = GPT(saved_model_config(ckpt))
     state = load_safetensors(ckpt / "model.safetensors")
     wrong = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     resolve_checkpoint,
     restore,
+    saved_model_config,
     write_atomic,
 )
 from trainer.checkpoint_files import load_json, load_safetensors
@@ -197,15 +199,55 @@ def _check_resume(ckpt: Path, model_cfg: GPTConfig, tokenizer: Tokenizer) -> Non
         )
 
 
-def _init_weights(model: GPT, path: str, tokenizer: Tokenizer) -> None:
-    ckpt = resolve_checkpoint(path)
-    saved_vocab = load_json(ckpt / "model_config.json").get("vocab_size")
-    if saved_vocab != tokenizer.vocab_size:
+@dataclass
+class InitSource:
+    """The weights a run starts from (``model.init_from``): the model they define, and how to read them."""
+
+    path: str
+    cfg: GPTConfig
+    weights: Callable[[], dict[str, torch.Tensor]]
+
+
+def _init_source(path: str, tokenizer: Tokenizer) -> InitSource:
+    """A losslab checkpoint or run directory (an ``import_hf.py`` output included), or a Hugging Face model
+    folder (``config.json`` + safetensors), converted here. Its vocabulary must be the tokenizer's."""
+    folder = Path(path)
+    if (folder / "config.json").is_file() and not (folder / META).is_file():
+        from models.hf import load_hf_folder
+
+        try:
+            model = load_hf_folder(folder)
+        except (ValueError, ImportError, OSError, KeyError) as e:
+            raise CheckpointError(f"model.init_from={path!r}: {e}") from None
+        source = InitSource(path, model.cfg, model.state_dict)
+    else:
+        ckpt = resolve_checkpoint(path)
+        source = InitSource(path, saved_model_config(ckpt), lambda: load_safetensors(ckpt / "model.safetensors"))
+    if source.cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(
-            f"model.init_from={path!r} has a vocabulary of {saved_vocab} tokens, data.tokenizer={tokenizer.path!r} "
-            f"has {tokenizer.vocab_size}: they must be the same tokenizer"
+            f"model.init_from={path!r} has a vocabulary of {source.cfg.vocab_size} tokens, data.tokenizer="
+            f"{tokenizer.path!r} has {tokenizer.vocab_size}: they must be the same tokenizer"
         )
-    state = load_safetensors(ckpt / "model.safetensors")
+    return source
+
+
+def _model_from_init(cfg: RunConfig, source: InitSource) -> GPTConfig:
+    """The run's model is the one it starts from; a shape key the run sets must agree with it."""
+    m = cfg.model
+    for name in ("n_layers", "d_model", "n_heads", "d_mlp", "max_seq_len", "rotary_pct", "parallel_residual"):
+        if getattr(m, name) is not None and getattr(m, name) != getattr(source.cfg, name):
+            raise ConfigError(
+                f"model.{name}={getattr(m, name)} disagrees with model.init_from={source.path!r} "
+                f"({getattr(source.cfg, name)}); the model is the one it starts from"
+            )
+    if cfg.data.seq_len > source.cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.init_from's context {source.cfg.max_seq_len}")
+    return source.cfg
+
+
+def _init_weights(model: GPT, source: InitSource) -> None:
+    path = source.path
+    state = source.weights()
     mine = model.state_dict()
     wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
     if wrong or set(state) != set(mine):
@@ -232,7 +274,8 @@ def build_run(cfg: RunConfig) -> Run:
     resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
     probe = iter(source)
     first = next(probe)  # [B, T+1]
-    model_cfg = model_config(cfg, tokenizer.vocab_size)
+    init = _init_source(cfg.model.init_from, tokenizer) if cfg.model.init_from else None
+    model_cfg = _model_from_init(cfg, init) if init else model_config(cfg, tokenizer.vocab_size)
     if resume_ckpt is not None:
         _check_resume(resume_ckpt, model_cfg, tokenizer)
     if cfg.eval.tasks:
@@ -249,8 +292,8 @@ def build_run(cfg: RunConfig) -> Run:
     # initialise before DeepSpeed moved it.
     with torch.device(accelerator_device()):
         model = GPT(model_cfg)
-    if cfg.model.init_from:
-        _init_weights(model, cfg.model.init_from, tokenizer)
+    if init is not None:
+        _init_weights(model, init)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
