@@ -173,6 +173,11 @@ class MemmapSource:
         self.stats = ReadStats(**corpus.manifest["read_stats"])
         self.files = [str(corpus.path)]
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The per-token streams the batches carry beside the tokens."""
+        return tuple(self.batches.streams)
+
     def state_dict(self) -> dict[str, int]:
         # in global samples, so a run can resume on another number of ranks with the same global batch
         return {"samples_consumed": self.batches_consumed * self.batches.batch_size * self.batches.world_size}

@@ -23,6 +23,7 @@ from data.tokenizer import Tokenizer
 class BatchSource(Protocol):
     stats: ReadStats
     files: list[str]
+    streams: tuple[str, ...]
 
     def __iter__(self): ...
 

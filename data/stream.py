@@ -86,6 +86,11 @@ class PackedStream:
         self.windows_consumed = 0  # global windows (all ranks) handed out so far
         self._skip = 0
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The per-token streams the batches carry beside the tokens."""
+        return tuple(self.format.streams)
+
     def state_dict(self) -> dict[str, int]:
         return {"windows_consumed": self.windows_consumed, "seed": self.seed, "world_size": self.world_size}
 

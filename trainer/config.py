@@ -22,7 +22,8 @@ from data.config import DataConfig
 from models.config import BLOCKS, GPTConfig
 from models.presets import BLOCK_DEFAULTS, PRESETS, get_preset
 from trainer.losses.config import LossConfig
-from trainer.losses.weighting import LOSSES
+from trainer.losses.kernels import resolve as resolve_kernel
+from trainer.losses.weighting import LOSSES, resolve_loss
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -282,6 +283,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return run_cfg
 
 
+def _check_plugin(key: str, value: str, valid: list[str], resolve: Any) -> None:
+    """One of ``valid``, or a ``package.module:Class`` plug-in that ``resolve`` can load."""
+    if ":" not in value:
+        _choice(key, value, valid)
+        return
+    try:
+        resolve(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}={value!r}: {e}") from None
+
+
 def _choice(key: str, value: str, valid: list[str]) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {valid}")
@@ -335,6 +347,10 @@ BOUNDS: dict[str, Bound] = {
     "loss.smoothing": NON_NEGATIVE,
     "loss.max_weight": NON_NEGATIVE,
     "loss.chunk_size": NON_NEGATIVE,
+    "loss.keep_ratio": Bound(0.0, 1.0, lo_open=True),
+    "loss.label_smoothing": Bound(0.0, 1.0, hi_open=True),
+    "loss.z_loss": NON_NEGATIVE,
+    "loss.entropy_clamp": Bound(0.0, 1.0, hi_open=True),
     "data.seq_len": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
     "data.count_bytes": NON_NEGATIVE,
@@ -383,9 +399,9 @@ def validate(cfg: RunConfig) -> None:
     _check_bounds(cfg)
     _choice("model.preset", cfg.model.preset, sorted(PRESETS))
     _choice("model.block", cfg.model.block, list(BLOCKS))
-    _choice("loss.name", cfg.loss.name, sorted(LOSSES))
+    _check_plugin("loss.name", cfg.loss.name, sorted(LOSSES), resolve_loss)
     _choice("loss.fused", str(cfg.loss.fused).lower(), ["auto", "false", "true"])
-    _choice("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"])
+    _check_plugin("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"], resolve_kernel)
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
     _choice("data.count_over", cfg.data.count_over, ["all", "targets"])

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.shards import resolve_files
+from data.shards import DataError, resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from evals.domains import DomainSet, build_domain_set
@@ -46,7 +46,8 @@ from trainer.engine import (
     init_distributed,
     loop_clips_gradients,
 )
-from trainer.losses import LOSSES, build_loss
+from trainer.losses import build_loss
+from trainer.losses.weighting import resolve_loss
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops
@@ -54,7 +55,7 @@ from trainer.run_info import git_sha
 from trainer.signals import Preemption
 
 METRICS = "metrics.jsonl"
-STEP_METRICS = ("loss", "ce", "entropy", "weight")
+STEP_METRICS = ("loss", "ce", "entropy", "weight", "z_loss")
 """Per-step metrics of the objective, averaged over micro-steps, ranks and the logging interval."""
 RESULT = "result.json"
 """Written in the run directory when training stops (``loop.py``): ``complete`` tells a finished run from a
@@ -285,7 +286,15 @@ def build_run(cfg: RunConfig) -> Run:
             raise ConfigError(f"eval.tasks: {e}") from None
     _prepare_run_dir(run_dir, cfg, resume_ckpt)
 
-    needs_counts = LOSSES[cfg.loss.name].needs_token_counts or (cfg.eval.buckets and bool(cfg.data.val_files))
+    loss_cls = resolve_loss(cfg.loss.name)
+    missing = [k for k in loss_cls.token_inputs if k not in source.streams]
+    if missing:
+        raise DataError(
+            f"loss.name={cfg.loss.name} needs the per-token stream(s) {missing} with the data, and "
+            f"{source.files} carry none: prepared data with {missing[0]}.bin beside the tokens "
+            "(scripts/score_reference.py writes ref_ce)"
+        )
+    needs_counts = loss_cls.needs_token_counts or (cfg.eval.buckets and bool(cfg.data.val_files))
     counts = token_counts(cfg.data, source, tokenizer, cfg.train.seed) if needs_counts else None
 
     # Built where it trains: on the CPU a 6.7B model in fp32 would take 27 GB of host memory and minutes to
@@ -295,7 +304,7 @@ def build_run(cfg: RunConfig) -> Run:
     if init is not None:
         _init_weights(model, init)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
-    loss_counts = counts if LOSSES[cfg.loss.name].needs_token_counts else None
+    loss_counts = counts if loss_cls.needs_token_counts else None
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
     optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, cfg.distributed)
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
