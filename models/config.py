@@ -37,6 +37,9 @@ class GPTConfig:
     """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads); 0 = n_heads."""
     tie_embeddings: bool = False
     """The output head reuses the input embedding matrix (SmolLM2 and many small models)."""
+    scaled_init: bool = True
+    """Residual output projections start at init_std / sqrt(2 n_layers) (GPT-2 / Megatron); False: every
+    matrix at init_std, as the MiLe paper's official code initialises."""
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:

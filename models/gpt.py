@@ -259,9 +259,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix; residual output projections scaled by 1/sqrt(2 n_layers)
-        (GPT-2 / Megatron) so the residual stream's variance does not grow with depth."""
+        (GPT-2 / Megatron) so the residual stream's variance does not grow with depth, unless ``scaled_init`` is
+        off (the MiLe official code's N(0, 0.01) for every matrix)."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_init else std
         for name, p in self.named_parameters():
             if p.ndim == 1:  # norms and biases
                 if name.endswith("weight"):

@@ -1,9 +1,17 @@
 """Conversion between losslab checkpoints and Hugging Face transformers models (GPTNeoXForCausalLM for the
 ``neox`` block, LlamaForCausalLM for ``llama``). Only the real vocabulary rows travel; padding rows are
-re-created (untrained) on import. Needs ``transformers`` (a dev extra)."""
+re-created (untrained) on import. Needs ``transformers`` (a dev extra).
+
+An exported folder loads in transformers 4.44+ and 5.x alike (tests/test_hf_compat.py runs both): the config
+carries the rotary settings under the keys each major reads (5.x: ``rope_parameters``; 4.x: ``rotary_pct`` /
+``rotary_emb_base`` for NeoX, ``rope_theta`` for Llama), the tokenizer is a plain ``PreTrainedTokenizerFast``
+(5.x writes its own ``TokenizersBackend``, unknown to 4.x), and the tokenizer file keeps BPE merges in the
+``"a b"`` form that every ``tokenizers`` release reads (0.20+ writes pairs, which 0.19 and older reject)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,11 +52,7 @@ def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None =
             layer_norm_eps=cfg.norm_eps,
             use_parallel_residual=cfg.parallel_residual,
             attention_bias=True,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": cfg.rotary_base,
-                "partial_rotary_factor": cfg.rotary_pct,
-            },
+            **rope_keys(cfg),
             architectures=["GPTNeoXForCausalLM"],
         )
     if cfg.rotary_pct != 1.0 or cfg.parallel_residual:
@@ -61,9 +65,51 @@ def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None =
         attention_bias=cfg.bias,
         mlp_bias=cfg.bias,
         head_dim=cfg.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
+        **rope_keys(cfg),
         architectures=["LlamaForCausalLM"],
     )
+
+
+def rope_keys(cfg: GPTConfig) -> dict[str, Any]:
+    """The rotary settings under every name a transformers release reads (each ignores the others' names)."""
+    if cfg.block == "neox":
+        return {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": cfg.rotary_base,
+                "partial_rotary_factor": cfg.rotary_pct,
+            },
+            "rotary_pct": cfg.rotary_pct,  # 4.x
+            "rotary_emb_base": cfg.rotary_base,  # 4.x
+            "rope_theta": cfg.rotary_base,  # 4.47+ mirrors rotary_emb_base here
+            "partial_rotary_factor": cfg.rotary_pct,
+        }
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base}, "rope_theta": cfg.rotary_base}
+
+
+def make_portable(out_dir: str | Path, cfg: GPTConfig) -> None:
+    """Rewrite a folder saved by ``save_pretrained`` so that transformers 4.44+ and 5.x both load it as saved
+    (see the module docstring). The keys added are the ones the saving release dropped, with equal values."""
+    out = Path(out_dir)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rope_keys(cfg))
+    config.pop("rope_scaling", None)  # 5.x prefers a non-null rope_scaling over rope_parameters
+    config.setdefault("torch_dtype", config.get("dtype", "float32"))  # 4.x's name of "dtype"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_config_file = out / "tokenizer_config.json"
+    if tok_config_file.is_file():
+        tok_config = json.loads(tok_config_file.read_text())
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # both majors know it (5.x: its fast backend)
+        tok_config.pop("backend", None)
+        tok_config_file.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    tok_file = out / "tokenizer.json"
+    if tok_file.is_file():
+        tok = json.loads(tok_file.read_text())
+        merges = tok.get("model", {}).get("merges") or []
+        if merges and all(isinstance(m, list) and not any(" " in part for part in m) for m in merges):
+            tok["model"]["merges"] = [" ".join(m) for m in merges]
+            tok_file.write_text(json.dumps(tok, ensure_ascii=False, indent=2) + "\n")
 
 
 def _layer_map(cfg: GPTConfig) -> dict[str, str]:
@@ -210,4 +256,50 @@ def from_hf_model(hf_model: Any) -> GPT:
     if cfg.block == "neox" and "lm_head.weight" in state:
         state["embed_out.weight"] = state.pop("lm_head.weight")
     model.load_state_dict(from_hf_state_dict(cfg, state))
+    return model.eval()
+
+
+def load_hf_folder(hf_dir: str | Path) -> GPT:
+    """A losslab model from a transformers folder, without building the transformers model: the config is read
+    by transformers (which maps each release's key names), the weights by ``load_safetensors`` (a torn or
+    foreign file is a ``CheckpointError`` naming it; pickled ``.bin`` weights are refused, never unpickled)."""
+    from trainer.checkpoint import CheckpointError, load_json, load_safetensors
+
+    tf = _require_transformers()
+    folder = Path(hf_dir)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder / 'config.json'}: file not found (not a transformers model folder)")
+    try:
+        hf_cfg = tf.AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a config transformers can read: {e}") from None
+    cfg = config_from_hf(hf_cfg)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(load_json(index).get("weight_map", {}).values()))
+        files = [folder / s for s in shards]
+    elif (folder / "model.safetensors").is_file() or not list(folder.glob("*.bin")):
+        files = [folder / "model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{folder}: only pickled .bin weights; losslab imports safetensors only (pickles can run code): "
+            "re-save the model with save_pretrained(..., safe_serialization=True) where you trust it"
+        )
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update({k: v.float() for k, v in load_safetensors(f).items()})
+    pre = _prefixes(cfg)
+    if cfg.block == "neox" and "lm_head.weight" in state:  # transformers 5 in memory / some conversions
+        state["embed_out.weight"] = state.pop("lm_head.weight")
+    if f"{pre['head']}.weight" not in state and getattr(hf_cfg, "tie_word_embeddings", False):
+        state[f"{pre['head']}.weight"] = state[f"{pre['embed']}.weight"]
+    try:
+        converted = from_hf_state_dict(cfg, state)
+    except KeyError as e:
+        raise CheckpointError(f"{files[0]}: tensor {e} is missing (not a {hf_cfg.model_type} checkpoint?)") from None
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(converted)
+    except RuntimeError as e:
+        raise CheckpointError(f"{files[0]}: tensors do not match config.json: {str(e).splitlines()[0]}") from None
     return model.eval()

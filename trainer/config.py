@@ -66,6 +66,9 @@ class ModelSection:
     """RoPE base (HF ``rope_theta``)."""
     norm_eps: float = 1e-5
     """Epsilon of every LayerNorm / RMSNorm."""
+    scaled_init: bool = True
+    """Residual output projections start at init_std / sqrt(2 n_layers); false: every matrix at init_std (the
+    MiLe official code)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
@@ -93,6 +96,9 @@ class TrainSection:
     """Cosine decays to lr * min_lr_ratio (the MiLe paper decays to 0)."""
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    decay_final_norm: bool = False
+    """Also decay the final norm's weight, as the MiLe official code does (its no-decay name filter misses it);
+    every other norm and bias is never decayed."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -472,6 +478,7 @@ def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
         tie_embeddings=m.tie_embeddings,
         rotary_base=m.rotary_base,
         norm_eps=m.norm_eps,
+        scaled_init=m.scaled_init,
         **{
             name: pick(name)
             for name in (

@@ -10,11 +10,19 @@ from torch import nn
 
 from trainer.config import TrainSection
 
+FINAL_NORM = "ln_f.weight"
+
 
 def param_groups(model: nn.Module, train: TrainSection) -> list[dict[str, Any]]:
-    """Matrices decay; norms and biases (1-D parameters) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Matrices decay; norms and biases (1-D parameters) do not — except the final norm's weight with
+    ``train.decay_final_norm`` (the MiLe official code's filter)."""
+
+    def decays(name: str, p: nn.Parameter) -> bool:
+        return p.ndim >= 2 or (train.decay_final_norm and name == FINAL_NORM)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if decays(n, p)]
+    no_decay = [p for n, p in named if not decays(n, p)]
     return [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
