@@ -1,0 +1,65 @@
+"""Generation metrics of fine-tuned runs side by side, as a markdown table:
+``python scripts/generation_table.py runs/finetune/ce runs/finetune/pdl_a1 [--task shakespeare_dialogue]``.
+Reads each run's newest ``eval_results.json`` (written by the in-loop evaluation or ``scripts/evaluate.py``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
+import argparse
+import json
+
+COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
+
+
+def table(runs: list[str], task: str) -> str:
+    from trainer.checkpoint import resolve_checkpoint
+
+    lines = ["| run | loss | " + " | ".join(COLUMNS) + " | documents |", "|---" * (len(COLUMNS) + 3) + "|"]
+    reference = None
+    for run in runs:
+        ckpt = resolve_checkpoint(run)
+        results = json.loads((ckpt / "eval_results.json").read_text())
+        metrics = results["metrics"]
+        loss = _loss_name(ckpt)
+        cells = []
+        for c in COLUMNS:
+            value = metrics.get(f"{task}/{c}")
+            stderr = metrics.get(f"{task}/{c}_stderr")
+            cells.append("—" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else ""))
+        docs = results.get("n_samples", {}).get(task, {}).get("effective", "?")
+        lines.append(f"| {Path(run).name} | {loss} | " + " | ".join(cells) + f" | {docs} |")
+        reference = reference or metrics.get(f"{task}/rarity_reference")
+    if reference is not None:
+        lines.append(f"\nRarity of the reference replies: {reference:.4f} (mean -log relative training frequency).")
+    lines.append("± is lm-eval's standard error over documents (none for the corpus-level distinct-n and rarity).")
+    return "\n".join(lines)
+
+
+def _loss_name(ckpt: Path) -> str:
+    from omegaconf import OmegaConf
+
+    loss = OmegaConf.load(ckpt / "config.yaml").loss
+    return f"{loss.name}" + (f" (alpha {loss.alpha})" if loss.name == "pdl" else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories")
+    parser.add_argument("--task", default="shakespeare_dialogue")
+    args = parser.parse_args(argv)
+    from trainer.checkpoint_files import CheckpointError
+
+    try:
+        print(table(args.runs, args.task))
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
