@@ -119,3 +119,17 @@ def test_empty_corpus_fails_before_training(tmp_path: Path, corpus):
     stream = PackedStream([str(path)], Tokenizer(corpus["tokenizer"]), seq_len=16, batch_size=2)
     with pytest.raises(DataError, match="no window"):
         next(iter(stream))
+
+
+def test_token_counts_are_the_packed_streams_frequencies(corpus):
+    """count_tokens over the whole corpus (a budget larger than it) counts exactly what packing feeds the
+    model: every document's tokens plus one EOS each — PDL's weights and the eval's buckets rest on it."""
+    from data.counts import count_tokens
+
+    tok = Tokenizer(corpus["tokenizer"])
+    files = resolve_files([corpus["train_glob"]])
+    counts = count_tokens(files, tok, byte_budget=10**9)
+    stream = [t for path in files for d in iter_documents(path, ReadStats()) for t in (*tok.encode(d.text), tok.eos_id)]
+    assert torch.equal(counts, torch.bincount(torch.tensor(stream), minlength=tok.vocab_size))
+    # and a budget stops early, at whole documents
+    assert 0 < count_tokens(files, tok, byte_budget=2000).sum() < counts.sum()

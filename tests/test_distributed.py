@@ -51,7 +51,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def assert_same_losses(run_dir: Path, reference: Path) -> None:
-    """Every step of both runs logged, with equal losses (fp32, within 1e-5)."""
+    """Every step of both runs logged, with equal losses (fp32, within 1e-5: ten steps of reduction-order drift
+    reach ~4e-6). Too loose to tell a local normaliser from the right one on this near-uniform model; that is
+    pinned, for CE and MiLe with ignored labels and accumulation, by tests/test_truth_distributed.py."""
     got, ref = losses(run_dir), losses(reference)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:

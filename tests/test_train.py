@@ -204,7 +204,7 @@ def test_init_from_another_runs_weights(mile_run, corpus, tmp_path):
         None,
         debug_overrides(corpus, tmp_path / "bad", **{"model.init_from": str(mile_run.run_dir), "model.d_model": 32}),
     )
-    with pytest.raises(Exception, match="model.d_model=32 disagrees with model.init_from"):
+    with pytest.raises(Exception, match=r"model\.d_model=32 disagrees with model\.init_from"):
         build_run(bad)
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run this checkout's code, never an installed copy
 
 from trainer.losses import IGNORE_INDEX, build_loss
 
