@@ -151,11 +151,6 @@ def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state(
     assert steps == {2}, steps  # three steps, one skipped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README: grad_norm is logged under every layout; with train.grad_clip=0 under ZeRO-0 in fp32 neither "
-    "DeepSpeed nor the loop computes it (trainer/engine.py:loop_clips_gradients requires grad_clip > 0)",
-)
 def test_grad_norm_is_logged_without_clipping(corpus, dist_env, tmp_path):
     overrides = {"train.max_steps": 1, "train.log_every": 1, "train.grad_clip": 0.0, "train.precision": "fp32",
                  "distributed.zero_stage": 0, "eval.buckets": False, "checkpoint.at_end": False}  # fmt: skip

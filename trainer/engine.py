@@ -63,9 +63,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def loop_clips_gradients(train: TrainSection, distributed: DistributedSection) -> bool:
-    """True where DeepSpeed clips without keeping the norm (ZeRO-0 in fp32): the loop then clips, and logs the
-    norm it gets. Every other layout (ZeRO-1/2/3, bf16) computes and keeps the global norm itself."""
-    return train.grad_clip > 0 and distributed.zero_stage == 0 and not use_bf16(train.precision)
+    """True where DeepSpeed keeps no gradient norm (ZeRO-0 in fp32): the loop then clips (or, with
+    ``grad_clip=0``, only measures) and logs the norm it gets. Every other layout (ZeRO-1/2/3, bf16) computes
+    and keeps the global norm itself."""
+    return distributed.zero_stage == 0 and not use_bf16(train.precision)
 
 
 def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> dict[str, Any]:

@@ -154,7 +154,8 @@ def _train_step(run: Run, step: int) -> None:
             run.nonfinite_max_run = torch.maximum(run.nonfinite_max_run, run.nonfinite_run)
             run.last_nonfinite_step = torch.where(bad.bool(), step, run.last_nonfinite_step)
             if run.loop_clips:  # after the last backward, where the gradients are complete (and all-reduced)
-                run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+                max_norm = run.cfg.train.grad_clip or math.inf  # 0: measure only (a factor of exactly 1)
+                run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
         engine.step()
     optimizer.found_inf = None
     # the interval's metrics are means over its finite steps (a skipped step changed nothing)
