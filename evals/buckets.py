@@ -55,11 +55,6 @@ def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_t
     return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
-def _ce_only(ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    ones = torch.ones_like(ce)
-    return ce, ones, ones
-
-
 @torch.no_grad()
 def per_token_loss(model: GPT, windows: Tensor, batch_size: int = 8) -> tuple[Tensor, Tensor]:
     """-> (loss [n * seq_len] fp32, target token ids [n * seq_len]), without materialising the logits."""
@@ -70,7 +65,7 @@ def per_token_loss(model: GPT, windows: Tensor, batch_size: int = 8) -> tuple[Te
         hidden = model(batch[:, :-1])
         weight = model.head.weight[: model.cfg.vocab_size]
         y = batch[:, 1:].reshape(-1)
-        _, ce, _, _ = paths.chunked(hidden.reshape(-1, hidden.shape[-1]), weight, y, _ce_only)
+        ce = paths.token_ce(hidden.reshape(-1, hidden.shape[-1]), weight, y)
         losses.append(ce.float().cpu())
         targets.append(y.cpu())
     return torch.cat(losses), torch.cat(targets)

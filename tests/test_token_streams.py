@@ -145,3 +145,17 @@ def test_weight_zero_tokens_get_no_gradient(prepared, corpus, tmp_path):
         out.loss.backward(retain_graph=True)
         zero = (batch["weight"][:, 1:] == 0).reshape(hidden.shape[:2])
         assert zero.any() and (hidden.grad[zero] == 0).all() and (hidden.grad[~zero].abs().sum(-1) > 0).all()
+
+
+def test_online_reference_scoring_equals_the_scored_stream(scored, prepared, reference, corpus, tmp_path):
+    """loss.reference scores each micro-batch with the frozen reference: the same run as on scored data."""
+    common = {"loss.name": "rho1", "train.max_steps": 6, "train.log_every": 1}
+    stored, online = tmp_path / "stored", tmp_path / "online"
+    assert train(debug_overrides(corpus, stored, **common, **{"data.prepared": scored})).returncode == 0
+    proc = train(debug_overrides(corpus, online, **common, **{"data.prepared": prepared, "loss.reference": reference}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(d: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(online) == pytest.approx(losses(stored), rel=1e-5) and len(losses(online)) == 6

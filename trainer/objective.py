@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from data.batch import mask_document_starts
 from models.gpt import GPT
-from trainer.losses import LossOutput, TokenLoss
+from trainer.losses import IGNORE_INDEX, LossOutput, TokenLoss
+from trainer.losses.paths import token_ce
 
 
 class CausalLMObjective(nn.Module):
-    def __init__(self, model: GPT, loss_fn: TokenLoss) -> None:
+    def __init__(self, model: GPT, loss_fn: TokenLoss, reference: GPT | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn  # holds no parameters or buffers
+        # a frozen model that scores each batch (loss.reference): kept out of the module tree, so DeepSpeed
+        # neither partitions nor optimises it and checkpoints do not hold it
+        object.__setattr__(self, "reference", reference)
 
     def forward(
         self,
@@ -42,9 +47,21 @@ class CausalLMObjective(nn.Module):
                 raise ValueError(f"segment_ids {tuple(segment_ids.shape)} != windows {tuple(windows.shape)}")
             seg_in = segment_ids[:, :-1]  # [B, T]
             labels = mask_document_starts(labels, segment_ids)
+        if self.reference is not None:
+            token_inputs = {**(token_inputs or {}), "ref_ce": self._reference_ce(inputs, labels, seg_in)}
         hidden = self.model(inputs, segment_ids=seg_in)  # [B, T, d]
         # The loss runs inside the head's forward, so ZeRO-3 has the head weight gathered; its output, a named
         # tuple of a tensor and a dict, is a structure DeepSpeed's hooks see through.
         return self.model.head(
             hidden, lambda h, w: self.loss_fn(h, w, labels, denominator=denominator, token_inputs=token_inputs)
         )
+
+    @torch.no_grad()
+    def _reference_ce(self, inputs: Tensor, labels: Tensor, segment_ids: Tensor | None) -> Tensor:
+        """[B*T] the reference model's CE of each target (0 where ignored), in the order of the flattened labels."""
+        ref = self.reference
+        assert ref is not None
+        hidden = ref(inputs, segment_ids=segment_ids)  # [B, T, d]
+        weight = ref.head.weight[: ref.cfg.vocab_size]  # [V, d]
+        y = labels.reshape(-1)
+        return token_ce(hidden.reshape(-1, hidden.shape[-1]), weight, y).float().masked_fill(y == IGNORE_INDEX, 0.0)

@@ -32,6 +32,7 @@ from trainer.checkpoint import (
     CheckpointError,
     check_model_fits,
     latest_checkpoint,
+    load_model,
     resolve_checkpoint,
     restore,
     saved_model_config,
@@ -287,7 +288,8 @@ def build_run(cfg: RunConfig) -> Run:
     _prepare_run_dir(run_dir, cfg, resume_ckpt)
 
     loss_cls = resolve_loss(cfg.loss.name)
-    missing = [k for k in loss_cls.token_inputs if k not in source.streams]
+    online = {"ref_ce"} if cfg.loss.reference else set()  # scored each micro-batch by the reference model
+    missing = [k for k in loss_cls.token_inputs if k not in source.streams and k not in online]
     if missing:
         raise DataError(
             f"loss.name={cfg.loss.name} needs the per-token stream(s) {missing} with the data, and "
@@ -305,7 +307,13 @@ def build_run(cfg: RunConfig) -> Run:
         _init_weights(model, init)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
     loss_counts = counts if loss_cls.needs_token_counts else None
-    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts))
+    reference = None
+    if cfg.loss.reference:
+        reference, _ = load_model(cfg.loss.reference, device=accelerator_device())
+        if reference.cfg.vocab_size != tokenizer.vocab_size:
+            raise CheckpointError(f"loss.reference={cfg.loss.reference!r} was trained with another vocabulary")
+        reference.requires_grad_(False)
+    objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts), reference=reference)
     optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, cfg.distributed)
     train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
     engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg, cfg.distributed)

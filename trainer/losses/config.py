@@ -29,6 +29,10 @@ class LossConfig:
     """pdl only: if > 0, clip W at this multiple of its occurrence-weighted mean (W is rescaled to mean 1)."""
     keep_ratio: float = 0.6
     """rho1 only: the fraction of a call's valid tokens kept (those with the largest excess loss)."""
+    reference: str = ""
+    """rho1: a checkpoint (or run) directory of a frozen reference model scored online, each micro-batch, in
+    place of a ``ref_ce`` stream carried with the data (one extra forward of the reference per micro-batch;
+    ``scripts/score_reference.py`` pays it once, ahead of training)."""
     label_smoothing: float = 0.0
     """Any loss: the CE in the loss term becomes (1 - e) CE + e mean_v(-log p_v); weights are unchanged."""
     z_loss: float = 0.0

@@ -427,3 +427,15 @@ def chunked(
         return terms, w, Coefs(coef, coef) if need_coefs else None
 
     return fused(hidden, weight, labels, block_fn, chunk_rows, kernel)[:4]
+
+
+def _ce_rows(ce: Tensor, entropy: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    ones = torch.ones_like(ce)
+    return ce, ones, ones
+
+
+def token_ce(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """[N] cross-entropy of each row's label (0 where ignored), chunked: the [N, V] logits never exist.
+    For scoring (a reference model, held-out loss), not for training: no gradient is kept."""
+    with torch.no_grad():
+        return chunked(hidden, weight, labels, _ce_rows)[1]
