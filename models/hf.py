@@ -1,6 +1,7 @@
 """Conversion between losslab checkpoints and Hugging Face transformers models (GPTNeoXForCausalLM for the
-``neox`` block, LlamaForCausalLM for ``llama``). Only the real vocabulary rows travel; padding rows are
-re-created (untrained) on import. Needs ``transformers`` (a dev extra).
+``neox`` block, LlamaForCausalLM for ``llama``, grouped-query attention and tied embeddings included). Only
+the real vocabulary rows travel; padding rows are re-created (untrained) on import. Needs ``transformers`` (a
+dev extra).
 
 An exported folder loads in transformers 4.44+ and 5.x alike (tests/test_hf_compat.py runs both): the config
 carries the rotary settings under the keys each major reads (5.x: ``rope_parameters``; 4.x: ``rotary_pct`` /
@@ -38,7 +39,7 @@ def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None =
         num_attention_heads=cfg.n_heads,
         intermediate_size=cfg.d_mlp,
         max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         initializer_range=cfg.init_std,
@@ -46,6 +47,8 @@ def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None =
     if cfg.block == "neox":
         if not cfg.bias:
             raise ValueError("GPTNeoXForCausalLM has biases; a neox block without them cannot be exported")
+        if cfg.kv_heads != cfg.n_heads:
+            raise ValueError("GPTNeoXForCausalLM has no grouped-query attention; export this model as llama")
         return tf.GPTNeoXConfig(
             **common,
             hidden_act="gelu",
@@ -59,7 +62,7 @@ def hf_config(cfg: GPTConfig, *, bos_id: int | None = None, eos_id: int | None =
         raise ValueError("LlamaForCausalLM has full rotary and a sequential residual; this llama variant has not")
     return tf.LlamaConfig(
         **common,
-        num_key_value_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
         hidden_act="silu",
         rms_norm_eps=cfg.norm_eps,
         attention_bias=cfg.bias,
@@ -153,7 +156,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
     V = cfg.vocab_size
     out = {
         f"{pre['embed']}.weight": sd["embed.weight"][:V],
-        f"{pre['head']}.weight": sd["head.weight"][:V],
+        # tied: the head is the embedding (HF's tied lm_head reads the same matrix)
+        f"{pre['head']}.weight": sd["head.weight" if "head.weight" in sd else "embed.weight"][:V],
         f"{pre['ln_f']}.weight": sd["ln_f.weight"],
     }
     if "ln_f.bias" in sd:
@@ -164,10 +168,13 @@ def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
         for k, v in mapping.items():
             if ours + k in sd:
                 out[theirs + v] = sd[ours + k]
-        if cfg.block == "llama":  # split the fused [H, 3, hd] QKV rows into q, k, v projections
-            qkv = sd[ours + "attn.qkv.weight"].view(cfg.n_heads, 3, cfg.head_dim, cfg.d_model)
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"{theirs}self_attn.{name}.weight"] = qkv[:, j].reshape(cfg.d_model, cfg.d_model)
+        if cfg.block == "llama":  # split the fused [KV, g + 2, hd] QKV rows (models/gpt.py) into q, k, v
+            KV, hd, d = cfg.kv_heads, cfg.head_dim, cfg.d_model
+            g = cfg.n_heads // KV
+            qkv = sd[ours + "attn.qkv.weight"].view(KV, g + 2, hd, d)
+            out[f"{theirs}self_attn.q_proj.weight"] = qkv[:, :g].reshape(cfg.n_heads * hd, d)  # head kv * g + j
+            out[f"{theirs}self_attn.k_proj.weight"] = qkv[:, g].reshape(KV * hd, d)
+            out[f"{theirs}self_attn.v_proj.weight"] = qkv[:, g + 1].reshape(KV * hd, d)
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -178,6 +185,8 @@ def from_hf_state_dict(cfg: GPTConfig, hf: dict[str, Tensor]) -> dict[str, Tenso
     V = cfg.vocab_size
     sd: dict[str, Tensor] = {}
     for ours, theirs in (("embed.weight", f"{pre['embed']}.weight"), ("head.weight", f"{pre['head']}.weight")):
+        if ours not in fresh:  # tied: no head of its own
+            continue
         full = fresh[ours].clone()
         full[:V] = hf[theirs]
         sd[ours] = full
@@ -190,12 +199,13 @@ def from_hf_state_dict(cfg: GPTConfig, hf: dict[str, Tensor]) -> dict[str, Tenso
         for k, v in mapping.items():
             if theirs + v in hf:
                 sd[ours + k] = hf[theirs + v]
-        if cfg.block == "llama":
-            parts = [
-                hf[f"{theirs}self_attn.{n}.weight"].view(cfg.n_heads, cfg.head_dim, cfg.d_model)
-                for n in ("q_proj", "k_proj", "v_proj")
-            ]
-            sd[ours + "attn.qkv.weight"] = torch.stack(parts, dim=1).reshape(3 * cfg.d_model, cfg.d_model)
+        if cfg.block == "llama":  # q, k, v projections -> fused rows [KV, g + 2, hd] (models/gpt.py)
+            KV, hd, d = cfg.kv_heads, cfg.head_dim, cfg.d_model
+            g = cfg.n_heads // KV
+            q = hf[f"{theirs}self_attn.q_proj.weight"].view(KV, g, hd, d)  # query head h = kv * g + j
+            k = hf[f"{theirs}self_attn.k_proj.weight"].view(KV, 1, hd, d)
+            v = hf[f"{theirs}self_attn.v_proj.weight"].view(KV, 1, hd, d)
+            sd[ours + "attn.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape((cfg.n_heads + 2 * KV) * hd, d)
     return sd
 
 
@@ -208,7 +218,11 @@ def config_from_hf(hf_cfg: Any) -> GPTConfig:
         n_heads=hf_cfg.num_attention_heads,
         d_mlp=hf_cfg.intermediate_size,
         max_seq_len=hf_cfg.max_position_embeddings,
+        tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
     )
+    head_dim = getattr(hf_cfg, "head_dim", None)
+    if head_dim and head_dim != hf_cfg.hidden_size // hf_cfg.num_attention_heads:
+        raise ValueError(f"head_dim={head_dim} is not hidden_size / num_attention_heads, as losslab's blocks need")
     if hf_cfg.model_type == "gpt_neox":
         return GPTConfig(
             **shape,
@@ -220,10 +234,10 @@ def config_from_hf(hf_cfg: Any) -> GPTConfig:
             bias=True,
         )
     if hf_cfg.model_type == "llama":
-        if getattr(hf_cfg, "num_key_value_heads", hf_cfg.num_attention_heads) != hf_cfg.num_attention_heads:
-            raise ValueError("grouped-query attention is not supported by losslab's llama block")
+        kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or hf_cfg.num_attention_heads
         return GPTConfig(
             **shape,
+            n_kv_heads=0 if kv_heads == hf_cfg.num_attention_heads else kv_heads,
             block="llama",
             rotary_pct=1.0,
             rotary_base=rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)),

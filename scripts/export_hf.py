@@ -4,25 +4,36 @@ safetensors, config, tokenizer), e.g. for ``lm_eval --model hf --model_args pret
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
+import argparse
+import shutil
+
 from data.hf_tokenizer import to_hf_tokenizer
 from data.tokenizer import Tokenizer
-from models.hf import to_hf_model
-from trainer.checkpoint import load_model
+from models.hf import make_portable, to_hf_model
+from trainer.checkpoint import CheckpointError, load_model
 
 
 def export(checkpoint: str, out: str) -> Path:
     model, ckpt = load_model(checkpoint)
-    sp = Tokenizer(str(ckpt / "tokenizer.model"))
-    hf_model = to_hf_model(model, bos_id=sp.bos_id if sp.bos_id >= 0 else None, eos_id=sp.eos_id)
+    tok = Tokenizer(ckpt)  # the checkpoint's own: a sentencepiece .model or a tokenizer.json
+    if tok.vocab_size != model.cfg.vocab_size:  # a checkpoint's tokenizer is the one it was trained with
+        raise CheckpointError(
+            f"{tok.path} has {tok.vocab_size} tokens but the model's vocabulary is {model.cfg.vocab_size}: "
+            "not the tokenizer this checkpoint was trained with"
+        )
+    hf_model = to_hf_model(model, bos_id=tok.bos_id if tok.bos_id >= 0 else None, eos_id=tok.eos_id)
     out_dir = Path(out)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
-    to_hf_tokenizer(str(ckpt / "tokenizer.model")).save_pretrained(out_dir)
-    shutil.copyfile(ckpt / "tokenizer.model", out_dir / "tokenizer.model")  # for the reverse import
+    if "tokenizer.model" in tok.files:  # sentencepiece: a fast tokenizer that encodes exactly like it
+        to_hf_tokenizer(tok.path).save_pretrained(out_dir)
+    for name, src in tok.files.items():  # tokenizer.json (+ config, chat template) as is; tokenizer.model for
+        shutil.copyfile(src, out_dir / name)  # the reverse import
+    make_portable(out_dir, model.cfg)  # loadable by transformers 4.44+ and 5.x alike
     return out_dir
 
 
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

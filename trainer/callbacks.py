@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -121,21 +124,162 @@ def _namespaced(key: str) -> str:
     return f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
 
 
-def run_names(cfg: RunConfig) -> tuple[str, str, list[str]]:
-    """W&B (name, group, tags): runs of one model shape share a group, so a group's workspace compares losses;
-    the name says size, block, loss and seed (e.g. ``468m-neox-mile-s1``). Explicit names win."""
+# The parameters of each loss that change its math, as (config key, short tag, always shown): the primary one is
+# always in the name (so "mile-g1" says which gamma), the others only when they differ from their default.
+LOSS_NAME_PARAMS: dict[str, list[tuple[str, str, bool]]] = {
+    "ce": [],
+    "focal": [("gamma", "g", True), ("count_ignored", "official", False)],
+    "focal_lin": [("gamma", "g", True), ("focal_alpha", "a", True)],
+    "mile": [("gamma", "g", True), ("count_ignored", "official", False)],
+    "pdl": [("alpha", "a", True), ("smoothing", "k", False), ("max_weight", "w", False)],
+}
+
+
+def _short(value: float | bool) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower()
+
+
+def loss_tag(loss: Any) -> str:
+    """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``: the loss and the parameters that matter. ``loss``:
+    a run's loss section (a ``LossConfig`` or the ``loss`` mapping of a saved config.yaml)."""
+    from trainer.losses.config import LossConfig
+
+    default = LossConfig()
+    parts = [loss.name]
+    for key, tag, always in LOSS_NAME_PARAMS.get(loss.name, []):
+        value = getattr(loss, key, getattr(default, key))
+        if isinstance(value, bool):
+            if value != getattr(default, key):
+                parts.append(tag)
+        elif always or value != getattr(default, key):
+            parts.append(f"{tag}{_short(value)}")
+    return "-".join(parts)
+
+
+def run_names(cfg: RunConfig, experiment: str = "") -> tuple[str, str, list[str]]:
+    """W&B (name, group, tags): runs of one model shape share a group, so a group's workspace compares losses.
+    The name is derived from what the run is, never pinned by a config file that an override could contradict:
+    ``[experiment-]size-block-loss[-params]-sSEED`` (e.g. ``468m-llama-mile-g1-s1``); ``run.name`` wins."""
     m = cfg.model
     shape = f"{m.preset}-{m.block}"
-    name = cfg.run.name or f"{shape}-{cfg.loss.name}-s{cfg.train.seed}"
+    derived = f"{shape}-{loss_tag(cfg.loss)}-s{cfg.train.seed}"
+    name = cfg.run.name or (f"{experiment}-{derived}" if experiment else derived)
     return name, cfg.wandb.group or shape, [f"loss:{cfg.loss.name}", f"size:{m.preset}", f"block:{m.block}"]
 
 
-def build_callbacks(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]) -> list[Callback]:
+def _human(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# eval keys that are bookkeeping, not results
+_EVAL_SKIP = ("_stderr", "sample_len", "_tokens", "/tokens", "_loss")
+
+
+class ConsoleProgress(Callback):
+    """What a user sees while training (rank 0): at every logging step the step, the interval-mean loss and
+    ``ce``, lr, throughput, MFU where known and the time left; evaluations and checkpoints on lines of their
+    own. A tqdm bar on a terminal; plain lines (one per logging step) when stdout is a file or a pipe, as under
+    a cluster scheduler."""
+
+    def __init__(self, max_steps: int, start_step: int = 1, *, bar: bool | None = None) -> None:
+        self.max_steps, self.start_step = max_steps, start_step
+        self.width = len(str(max_steps))
+        self.t0 = time.perf_counter()
+        self.use_bar = sys.stdout.isatty() if bar is None else bar
+        self.bar: Any = None
+        if self.use_bar:  # started now, so that tqdm's rate and time left count from the first step
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step - 1, unit="step", file=sys.stdout, dynamic_ncols=True,
+                            desc="train")  # fmt: skip
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step + 1
+        return (time.perf_counter() - self.t0) / done * (self.max_steps - step) if done > 0 else math.inf
+
+    def describe(self, metrics: dict[str, float]) -> list[str]:
+        fields = [f"loss {metrics['loss']:.4f}"]
+        if "ce" in metrics:
+            fields.append(f"ce {metrics['ce']:.4f}")
+        fields.append(f"lr {metrics['lr']:.2e}")
+        if "grad_norm" in metrics:
+            fields.append(f"gnorm {metrics['grad_norm']:.3g}")
+        fields.append(f"{_human(metrics['tokens_per_s'])} tok/s")
+        if "perf/mfu" in metrics:
+            fields.append(f"mfu {100 * metrics['perf/mfu']:.1f}%")
+        return fields
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if any(k.startswith(("eval/", "eval_bucket/")) for k in metrics):
+            self._write(_eval_line(step, metrics))
+        if "loss" not in metrics or "tokens_per_s" not in metrics:
+            return
+        fields = self.describe(metrics)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(" | ".join(fields), refresh=True)
+            return
+        pct = 100 * step / self.max_steps
+        head = f"step {step:>{self.width}}/{self.max_steps} ({pct:3.0f}%)"
+        self._write(" | ".join([head, *fields, f"eta {_duration(self.eta(step))}"]))
+
+    def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
+        self._write(f"checkpoint step {step}{' (final)' if final else ''}: {ckpt}")
+
+    def on_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _eval_line(step: int, metrics: dict[str, float]) -> str:
+    """``eval step 250: task/acc 0.3100 ± 0.0207 | held-out loss 5.12 (ppl 168) | ppl by frequency high 95 ...``"""
+    parts = []
+    for key, value in sorted(metrics.items()):
+        base, at, shots = key.partition("@")  # k-shot results: task/acc@5shot, task/acc_stderr@5shot
+        if key.startswith("eval/") and not base.endswith(_EVAL_SKIP):
+            name = key.removeprefix("eval/")
+            stderr = metrics.get(f"{base}_stderr{at}{shots}")
+            parts.append(f"{name} {value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    if "eval_bucket/loss" in metrics:
+        parts.append(f"held-out loss {metrics['eval_bucket/loss']:.4f} (ppl {metrics['eval_bucket/ppl']:.1f})")
+    buckets = [(k.split("/", 1)[1].removesuffix("_ppl"), v) for k, v in metrics.items()
+               if k.startswith("eval_bucket/") and k.endswith("_ppl")]  # fmt: skip
+    if buckets:
+        parts.append("ppl by frequency " + ", ".join(f"{name} {value:.1f}" for name, value in buckets))
+    return f"eval step {step}: " + " | ".join(parts)
+
+
+def build_callbacks(
+    cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int = 1, experiment: str = ""
+) -> list[Callback]:
+    """``start_step``: the first step this process trains (after a resume, the checkpoint's step + 1), for the
+    console's ETA. ``experiment``: a prefix for the derived W&B run name (e.g. the experiment file's stem)."""
     callbacks: list[Callback] = []
     if dist.get_rank() == 0:
         callbacks.append(MetricsJsonl(run_dir / "metrics.jsonl"))
         if cfg.wandb.mode != "disabled":
-            name, group, tags = run_names(cfg)
+            name, group, tags = run_names(cfg, experiment)
             callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config_dict))
+        # before the eval callback: a checkpoint's line comes before the evaluation that follows it
+        callbacks.append(ConsoleProgress(cfg.train.max_steps, start_step))
     callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files))
     return callbacks

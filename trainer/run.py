@@ -360,7 +360,7 @@ def build_run(cfg: RunConfig) -> Run:
         model=model,
         engine=engine,
         optimizer=optimizer,
-        callbacks=build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}),
+        callbacks=build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}, start_step=start_step),
         info=info,
         config_yaml=config_yaml,
         start_step=start_step,

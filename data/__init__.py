@@ -1,0 +1,1 @@
+"""Data pipeline: shards, tokenizers, packing, streaming, preparation, fine-tuning records."""
