@@ -50,22 +50,15 @@ def build_source(
         return MemmapSource(batches, corpus, num_workers=cfg.num_workers)
     if cfg.mix:
         raise DataError("data.mix needs data.prepared (prepared data split by source)")
-    if cfg.sft_files:
-        return PackedStream(
-            cfg.sft_files,
-            tokenizer,
-            seq_len=cfg.seq_len,
-            batch_size=batch_size,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            shuffle_buffer=cfg.shuffle_buffer,
-            document_format=FineTuningRecords(cfg.train_on_prompt),
+    if not cfg.train_files and not cfg.sft_files:
+        raise DataError(
+            "no training data: set data.train_files (shards), data.sft_files (fine-tuning records) or "
+            "data.prepared (prepared data)"
         )
-    if not cfg.train_files:
-        raise DataError("no training data: set data.train_files (shards) or data.prepared (prepared data)")
+    # fine-tuning records stream through the same packing, sharding and resume as pretraining text
+    records = FineTuningRecords(cfg.train_on_prompt) if cfg.sft_files else None
     return PackedStream(
-        cfg.train_files,
+        cfg.sft_files or cfg.train_files,
         tokenizer,
         seq_len=cfg.seq_len,
         batch_size=batch_size,
@@ -73,6 +66,7 @@ def build_source(
         rank=rank,
         world_size=world_size,
         shuffle_buffer=cfg.shuffle_buffer,
+        document_format=records,
     )
 
 

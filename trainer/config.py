@@ -423,6 +423,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if d.offload_params and d.zero_stage != 3:
         raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
+    if cfg.data.sft_files and cfg.data.train_files:
+        raise ConfigError("set data.train_files (pretraining text) or data.sft_files (fine-tuning records), not both")
     if cfg.train.global_batch_size and cfg.train.global_batch_tokens:
         raise ConfigError("set train.global_batch_size or train.global_batch_tokens, not both")
     if cfg.train.global_batch_tokens % cfg.data.seq_len:
