@@ -18,7 +18,7 @@ from models import GPT, KVCache
 
 @dataclass
 class _Generation:
-    """One greedy generation in progress."""
+    """One generation in progress: greedy, or sampled at ``temperature`` from its own seeded generator."""
 
     prompt: list[int]
     until: list[str]
@@ -26,6 +26,15 @@ class _Generation:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
+    temperature: float = 0.0
+    rng: torch.Generator | None = None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from [V] logits."""
+        if self.rng is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=self.rng))
 
 
 def uses_bf16(precision: str, device: str | torch.device) -> bool:
@@ -134,16 +143,23 @@ class LosslabLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, batched without padding: prompts of the same length in tokens decode together,
-        so every row of a batch grows by one token a step (the model takes no attention mask). A row stops
-        at end-of-text, at a stop sequence or at its ``max_gen_toks``, and leaves the batch."""
+        """Greedy decoding, or with ``do_sample`` (and ``temperature``, default 1) sampling seeded per request:
+        ``seed`` (default 0) and the request's index in the call fix each request's generator, so a sample does
+        not depend on how requests were batched. Batched without padding: prompts of the same length in tokens
+        decode together, so every row of a batch grows by one token a step (the model takes no attention mask).
+        A row stops at end-of-text, at a stop sequence or at its ``max_gen_toks``, and leaves the batch."""
         gens = []
-        for req in requests:
+        for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             prompt = self.tok_encode(context) or [self.prefix_token_id]
-            gens.append(_Generation(prompt, until, int(gen_kwargs.get("max_gen_toks", 256))))
+            g = _Generation(prompt, until, int(gen_kwargs.get("max_gen_toks", 256)))
+            temperature = float(gen_kwargs.get("temperature", 1.0))
+            if gen_kwargs.get("do_sample") and temperature > 0:
+                g.temperature = temperature
+                g.rng = torch.Generator().manual_seed(int(gen_kwargs.get("seed", 0)) * 1_000_003 + index)
+            gens.append(g)
         by_length: dict[int, list[_Generation]] = defaultdict(list)
         for g in gens:
             by_length[len(g.prompt)].append(g)
@@ -175,7 +191,8 @@ class LosslabLM(TemplateLM):
             with self._autocast():
                 last = self.model.head(self.model(window, cache)[:, -1])  # [B, V]: next-token logits only
             keep = []
-            for i, (g, next_id) in enumerate(zip(active, last.argmax(-1).tolist(), strict=True)):
+            picked = [g.pick(row) for g, row in zip(active, last, strict=True)]  # greedy or sampled, row by row
+            for i, (g, next_id) in enumerate(zip(active, picked, strict=True)):
                 if next_id == self.eot_token_id:
                     g.done = True
                 else:

@@ -290,3 +290,33 @@ def test_build_dialogue_data_script_from_an_sdist(tmp_path):
     assert set(manifest["skipped_works"]) == {"sonnets_gut", "paradise_regained_gut"}
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "already built" in again.stdout  # idempotent
+
+
+def test_seeded_sampling_draws_from_the_model_and_ignores_batching(lm):
+    """do_sample: each request's tokens are draws from softmax(logits / T) with its own seeded generator — the same
+    whatever else is in the batch (greedy decoding is tested in tests/test_eval.py)."""
+    from lm_eval.api.instance import Instance
+
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": True, "temperature": 0.8, "seed": 3}
+    prompts = ["The king", "The queen", "The king"]  # the same prompt twice: two different draws
+
+    def requests(ps: list[str], extra: dict) -> list:
+        return [Instance("generate_until", {}, (p, {**kwargs, **extra}), i) for i, p in enumerate(ps)]
+
+    together = lm.generate_until(requests(prompts, {}))
+    lm.batch_size, saved = 1, lm.batch_size
+    alone = lm.generate_until(requests(prompts, {}))
+    lm.batch_size = saved
+    assert together == alone and together[0] != together[2]
+    # by hand: the first request's tokens, drawn step by step from the model's own distribution
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 0)
+    ids = lm.tok_encode("The king")
+    drawn = []
+    for _ in range(6):
+        with torch.no_grad():
+            logits = lm.model.logits(torch.tensor([ids + drawn]))[0, -1]
+        token = int(torch.multinomial(torch.softmax(logits.float() / 0.8, -1), 1, generator=g))
+        if token == lm.eot_token_id:
+            break
+        drawn.append(token)
+    assert together[0] == lm.tok_decode(drawn).split("\n\n")[0]
