@@ -43,8 +43,9 @@ doc_to_text: prompt
 doc_to_target: response
 generation_kwargs:
   until: {until}
-  do_sample: false
-  temperature: 0.0
+  do_sample: {do_sample}
+  temperature: {temperature}
+  seed: {seed}
   max_gen_toks: {max_gen_toks}
 process_results: !function {module}.process_results
 metric_list:
@@ -117,12 +118,16 @@ def write_generation_task(
     *,
     until: Sequence[str] = ("\n\n",),
     max_gen_toks: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> Path:
     """A local lm-eval ``generate_until`` task from ``{"prompt", "response"}`` records: the model continues the
     prompt greedily until a stop string in ``until`` (or ``max_gen_toks`` tokens) and the output is scored against
     the response with ROUGE-1/2/L, length and degeneracy (means over documents) and distinct-1/2 (over all
-    outputs). Writes ``NAME.yaml``, ``NAME.jsonl`` and ``generation_metrics.py`` (the metrics, copied) in
-    ``out_dir``; returns the YAML path. For one-line replies (the Shakespeare dialogue data) ``until=("\\n",)``."""
+    outputs). ``temperature`` > 0 samples instead, each document from its own generator seeded by ``seed`` and
+    its position (``evals/lm.py``), so a sampled task is as reproducible as a greedy one. Writes ``NAME.yaml``,
+    ``NAME.jsonl`` and ``generation_metrics.py`` (the metrics, copied) in ``out_dir``; returns the YAML path.
+    For one-line replies (the Shakespeare dialogue data) ``until=("\\n",)``."""
     if not until or not all(isinstance(s, str) and s for s in until):
         raise ValueError(f"until={until!r}: give non-empty stop strings")
     if max_gen_toks < 1:
@@ -142,6 +147,9 @@ def write_generation_task(
             data_file=json.dumps(str(data_file)),
             until=json.dumps(list(until)),
             max_gen_toks=max_gen_toks,
+            do_sample=json.dumps(temperature > 0),
+            temperature=temperature,
+            seed=seed,
             module=METRICS_MODULE,
         )
     )

@@ -80,7 +80,7 @@ from evals import generation_metrics
 from evals.generation import write_generation_task
 from scripts.build_default_corpus import HELD_OUT, PACKAGE, fetch_sdist, read_works
 
-RULES_VERSION = 1  # bump when the parsing or record rules change
+RULES_VERSION = 2  # bump when the parsing, record or task rules change (2: a sampled task beside the greedy one)
 TASK = "shakespeare_dialogue"
 TASK_UNTIL = ("\n",)  # a reply is one line: a newline ends it (and starts the next speaker's tag)
 MIN_PLAY_TURNS = 100  # fewer turns: a poem, not a play
@@ -351,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         [splits["val"][i] for i in picked],
         until=TASK_UNTIL,
         max_gen_toks=args.max_gen_toks,
+    )
+    # the same prompts, sampled at temperature 0.7 with a fixed seed: how the losses behave off the argmax path
+    write_generation_task(
+        out / "tasks",
+        TASK + "_sampled",
+        [splits["val"][i] for i in picked],
+        until=TASK_UNTIL,
+        max_gen_toks=args.max_gen_toks,
+        temperature=0.7,
+        seed=0,
     )
     manifest = {
         "settings": settings,
