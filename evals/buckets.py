@@ -4,11 +4,14 @@ Vocabulary buckets from training-data counts: sorted by frequency, ``high`` hold
 together cover the first 80% of occurrences, ``medium`` the next 15%, ``low`` the last 5% (tokens never seen
 in the counts are ``low``). Each held-out target token falls in its bucket; per bucket we report the mean
 loss, its perplexity and the token count. The token-weighted mean of the bucket losses is the overall loss.
+``document_losses`` keeps the same numbers per held-out document (summed loss and token count, overall and per
+bucket), the units over which ``evals/stats.py`` pairs two runs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,14 +40,29 @@ def frequency_buckets(counts: Tensor) -> Tensor:
     return bucket
 
 
-def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> Tensor:
-    """[n, seq_len + 1] windows of the held-out documents (EOS between documents), up to ``max_tokens``."""
+@dataclass
+class HeldOut:
+    windows: Tensor
+    """[n, seq_len + 1] int64 token windows of the held-out documents packed back to back (EOS after each)."""
+    document: Tensor
+    """[n, seq_len + 1] int64: the index (in file order) of the document each token belongs to; a document's
+    EOS is its own. A target token's document is ``document[:, 1:]``."""
+
+
+def held_out_documents(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> HeldOut:
+    """The held-out documents (EOS between them) cut into windows, up to ``max_tokens``, with each token's
+    document, so losses can be summed per document for paired comparisons between runs."""
     stream: list[int] = []
+    owner: list[int] = []
     need = max_tokens + seq_len + 1
+    index = 0
     for path in resolve_files(files):
         for doc in iter_documents(path, ReadStats()):
-            stream.extend(tokenizer.encode(doc.text))
+            ids = tokenizer.encode(doc.text)
+            stream.extend(ids)
             stream.append(tokenizer.eos_id)
+            owner.extend([index] * (len(ids) + 1))
+            index += 1
             if len(stream) >= need:
                 break
         if len(stream) >= need:
@@ -52,7 +70,16 @@ def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_t
     n = min(len(stream), need) // (seq_len + 1)
     if n == 0:
         raise ValueError(f"held-out data {files} hold fewer than {seq_len + 1} tokens")
-    return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
+    cut = n * (seq_len + 1)
+    return HeldOut(
+        windows=torch.tensor(stream[:cut]).view(n, seq_len + 1),
+        document=torch.tensor(owner[:cut]).view(n, seq_len + 1),
+    )
+
+
+def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> Tensor:
+    """[n, seq_len + 1] windows of the held-out documents (EOS between documents), up to ``max_tokens``."""
+    return held_out_documents(files, tokenizer, seq_len, max_tokens).windows
 
 
 @torch.no_grad()
@@ -82,4 +109,28 @@ def bucket_metrics(loss: Tensor, targets: Tensor, buckets: Tensor) -> dict[str, 
             mean = loss[mask].mean().item()
             out[f"{name}_loss"] = mean
             out[f"{name}_ppl"] = math.exp(mean)
+    return out
+
+
+def document_losses(loss: Tensor, targets: Tensor, document: Tensor, buckets: Tensor) -> dict[str, list[float]]:
+    """Per held-out document (the tokens ``bucket_metrics`` scores, nothing else): its summed loss and token
+    count overall and per frequency bucket, as parallel lists in document order. ``loss``, ``targets``,
+    ``document``: [N] per target token (``document``: ``HeldOut.document[:, 1:]`` flattened). The sums over
+    documents are the aggregate numbers times the token counts, so a paired comparison of two runs over these
+    documents is a comparison of exactly the numbers reported."""
+    docs, inverse = torch.unique(document, return_inverse=True)  # [D] sorted ids, [N] position of each token
+    k = len(docs)
+    token_bucket = buckets[targets]  # [N]
+    loss64 = loss.double()
+    out: dict[str, list[float]] = {"doc_id": docs.tolist()}
+
+    def sums(mask: Tensor | None) -> tuple[list[float], list[float]]:
+        w = torch.ones_like(loss64) if mask is None else mask.double()
+        total = torch.zeros(k, dtype=torch.float64).index_add_(0, inverse, loss64 * w)
+        count = torch.zeros(k, dtype=torch.float64).index_add_(0, inverse, w)
+        return total.tolist(), count.tolist()
+
+    out["loss"], out["tokens"] = sums(None)
+    for i, (name, _) in enumerate(BUCKETS):
+        out[f"{name}_loss"], out[f"{name}_tokens"] = sums(token_bucket == i)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from evals.buckets import bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
+from evals.buckets import bucket_metrics, document_losses, frequency_buckets, held_out_documents, per_token_loss
 from evals.generation import rarity_metrics
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
@@ -19,6 +19,8 @@ from trainer.checkpoint_files import load_json, load_safetensors
 RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "eval_samples.json"
 """Per-document scores of each task, beside ``eval_results.json`` (see ``document_scores``)."""
+HELD_OUT_FILE = "eval_held_out.json"
+"""Per held-out document summed loss and token count, overall and per frequency bucket (``document_losses``)."""
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -56,14 +58,19 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
     )
 
 
-def run_buckets(model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int) -> dict[str, float]:
+def run_buckets(
+    model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses``)."""
     counts_file = ckpt / COUNTS_FILE
     if not counts_file.is_file():
         raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
     counts = load_safetensors(counts_file)["token_counts"]
-    windows = held_out_windows(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
-    loss, targets = per_token_loss(model, windows, batch_size=batch_size)
-    return bucket_metrics(loss, targets, frequency_buckets(counts))
+    held_out = held_out_documents(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
+    loss, targets = per_token_loss(model, held_out.windows, batch_size=batch_size)  # [n * seq_len] each
+    buckets = frequency_buckets(counts)
+    per_doc = document_losses(loss, targets, held_out.document[:, 1:].reshape(-1), buckets)
+    return bucket_metrics(loss, targets, buckets), per_doc
 
 
 def evaluate_checkpoint(
@@ -116,10 +123,11 @@ def evaluate_checkpoint(
         results[f"{k}shot"] = raw.get("results", {})
         n_samples.update(raw.get("n-samples", {}))
         per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
+    held_out: dict[str, Any] | None = None
     if val_files:
-        metrics.update(
-            {f"bucket/{k}": v for k, v in run_buckets(model, ckpt, val_files, val_tokens, batch_size).items()}
-        )
+        aggregate, per_doc = run_buckets(model, ckpt, val_files, val_tokens, batch_size)
+        metrics.update({f"bucket/{k}": v for k, v in aggregate.items()})
+        held_out = {"step": None, "files": list(val_files), "val_tokens": val_tokens, **per_doc}
     meta = load_json(ckpt / META)
     summary = {
         "checkpoint": str(ckpt),
@@ -136,6 +144,9 @@ def evaluate_checkpoint(
     (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if per_document:
         (ckpt / SAMPLES_FILE).write_text(json.dumps(per_document) + "\n")
+    if held_out is not None:
+        held_out["step"] = meta.get("step")  # a later evaluation of another checkpoint cannot be mistaken for it
+        (ckpt / HELD_OUT_FILE).write_text(json.dumps(held_out) + "\n")
     return summary
 
 

@@ -12,8 +12,15 @@ optimised ``loss`` of MiLe, focal or PDL is on its own scale and is only listed)
   against the CE baseline (paired by seed where the baseline has the same seeds);
 - ``downstream.png``: lm-eval scores with error bars (the larger of lm-eval's standard error and the spread
   over seeds) and each task's chance level;
-- ``summary.md`` (the tables), ``summary.csv`` (every number in them, per run and per group, full precision)
-  and ``curves.csv`` (the plotted curves).
+- ``differences.png``: every difference against the CE baseline with its 95% interval (``evals/stats.py``):
+  held-out loss overall and per frequency bucket and downstream scores paired over documents (bootstrap) with
+  the seeds' spread on top; per-domain held-out loss from the seeds' spread alone (no per-document data);
+- ``summary.md`` (the tables, a verdict per difference: better / worse / no difference at this power, and the
+  interval's half-width: the smallest difference it could detect), ``summary.csv`` (every number in them, per
+  run and per group, full precision, with ``lo``/``hi``/``verdict`` for the differences) and ``curves.csv``.
+
+Runs trained on different token budgets (final tokens), tokenizers (``run_info.json`` ``tokenizer_sha256``) or
+data (``run_info.json`` ``data_files``, ``data.val_files``) are refused (exit 2) unless ``--force``.
 """
 
 from __future__ import annotations
@@ -38,10 +45,13 @@ import matplotlib.pyplot as plt
 import yaml
 from omegaconf import OmegaConf
 
+from evals.stats import Interval, difference, seed_interval
 from evals.task_sets import resolve_tasks
 from trainer.callbacks import loss_tag
 
 BUCKETS = ("high", "medium", "low")
+# Beside each evaluated checkpoint (the names of evals/runner.py, not imported: it loads DeepSpeed)
+HELD_OUT_FILE, SAMPLES_FILE = "eval_held_out.json", "eval_samples.json"
 SCORES = ("acc", "acc_norm", "exact_match")
 # Config keys that do not change what a run computes: runs differing only here (and by seed) are repeats.
 BOOKKEEPING_PREFIXES = ("run.", "wandb.", "checkpoint.", "debug.", "distributed.", "eval.")
@@ -69,16 +79,28 @@ class Run:
     """The final evaluation: ``eval/TASK/METRIC`` and ``eval_bucket/...`` keys."""
     eval_tasks: list[str] = field(default_factory=list)
     eval_limit: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    """run_info.json (tokenizer_sha256, data_files, ...); empty for runs that predate it."""
+    held_out: dict[str, Any] | None = None
+    """Per held-out document losses of the final evaluation (evals/runner.py HELD_OUT_FILE)."""
+    samples: dict[str, Any] = field(default_factory=dict)
+    """lm-eval's per-document scores of the final evaluation ({task[@kshot]: {metric: [...], "doc_id": [...]}})."""
+    domains: dict[str, float] = field(default_factory=dict)
+    """``eval_domain/<d>/loss`` (and overall/average/worst) at the last step that logged them."""
 
 
-def _eval_results(run_dir: Path, last_step: int) -> dict[str, Any] | None:
-    """The latest checkpoint's eval_results.json (also written by a later scripts/evaluate.py), if it
-    evaluated the last step."""
+def _eval_results(run_dir: Path, last_step: int) -> tuple[dict[str, Any] | None, Path | None]:
+    """The latest checkpoint's eval_results.json (also written by a later scripts/evaluate.py) and that
+    checkpoint, if it evaluated the last step."""
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     if not ckpts or not (ckpts[-1] / "eval_results.json").is_file():
-        return None
+        return None, None
     results = json.loads((ckpts[-1] / "eval_results.json").read_text())
-    return results if results.get("step") == last_step else None
+    return (results, ckpts[-1]) if results.get("step") == last_step else (None, None)
+
+
+def _json(path: Path | None) -> Any:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def _schema_defaults() -> Any:
@@ -104,7 +126,12 @@ def read_run(run_dir: Path) -> Run:
             if "eval_bucket/loss" in evals:
                 val.append((r["step"] * tokens_per_step, evals["eval_bucket/loss"]))
     last_step = train[-1]["step"] if train else 0
-    results = _eval_results(run_dir, last_step)
+    results, ckpt = _eval_results(run_dir, last_step)
+    domain_rows = [r for r in rows if any(k.startswith("eval_domain/") for k in r)]
+    domains = {k.removeprefix("eval_domain/"): v for k, v in domain_rows[-1].items() if k.startswith("eval_domain/")
+               and k.endswith(("/loss", "overall", "average", "worst"))} if domain_rows else {}  # fmt: skip
+    held_out = _json(ckpt / HELD_OUT_FILE) if ckpt else None
+    held_out = held_out if held_out and held_out.get("step") == last_step else None
     tasks, limit = list(cfg.eval.tasks), int(cfg.eval.limit)
     if results is not None:
         for key, value in results["metrics"].items():
@@ -123,6 +150,10 @@ def read_run(run_dir: Path) -> Run:
         eval=final_eval,
         eval_tasks=tasks,
         eval_limit=limit,
+        info=_json(run_dir / "run_info.json") or {},
+        held_out=held_out,
+        samples=(_json(ckpt / SAMPLES_FILE) or {}) if ckpt else {},
+        domains=domains,
     )
 
 
@@ -248,7 +279,7 @@ def plot_curves(groups: dict[str, list[Run]], smooth: float, base: str | None, o
         dax.axhline(0, color=color[base], linewidth=1.2, label=f"{base} (baseline)")
         dax.set_xlabel("training tokens")
         dax.set_ylabel(f"training CE minus {base}'s (nats/token)")
-        dax.set_title("Difference to the CE baseline (smoothed means; below 0 = lower CE)", fontsize=10)
+        dax.set_title("Difference to the CE baseline (smoothed means, no interval; below 0 = lower CE)", fontsize=10)
         dax.grid(alpha=0.3)
         dax.legend(fontsize=8)
     if has_val:
@@ -318,7 +349,8 @@ def plot_buckets(groups: dict[str, list[Run]], keys: list[str], base: str | None
         rax.set_xticks(range(len(keys)), labels)
         rax.set_xlabel("target tokens by training frequency")
         rax.set_ylabel(f"perplexity change vs {base} (%)")
-        rax.set_title(f"Relative to the CE baseline ({base}); below 0 = better", fontsize=10)
+        rax.set_title(f"Relative to the CE baseline ({base}); below 0 = better\nerror bar: sd over seeds of the "
+                      "per-seed ratios (95% intervals: differences.png)", fontsize=10)  # fmt: skip
         rax.grid(axis="y", alpha=0.3)
         rax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
@@ -432,13 +464,169 @@ def plot_downstream(groups: dict[str, list[Run]], keys: list[str], chance: dict[
     plt.close(fig)
 
 
+def mismatches(runs: list[Run]) -> list[str]:
+    """Why these runs cannot be compared on equal terms, one entry per property that differs (runs that predate
+    run_info.json are not checked on what only it records)."""
+    checks = {
+        "final tokens": lambda r: f"{final(r.tokens):.0f}",
+        "tokenizer (run_info.json tokenizer_sha256)": lambda r: (r.info.get("tokenizer_sha256") or "")[:12] or None,
+        "training data (run_info.json data_files)": lambda r: (
+            json.dumps(r.info["data_files"]) if "data_files" in r.info else None
+        ),
+        "held-out data (data.val_files)": lambda r: json.dumps(list(r.cfg.data.val_files)),
+    }
+    out = []
+    for what, get in checks.items():
+        seen: dict[str, list[str]] = {}
+        for r in runs:
+            if (value := get(r)) is not None:
+                seen.setdefault(value, []).append(r.dir.name)
+        if len(seen) > 1:
+            short = all(len(v) <= 16 for v in seen)  # show values when short, else only which runs differ
+            out.append(f"{what} differ: " + " vs ".join(
+                f"{v + ': ' if short else ''}{', '.join(names)}" for v, names in seen.items()
+            ))  # fmt: skip
+    return out
+
+
+@dataclass
+class Difference:
+    group: str
+    key: str
+    """The metric as in summary.csv (``eval_bucket/loss``, ``eval_domain/Plays/loss``, ``eval/task/acc``)."""
+    name: str
+    """The metric in words, for tables and figures."""
+    unit: str
+    interval: Interval
+
+
+def _aligned_units(runs: list[Run], get: Any) -> tuple[list[Any], list[list[float]]] | None:
+    """(doc ids, per-run values) when every run has per-document values on the same documents, else None."""
+    got = [get(r) for r in runs]
+    if any(g is None for g in got) or len({json.dumps(ids) for ids, _ in got}) != 1:
+        return None
+    return got[0][0], [values for _, values in got]
+
+
+def _held_out(r: Run, column: str) -> tuple[list[Any], list[float]] | None:
+    h = r.held_out
+    return (h["doc_id"], h[column]) if h is not None and column in h else None
+
+
+def _sample(r: Run, key: str) -> tuple[list[Any], list[float]] | None:
+    base, at, shots = key.removeprefix("eval/").partition("@")
+    task, _, metric = base.rpartition("/")
+    scores = r.samples.get(f"{task}{at}{shots}") or {}
+    return (scores["doc_id"], scores[metric]) if metric in scores and "doc_id" in scores else None
+
+
+def _difference(label: str, runs: list[Run], base_runs: list[Run], key: str, name: str, unit: str, get: Any,
+                den_of: Any, lower_is_better: bool) -> Difference | None:  # fmt: skip
+    """One group's difference to the baseline on one metric: paired over documents when every run of both has
+    per-document values (``get``) on the same documents, else from the per-run numbers and the seeds alone."""
+    import numpy as np
+
+    paired = [r.seed for r in runs] == [r.seed for r in base_runs]  # both sorted by seed
+    units = _aligned_units(runs + base_runs, get) if get is not None else None
+    if units is not None and den_of is not None and len({json.dumps(den_of(r)) for r in runs + base_runs}) > 1:
+        units = None  # the same documents cut into other tokens (another tokenizer, under --force): not paired
+    if units is not None:
+        values = np.array(units[1], dtype=np.float64)  # [runs of both groups, documents]
+        den = np.array(den_of(runs[0]), dtype=np.float64) if den_of is not None else None  # [documents]
+        if den is not None and not den.sum():
+            return None  # no token of this bucket among the held-out documents
+        interval = difference(values[: len(runs)], values[len(runs) :], den, paired_seeds=paired,
+                              lower_is_better=lower_is_better)  # fmt: skip
+    else:
+        a = [r.eval.get(key, r.domains.get(key.removeprefix("eval_domain/"))) for r in runs]
+        b = [r.eval.get(key, r.domains.get(key.removeprefix("eval_domain/"))) for r in base_runs]
+        if any(v is None or not math.isfinite(v) for v in a + b):
+            return None
+        interval = seed_interval(a, b, paired_seeds=paired, lower_is_better=lower_is_better)
+    return Difference(label, key, name, unit, interval)
+
+
+def differences(groups: dict[str, list[Run]], base: str, bucket_keys: list[str], scores: list[str]) -> list[Difference]:
+    """Every group's difference to the baseline with its 95% interval (evals/stats.py): paired over documents
+    with the seeds' spread on top where per-document data were saved, from the seeds alone otherwise."""
+    held_out = [("eval_bucket/loss", "held-out loss", "loss", "tokens")]
+    held_out += [(f"eval_bucket/{b}_loss", f"held-out loss, {b}-frequency tokens", f"{b}_loss", f"{b}_tokens")
+                 for b in BUCKETS if f"eval_bucket/{b}_ppl" in bucket_keys]  # fmt: skip
+    domains = sorted({k for rs in groups.values() for r in rs for k in r.domains})
+    found: list[Difference | None] = []
+    for label, runs in groups.items():
+        if label == base:
+            continue
+        base_runs = groups[base]
+        for key, name, num, den in held_out:
+            if any(key in r.eval for r in runs):
+                found.append(_difference(label, runs, base_runs, key, name, "nats/token",
+                                         lambda r, num=num: _held_out(r, num), lambda r, den=den: r.held_out[den],
+                                         True))  # fmt: skip
+        for d in domains:
+            name = f"domain {d.removesuffix('/loss')} loss" if d.endswith("/loss") else f"domains: {d} loss"
+            found.append(_difference(label, runs, base_runs, f"eval_domain/{d}", name, "nats/token", None, None, True))
+        for key in scores:
+            found.append(_difference(label, runs, base_runs, key, key.removeprefix("eval/"), "score",
+                                     lambda r, key=key: _sample(r, key), None, False))  # fmt: skip
+    return [d for d in found if d is not None]
+
+
+def plot_differences(diffs: list[Difference], base: str, groups: dict[str, list[Run]], out: Path) -> None:
+    """A forest plot: each difference to the baseline with its 95% interval, losses and scores apart."""
+    units = list(dict.fromkeys(d.unit for d in diffs))
+    rows = {u: list(dict.fromkeys(d.name for d in diffs if d.unit == u)) for u in units}
+    height = 1.2 + 0.32 * sum(len(r) * max(1, len(groups) - 1) for r in rows.values())
+    fig, axes = plt.subplots(len(units), 1, figsize=(9, max(3.0, height)), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(1, len(rows[u])) for u in units]})  # fmt: skip
+    color = colors(groups)
+    others = [g for g in groups if g != base]
+    for ax, unit in zip((a[0] for a in axes), units, strict=True):
+        names = rows[unit]
+        step = 0.8 / len(others)
+        drawn: set[str] = set()
+        for d in (d for d in diffs if d.unit == unit):
+            y = names.index(d.name) + (others.index(d.group) - (len(others) - 1) / 2) * step
+            iv = d.interval
+            bounded = math.isfinite(iv.lo) and math.isfinite(iv.hi)
+            xerr = [[iv.diff - iv.lo], [iv.hi - iv.diff]] if bounded else None
+            seeds_only = iv.method.startswith(("seeds only", "one seed"))
+            ax.errorbar([iv.diff], [y], xerr=xerr, fmt="s" if seeds_only else "o", color=color[d.group], capsize=3,
+                        mfc="white" if not bounded else color[d.group],
+                        label=None if d.group in drawn else d.group)  # fmt: skip
+            drawn.add(d.group)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_ylim(len(names) - 0.5, -0.5)  # first metric on top, room above and below
+        better = "left of 0 = lower loss (better)" if unit != "score" else "right of 0 = higher score (better)"
+        ax.set_xlabel(f"difference to {base} ({unit}); {better}")
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.08)  # no marker on the frame
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not on it
+    axes[0][0].set_title(
+        f"Difference to the CE baseline ({base}), 95% intervals: paired bootstrap over documents + seed spread\n"
+        "(squares: seeds' spread only — per-domain, or runs without per-document data; hollow: no interval)", fontsize=9
+    )  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out / "differences.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def final(values: list[float]) -> float:
     return values[-1] if values else math.nan
 
 
-def compare(run_dirs: list[Path], out: Path, smooth: float = 0.05) -> Path:
+class NotComparable(ValueError):
+    """Runs trained on different token budgets, tokenizers or data (``mismatches``)."""
+
+
+def compare(run_dirs: list[Path], out: Path, smooth: float = 0.05, force: bool = False) -> Path:
+    every_run = [read_run(d) for d in run_dirs]
+    problems = mismatches(every_run)
+    if problems and not force:
+        raise NotComparable("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
-    groups, settings = group_runs([read_run(d) for d in run_dirs])
+    groups, settings = group_runs(every_run)
     base = baseline(groups)
     curves = plot_curves(groups, smooth, base, out)
     all_eval = sorted({k for runs in groups.values() for r in runs for k in r.eval})
@@ -450,14 +638,17 @@ def compare(run_dirs: list[Path], out: Path, smooth: float = 0.05) -> Path:
     chance = {t: c for t in tasks if (c := chance_level(t.partition("@")[0], [r for g in groups.values() for r in g]))}
     if scores:
         plot_downstream(groups, scores, chance, out)
+    diffs = differences(groups, base, bucket_keys, scores) if base and len(groups) > 1 else []
+    if diffs:
+        plot_differences(diffs, base, groups, out)
 
     # one record per number: per run (seed) and per group (mean, with its error)
     records: list[dict[str, Any]] = []
 
     def record(group: str, seed: Any, run: str, metric: str, value: float, err: float = math.nan, n: int = 1,
-               note: str = "") -> None:  # fmt: skip
+               note: str = "", lo: float = math.nan, hi: float = math.nan, verdict: str = "") -> None:  # fmt: skip
         records.append({"group": group, "seed": seed, "run": run, "metric": metric, "value": value, "error": err,
-                        "n": n, "note": note})  # fmt: skip
+                        "n": n, "note": note, "lo": lo, "hi": hi, "verdict": verdict})  # fmt: skip
 
     run_metrics = {
         "final_train_ce": lambda r: final(r.ce),
@@ -489,6 +680,10 @@ def compare(run_dirs: list[Path], out: Path, smooth: float = 0.05) -> Path:
                 cells[f"Δ{k}"] = f"{100 * rel:+.1f}%{spread}" if math.isfinite(rel) else "–"
     for task, (level, source) in chance.items():
         record("chance", "", "", f"eval/{task}", level, note=source)
+    for d in diffs:  # error: the interval's half-width; lo..hi: the 95% interval; note: which interval
+        iv = d.interval
+        record(d.group, "diff", "", f"{d.key}/diff_vs_{base}", iv.diff, iv.half_width, sum(iv.n_seeds), iv.method,
+               iv.lo, iv.hi, iv.verdict)  # fmt: skip
 
     md = ["# Loss comparison", "",
           f"{sum(len(r) for r in groups.values())} runs in {len(groups)} groups (runs that differ only by seed); "
@@ -526,14 +721,50 @@ def compare(run_dirs: list[Path], out: Path, smooth: float = 0.05) -> Path:
                 [(k.removeprefix("eval/"), k) for k in scores], [chance_row])  # fmt: skip
         if chance:
             md.extend(["", "Chance levels:"] + [f"- `{t}`: {v:.4f} ({src})" for t, (v, src) in chance.items()])
+    if diffs:
+        md.extend(difference_section(diffs, base))
+    if problems:  # compared only because forced
+        md.extend(["", f"**Forced comparison of mismatched runs** (`--force`): {'; '.join(problems)}."])
     md.extend(["", "Runs:"] + [f"- `{r.dir}` ({label}, seed {r.seed})" for label, rs in groups.items() for r in rs])
-    plots = [p for p in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png") if (out / p).is_file()]
+    plots = [p for p in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png", "differences.png")
+             if (out / p).is_file()]  # fmt: skip
     md.extend(["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots)])
     summary = out / "summary.md"
     summary.write_text("\n".join(md) + "\n")
     _write_csv(out / "summary.csv", records)
     _write_csv(out / "curves.csv", curves)
     return summary
+
+
+def _number(x: float, unit: str) -> str:
+    return f"{x:+.4f}" if math.isfinite(x) else ("+∞" if x > 0 else "−∞")
+
+
+def difference_section(diffs: list[Difference], base: str) -> list[str]:
+    md = ["", f"## Differences against `{base}` (95% intervals)", "",
+          "Each group minus the CE baseline (`differences.png` shows the same intervals). Losses in nats/token "
+          "(below 0: lower loss, better; for a bucket, exp(Δ) − 1 is the relative change of its perplexity); "
+          "downstream scores as fractions (above 0: better). The interval is a paired bootstrap over documents "
+          "(2000 resamples, percentile 95%; held-out documents for losses, lm-eval's documents for scores) with "
+          "the seeds' spread added in quadrature when a group has several seeds (a t-interval: over per-seed "
+          "differences when both groups have the same seeds, Welch otherwise); per-domain losses have no "
+          "per-document data saved, so their interval is the seeds' spread alone (none with one seed each). "
+          "The verdict is *better* / *worse* when the interval excludes 0, else *no difference at this power*; "
+          "± is the interval's half-width, the smallest difference this comparison could detect. "
+          "Method per row: `summary.csv` (`note`).", "",
+          "| comparison | Δ | 95% interval | ± | verdict | interval |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for d in diffs:
+        iv = d.interval
+        if not math.isfinite(iv.half_width):
+            kind = "none: one seed each, no per-document data"
+        elif iv.method.startswith("seeds only"):
+            kind = "seeds"
+        else:
+            kind = "documents" + (" + seeds" if max(iv.n_seeds) > 1 else "")
+        half = f"{iv.half_width:.4f}" if math.isfinite(iv.half_width) else "–"
+        md.append(f"| {d.group}: {d.name} | {_number(iv.diff, d.unit)} | [{_number(iv.lo, d.unit)}, "
+                  f"{_number(iv.hi, d.unit)}] | {half} | {iv.verdict} | {kind} |")  # fmt: skip
+    return md
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -551,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smooth", type=float, default=0.05, help="smoothing window, a fraction of a run's logged points"
     )
+    parser.add_argument(
+        "--force", action="store_true", help="compare runs with different token budgets, tokenizers or data anyway"
+    )
     args = parser.parse_args(argv)
     missing = [
         r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file() or not (Path(r) / "config.yaml").is_file()
@@ -561,7 +795,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.smooth < 1:
         print(f"error: --smooth={args.smooth} is not in [0, 1)", file=sys.stderr)
         return 2
-    summary = compare([Path(r) for r in args.runs], Path(args.out), args.smooth)
+    try:
+        summary = compare([Path(r) for r in args.runs], Path(args.out), args.smooth, args.force)
+    except NotComparable as e:
+        print(f"error: runs not comparable: {e} (pass --force to compare them anyway)", file=sys.stderr)
+        return 2
     print(summary.read_text())
     return 0
 

@@ -21,7 +21,7 @@ for cfg in "$dir"/*.yaml; do
     runs+=("$run")
     # finished runs are skipped (result.json says so); pre-empted or interrupted ones continue where they stopped
     grep -q '"complete": true' "$run/result.json" 2>/dev/null && continue
-    ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" train.resume=auto "$@"
+    ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" "wandb.group=$grid" train.resume=auto "$@"
     grep -q '"complete": true' "$run/result.json" || { echo "$run did not finish; run the grid again to resume"; exit 75; }
   done
 done

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from evals.stats import difference, seed_interval
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
@@ -58,7 +59,7 @@ def test_compare_runs_plots_ce_and_its_tables_equal_the_runs_metrics(corpus, dis
         run_dir = tmp_path / f"{loss}-s{seed}"
         extra = {"loss.name": loss, "train.seed": seed, "train.max_steps": 8, "train.log_every": 2,
                  "checkpoint.every": 4, "eval.every_checkpoint": "true", "eval.tasks": "[toy_mc]",
-                 "eval.task_dir": str(tmp_path / "tasks")}  # fmt: skip
+                 "eval.task_dir": str(tmp_path / "tasks"), "eval.val_every": 4}  # fmt: skip
         train(load_config(None, debug_overrides(corpus, run_dir, **extra)))
         runs.append(run_dir)
     out = tmp_path / "report"
@@ -67,7 +68,7 @@ def test_compare_runs_plots_ce_and_its_tables_equal_the_runs_metrics(corpus, dis
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for png in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png"):
+    for png in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png", "differences.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
 
@@ -116,6 +117,77 @@ def test_compare_runs_plots_ce_and_its_tables_equal_the_runs_metrics(corpus, dis
     assert _shows(downstream["chance"]["toy_mc/acc"], chance)
     # held-out loss at each of the two evaluations (steps 4 and 8) made it into the rows behind the curves
     assert [x["step"] for x in rows["ce-s0"] if "eval_bucket/loss" in x] == [4, 8]
+
+    # differences against ce with 95% intervals: recomputed here from the files the evaluation saved
+    with open(out / "summary.csv") as fh:
+        diffs = {c["metric"]: c for c in csv.DictReader(fh) if c["seed"] == "diff"}
+    ckpt = "checkpoints/step_0000008"
+    held = {r.name: json.loads((r / ckpt / "eval_held_out.json").read_text()) for r in runs}
+    samples = {r.name: json.loads((r / ckpt / "eval_samples.json").read_text()) for r in runs}
+    for key, num, den in (("eval_bucket/loss", "loss", "tokens"), ("eval_bucket/low_loss", "low_loss", "low_tokens")):
+        expect = difference([held["mile-s0"][num]], [held["ce-s0"][num], held["ce-s1"][num]], held["ce-s0"][den])
+        row = diffs[f"{key}/diff_vs_ce"]
+        name = key.replace("eval_bucket/", "bucket/")
+        point = evals["mile-s0"][name] - statistics.fmean(evals[f"ce-s{s}"][name] for s in (0, 1))
+        assert float(row["value"]) == pytest.approx(point, abs=1e-5)  # float64 sums vs the fp32 mean
+        assert (float(row["lo"]), float(row["hi"])) == pytest.approx((expect.lo, expect.hi), rel=1e-9)
+        assert row["verdict"] == expect.verdict and "paired bootstrap over" in row["note"]
+    acc = [samples[name]["toy_mc"]["acc"] for name in ("mile-s0", "ce-s0", "ce-s1")]
+    expect = difference([acc[0]], acc[1:], lower_is_better=False)
+    row = diffs["eval/toy_mc/acc/diff_vs_ce"]
+    assert (float(row["lo"]), float(row["hi"]), row["verdict"]) == pytest.approx((expect.lo, expect.hi, expect.verdict))
+    # per-domain: no per-document data, the seeds' spread alone
+    domain = [[x for x in rows[n] if "eval_domain/Plays/loss" in x][-1]["eval_domain/Plays/loss"]
+              for n in ("mile-s0", "ce-s0", "ce-s1")]  # fmt: skip
+    expect = seed_interval(domain[:1], domain[1:])
+    row = diffs["eval_domain/Plays/loss/diff_vs_ce"]
+    assert (float(row["lo"]), float(row["hi"])) == pytest.approx((expect.lo, expect.hi), rel=1e-9)
+    assert row["note"].startswith("seeds only")
+    table = tables["Differences against `ce` (95% intervals)"]
+    cell = table["mile-g1: held-out loss"]
+    lo, hi = (float(x) for x in cell["95% interval"].strip("[]").split(", "))
+    assert (lo, hi) == pytest.approx((float(diffs["eval_bucket/loss/diff_vs_ce"]["lo"]),
+                                      float(diffs["eval_bucket/loss/diff_vs_ce"]["hi"])), abs=6e-5)  # fmt: skip
+    assert (
+        cell["verdict"] in ("better", "worse", "no difference at this power")
+        and cell["interval"] == "documents + seeds"
+    )
+    assert table["mile-g1: domain Plays loss"]["interval"] == "seeds"
+
+
+def test_compare_runs_refuses_runs_of_other_budgets_tokenizers_or_data(corpus, dist_env, tmp_path):
+    from data.tokenizer import train_tokenizer
+    from tests.corpus import documents
+
+    other_tok = train_tokenizer((d["text"] for d in documents(240, seed=0)), str(tmp_path / "tok"), vocab_size=320,
+                                num_threads=1)  # fmt: skip
+    variants = {
+        "ce-s0": {},
+        "longer-s0": {"train.max_steps": 6},  # another token budget
+        "tok-s0": {"data.tokenizer": other_tok},
+        "data-s0": {"data.train_files": f"[{corpus['dir']}/train_00.jsonl.zst]"},
+    }
+    for name, extra in variants.items():
+        train(load_config(None, debug_overrides(corpus, tmp_path / name, **{"train.max_steps": 4,
+              "train.log_every": 2, "eval.buckets": "false", **extra})))  # fmt: skip
+
+    def compare(*names: str, force: bool = False) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "scripts/compare_runs.py", *(str(tmp_path / n) for n in names), "--out",
+               str(tmp_path / "out"), *(["--force"] if force else [])]  # fmt: skip
+        return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+
+    for other, why in (("longer-s0", "final tokens differ: 1024: ce-s0 vs 1536: longer-s0"),
+                       ("tok-s0", "tokenizer (run_info.json tokenizer_sha256) differ"),
+                       ("data-s0", "training data (run_info.json data_files) differ: ce-s0 vs data-s0")):  # fmt: skip
+        proc = compare("ce-s0", other)
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr[-2000:]
+        assert (
+            len(proc.stderr.strip().splitlines()) == 1 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+        )
+        assert not (tmp_path / "out").exists()
+    forced = compare("ce-s0", "longer-s0", force=True)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "Forced comparison of mismatched runs" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_compare_runs_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from data.tokenizer import Tokenizer
-from evals.buckets import BUCKETS, bucket_metrics, frequency_buckets, held_out_windows, per_token_loss
+from evals.buckets import (
+    BUCKETS,
+    bucket_metrics,
+    document_losses,
+    frequency_buckets,
+    held_out_documents,
+    held_out_windows,
+    per_token_loss,
+)
 from evals.lm import LosslabLM
 from evals.offline_data import export_all
 from evals.task_sets import PAPER, resolve_tasks
@@ -212,6 +220,35 @@ def test_bucket_losses_are_the_mean_loss_of_their_tokens(lm, corpus):
             assert abs(m[f"{name}_loss"] - ce[mask].mean().item()) < 1e-5, name
             assert abs(m[f"{name}_ppl"] - math.exp(ce[mask].mean().item())) < 1e-4 * m[f"{name}_ppl"], name
     assert all(m[f"{n}_tokens"] > 0 for n in names)  # the check above ran on every bucket
+
+
+def test_per_document_losses_sum_to_the_bucket_numbers_on_the_same_tokens(lm, corpus):
+    from data.shards import ReadStats, iter_documents
+
+    held = held_out_documents([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000)
+    # the same token set as before: the documents encoded, EOS after each, cut into whole windows
+    stream, owner = [], []
+    for i, doc in enumerate(iter_documents(corpus["val"], ReadStats())):
+        ids = [*lm.tok.encode(doc.text), lm.tok.eos_id]
+        stream += ids
+        owner += [i] * len(ids)
+    n = held.windows.numel()
+    assert held.windows.reshape(-1).tolist() == stream[:n] and held.document.reshape(-1).tolist() == owner[:n]
+    assert torch.equal(held.windows, held_out_windows([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000))
+    loss, targets = per_token_loss(lm.model, held.windows, batch_size=4)
+    buckets = frequency_buckets(torch.bincount(targets, minlength=lm.model.cfg.vocab_size))
+    m = bucket_metrics(loss, targets, buckets)
+    docs = document_losses(loss, targets, held.document[:, 1:].reshape(-1), buckets)
+    assert docs["doc_id"] == sorted(set(held.document[:, 1:].reshape(-1).tolist())) and len(docs["doc_id"]) > 3
+    assert sum(docs["tokens"]) == m["tokens"]
+    assert sum(docs["loss"]) / sum(docs["tokens"]) == pytest.approx(m["loss"], rel=1e-6)
+    for name, _ in BUCKETS:
+        assert sum(docs[f"{name}_tokens"]) == m[f"{name}_tokens"]
+        assert sum(docs[f"{name}_loss"]) / sum(docs[f"{name}_tokens"]) == pytest.approx(m[f"{name}_loss"], rel=1e-6)
+    # one document by hand: the float64 sum of the losses of the targets it owns
+    owner = held.document[:, 1:].reshape(-1)
+    j = 2
+    assert docs["loss"][j] == pytest.approx(loss[owner == docs["doc_id"][j]].double().sum().item(), rel=1e-12)
 
 
 def _write_arrow(path, rows):

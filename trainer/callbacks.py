@@ -19,7 +19,7 @@ from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 Emit = Callable[[int, dict[str, float]], None]
 
 # metrics.jsonl keeps flat names; W&B groups them by namespace
-WANDB_NAMESPACE = {"eval", "eval_bucket", "data", "perf"}
+WANDB_NAMESPACE = {"eval", "eval_bucket", "eval_domain", "data", "perf"}
 
 
 class Callback:
@@ -57,7 +57,14 @@ class WandbLogger(Callback):
     The run id is kept in ``RUN_DIR/wandb_id`` so a resumed run continues the same W&B run."""
 
     def __init__(
-        self, cfg: WandbSection, run_dir: Path, name: str, group: str, tags: list[str], config: dict[str, Any]
+        self,
+        cfg: WandbSection,
+        run_dir: Path,
+        name: str,
+        group: str,
+        tags: list[str],
+        config: dict[str, Any],
+        job_type: str | None = None,
     ) -> None:
         import wandb
 
@@ -70,6 +77,7 @@ class WandbLogger(Callback):
             project=cfg.project,
             entity=cfg.entity or None,
             group=group,
+            job_type=job_type,
             name=name,
             tags=tags,
             id=run_id,
@@ -165,6 +173,21 @@ def run_names(cfg: RunConfig, experiment: str = "") -> tuple[str, str, list[str]
     derived = f"{shape}-{loss_tag(cfg.loss)}-s{cfg.train.seed}"
     name = cfg.run.name or (f"{experiment}-{derived}" if experiment else derived)
     return name, cfg.wandb.group or shape, [f"loss:{cfg.loss.name}", f"size:{m.preset}", f"block:{m.block}"]
+
+
+def wandb_config(cfg: RunConfig, config: dict[str, Any], group: str) -> dict[str, Any]:
+    """The run's config for W&B with flat columns on top, so a study's runs table and report panels can group
+    and filter by them without digging into nested sections: ``experiment`` (the W&B group: one study),
+    ``loss/name``, ``loss/tag`` (the loss with the parameters that change its math, as in run names and
+    scripts/compare_runs.py's groups), ``loss/<param>`` for each of those parameters, and ``seed``."""
+    from trainer.losses.config import LossConfig
+
+    default = LossConfig()
+    flat: dict[str, Any] = {"experiment": group, "loss/name": cfg.loss.name, "loss/tag": loss_tag(cfg.loss)}
+    for key, _, _ in LOSS_NAME_PARAMS.get(cfg.loss.name, []):
+        flat[f"loss/{key}"] = getattr(cfg.loss, key, getattr(default, key))
+    flat["seed"] = cfg.train.seed
+    return {**config, **flat}
 
 
 def _human(x: float) -> str:
@@ -278,7 +301,8 @@ def build_callbacks(
         callbacks.append(MetricsJsonl(run_dir / "metrics.jsonl"))
         if cfg.wandb.mode != "disabled":
             name, group, tags = run_names(cfg, experiment)
-            callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config_dict))
+            config = wandb_config(cfg, config_dict, group)
+            callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config, job_type=config["loss/tag"]))
         # before the eval callback: a checkpoint's line comes before the evaluation that follows it
         callbacks.append(ConsoleProgress(cfg.train.max_steps, start_step))
     callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files))

@@ -69,7 +69,9 @@ def train(cfg: RunConfig) -> TrainResult:
             if run.held_out is not None and (save or step % cfg.eval.val_every == 0):
                 _validate(run, step)
             if save:
-                ckpt = _checkpoint(run, step, final=final)
+                ckpt = _checkpoint(run, step)
+                for cb in run.callbacks:  # after ckpt is set: a failing evaluation still reports the checkpoint
+                    cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
             if preempted:
                 print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
                 break
@@ -224,7 +226,7 @@ def _validate(run: Run, step: int) -> None:
     run.emit(step, {f"eval_domain/{k}": v for k, v in metrics.items()})
 
 
-def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
+def _checkpoint(run: Run, step: int) -> Path:
     meta = {
         "step": step,
         "tokens": step * run.tokens_per_step,
@@ -248,6 +250,4 @@ def _checkpoint(run: Run, step: int, *, final: bool) -> Path:
         portable=run.cfg.checkpoint.portable_optimizer,
         die_midway=run.cfg.debug.kill_in_checkpoint_at_step == step,
     )
-    for cb in run.callbacks:
-        cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
     return ckpt
