@@ -33,15 +33,17 @@ def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group; works under the deepspeed/torchrun launchers and as a plain
     ``python`` process (a world of one). Idempotent. Returns (rank, world_size)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # no launcher: a single process
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         cuda = torch.cuda.is_available()
+        backend = "nccl" if cuda else "gloo"
         if not cuda and os.environ.get("LOSSLAB_CPU_SHM", "0") != "1":
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU at every start (60-85 s on 2 cores);
             # returning None is its own "op unavailable" path, which falls back to gloo collectives.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        if "RANK" not in os.environ:  # no launcher: a world of one, whose store needs no port (none to race for)
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by libraries; nothing binds it
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 
