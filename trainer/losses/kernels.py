@@ -18,7 +18,6 @@ second in the interpreter.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from trainer.losses.config import IGNORE_INDEX
 from trainer.losses.paths import Block, Coefs, FusedOptions, RowKernel, TorchRows, TritonRows, forward_blocks
+from trainer.losses.plugins import import_plugin
 
 BUILTIN = ("auto", "torch", "triton")
 # The check's problem: several rows and two blocks (the last ragged) so every code path runs; a vocabulary
@@ -76,10 +76,7 @@ def resolve(kernel: str) -> RowKernel | None:
     module, sep, attr = kernel.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"loss.kernel must be auto, torch, triton or 'package.module:Class', got {kernel!r}")
-    try:
-        rows = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"loss.kernel={kernel!r} cannot be imported: {type(e).__name__}: {e}") from None
+    rows = import_plugin(kernel, "loss.kernel")
     if not (callable(getattr(rows, "stats", None)) and callable(getattr(rows, "grad", None))):
         raise ValueError(f"loss.kernel={kernel!r} has no stats and grad methods (see trainer.losses.paths.RowKernel)")
     return rows

@@ -15,7 +15,6 @@ the per-row statistics and their gradients are computed.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from trainer.losses.config import IGNORE_INDEX, LossConfig
+from trainer.losses.plugins import import_plugin
 
 
 @dataclass
@@ -211,10 +211,7 @@ def resolve_loss(name: str) -> type[TokenWeighting]:
     module, sep, attr = name.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)} or 'package.module:Class'")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"loss.name={name!r} cannot be imported: {type(e).__name__}: {e}") from None
+    cls = import_plugin(name, "loss.name")
     if not (isinstance(cls, type) and issubclass(cls, TokenWeighting)):
         raise ValueError(f"loss.name={name!r} is not a TokenWeighting subclass (trainer.losses.TokenWeighting)")
     return cls
