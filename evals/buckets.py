@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from data.sft import FineTuningRecords
 from data.shards import ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
 from models import GPT
@@ -43,10 +44,46 @@ def frequency_buckets(counts: Tensor) -> Tensor:
 @dataclass
 class HeldOut:
     windows: Tensor
-    """[n, seq_len + 1] int64 token windows of the held-out documents packed back to back (EOS after each)."""
+    """[n, seq_len + 1] int64 token windows of the held-out documents packed back to back (EOS after each); for
+    fine-tuning records ([n, longest record]) one record a row."""
     document: Tensor
     """[n, seq_len + 1] int64: the index (in file order) of the document each token belongs to; a document's
     EOS is its own. A target token's document is ``document[:, 1:]``."""
+    scored: Tensor | None = None
+    """[n, seq_len + 1] bool: the tokens scored as targets (fine-tuning records: the responses); None: all."""
+
+
+def held_out_records(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> HeldOut:
+    """Held-out fine-tuning records (``data/sft.py``: prompt/response or chat), one per row as the trainer sees
+    one packed segment (tokens, then EOS, which carries the response's mask), right-padded; only the tokens
+    that carry loss in training (the response and its EOS) are scored — the response perplexity. Records are
+    read in file order until their scored tokens reach ``max_tokens``; longer than ``seq_len + 1`` are cut. Rows
+    are as wide as the longest record (padding is never scored, and a causal model never attends to it)."""
+    fmt = FineTuningRecords()
+    rows: list[tuple[list[int], list[bool]]] = []
+    scored = 0
+    for path in resolve_files(files):
+        for record in fmt.read(path, ReadStats()):
+            doc = fmt.encode([record], tokenizer)[0]
+            tokens = (doc["tokens"] + [tokenizer.eos_id])[: seq_len + 1]
+            mask = (doc["loss_mask"] + doc["loss_mask"][-1:])[: seq_len + 1]
+            rows.append((tokens, mask))
+            scored += sum(mask[1:])
+            if scored >= max_tokens:
+                break
+        if scored >= max_tokens:
+            break
+    if not scored:
+        raise ValueError(f"held-out records {files} hold no response tokens to score")
+    n = len(rows)
+    width = max(len(tokens) for tokens, _ in rows)  # the longest record, not the model's context (8192 for some)
+    windows = torch.full((n, width), tokenizer.eos_id, dtype=torch.long)  # [n, width], right-padded
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    for i, (tokens, m) in enumerate(rows):
+        windows[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(m)] = torch.tensor(m)
+    document = torch.arange(n)[:, None].expand(n, width).clone()
+    return HeldOut(windows=windows, document=document, scored=mask)
 
 
 def held_out_documents(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> HeldOut:

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from evals.buckets import bucket_metrics, document_losses, frequency_buckets, held_out_documents, per_token_loss
+from evals.buckets import (
+    bucket_metrics,
+    document_losses,
+    frequency_buckets,
+    held_out_documents,
+    held_out_records,
+    per_token_loss,
+)
 from evals.generation import rarity_metrics
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
@@ -59,17 +66,23 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
 
 
 def run_buckets(
-    model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int
+    model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int, records: bool = False
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses``)."""
+    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses``). ``records``: the
+    files hold fine-tuning records, and the response tokens are scored (``held_out_records``)."""
     counts_file = ckpt / COUNTS_FILE
     if not counts_file.is_file():
         raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
     counts = load_safetensors(counts_file)["token_counts"]
-    held_out = held_out_documents(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
+    read = held_out_records if records else held_out_documents
+    held_out = read(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
     loss, targets = per_token_loss(model, held_out.windows, batch_size=batch_size)  # [n * seq_len] each
+    document = held_out.document[:, 1:].reshape(-1)
+    if held_out.scored is not None:  # only the tokens that carry loss in training
+        keep = held_out.scored[:, 1:].reshape(-1)
+        loss, targets, document = loss[keep], targets[keep], document[keep]
     buckets = frequency_buckets(counts)
-    per_doc = document_losses(loss, targets, held_out.document[:, 1:].reshape(-1), buckets)
+    per_doc = document_losses(loss, targets, document, buckets)
     return bucket_metrics(loss, targets, buckets), per_doc
 
 
@@ -85,11 +98,13 @@ def evaluate_checkpoint(
     offline: bool | None = None,
     val_files: list[str] | None = None,
     val_tokens: int = 200_000,
+    val_records: bool = False,
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
     lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
-    ``val_files``, held-out loss by token-frequency bucket (``bucket/...``).
+    ``val_files``, held-out loss by token-frequency bucket (``bucket/...``); with ``val_records`` the files hold
+    fine-tuning records and the buckets are over their response tokens (response perplexity by frequency).
 
     With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
     imported, so nothing reaches for the hub. ``precision`` ``auto`` evaluates in bf16 on CUDA (weights as
@@ -125,9 +140,10 @@ def evaluate_checkpoint(
         per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
     held_out: dict[str, Any] | None = None
     if val_files:
-        aggregate, per_doc = run_buckets(model, ckpt, val_files, val_tokens, batch_size)
+        aggregate, per_doc = run_buckets(model, ckpt, val_files, val_tokens, batch_size, records=val_records)
         metrics.update({f"bucket/{k}": v for k, v in aggregate.items()})
-        held_out = {"step": None, "files": list(val_files), "val_tokens": val_tokens, **per_doc}
+        held_out = {"step": None, "files": list(val_files), "val_tokens": val_tokens,
+                    "scored": "responses" if val_records else "all tokens", **per_doc}  # fmt: skip
     meta = load_json(ckpt / META)
     summary = {
         "checkpoint": str(ckpt),

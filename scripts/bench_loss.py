@@ -224,6 +224,76 @@ def cpu_memory(n: int, d: int, v: int, emit=lambda rows: None) -> list[dict]:
     return rows
 
 
+CPU_SPEED_LOSSES = ("ce", "mile", "focal", "pdl")
+
+
+def cpu_speed(
+    sizes: list[tuple[int, int]], d: int, precisions: list[str], iters: int, emit=lambda rows: None
+) -> list[dict]:
+    """Issue #18: forward + backward time on the CPU of ``F.cross_entropy`` over materialised logits (what HF
+    models do: logits upcast to fp32), losslab's unfused CE (materialised, autograd) and the fused CE, MiLe, focal
+    and PDL, at each (N, V) and precision (fp32, or bf16 autocast over fp32 inputs), steps alternating between
+    the implementations (a busy machine hits all alike); -> rows with the median ms, its min-max, and the ratios
+    fused CE / F.cross_entropy and each fused loss / fused CE."""
+    rows: list[dict] = []
+    for (n, v), precision in ((size, p) for size in sizes for p in precisions):
+        times = _alternating_times(_cpu_speed_impls(n, d, v, precision == "bf16"), iters)
+        med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+        for name, t in times.items():
+            row = {"N": n, "d": d, "V": v, "precision": precision, "impl": name, "ms": med[name],
+                   "ms_min": min(t), "ms_max": max(t), "iters": iters}  # fmt: skip
+            if name == "fused ce":
+                row["vs_F.cross_entropy"] = med[name] / med["F.cross_entropy"]
+            elif name.startswith("fused"):
+                row["vs_fused_ce"] = med[name] / med["fused ce"]
+            rows.append(row)
+            emit(rows)
+    return rows
+
+
+def _cpu_speed_impls(n: int, d: int, v: int, autocast: bool) -> dict[str, Callable[[], None]]:
+    """name -> one forward + backward on the same [n, d] hidden, [v, d] head and labels."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, d, generator=g) * 0.5).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    counts = torch.randint(0, 10_000, (v,), generator=g)
+
+    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            hidden.grad = weight.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fn()
+            loss.backward()
+
+        return run
+
+    naive = build_loss({"name": "ce", "fused": "false"})
+    impls = {
+        "F.cross_entropy": step(lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels)),
+        "naive ce": step(lambda: naive(hidden, weight, labels).loss),
+    }
+    for name in CPU_SPEED_LOSSES:
+        fn = build_loss({"name": name, "fused": "true", **LOSS_ARGS.get(name, {})}, counts)
+        impls[f"fused {name}"] = step(lambda fn=fn: fn(hidden, weight, labels).loss)
+    return impls
+
+
+def _alternating_times(impls: dict[str, Callable[[], None]], iters: int) -> dict[str, list[float]]:
+    """One warm-up call each (first-use allocations, a loss's tables), then ``iters`` rounds in turn; ms."""
+    for fn in impls.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    for _ in range(iters):
+        for name, fn in impls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def train_step_fn(model, opt, loss_fn, ids) -> Callable[[], None]:
     def run() -> None:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16):
@@ -257,7 +327,8 @@ def bench_train_step(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384], dest="tokens_list",
+                        help="N; several only with --cpu-speed")  # fmt: skip
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[50304, 32000])
     parser.add_argument("--warmup", type=int, default=3)
@@ -270,8 +341,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-memory", action="store_true",
                         help="only the fused path's peak memory of every loss vs CE's, on the CPU (issue #17): "
                              "N = --tokens, d = --dim, V = --vocab (first)")  # fmt: skip
+    parser.add_argument("--cpu-speed", action="store_true",
+                        help="only the CPU speed comparison (issue #18): F.cross_entropy, unfused and fused CE, fused "
+                             "mile / focal / pdl at every --tokens x --vocab, --precision, d = --dim")  # fmt: skip
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="--cpu-speed: fp32, or bf16 autocast over fp32 inputs")  # fmt: skip
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    args.tokens = args.tokens_list[0]
+    if args.cpu_speed:
+        sizes = [(n, v) for n in args.tokens_list for v in args.vocab]
+        print(f"# CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, d={args.dim}: forward + "
+              f"backward, median of {args.iters} alternating steps\n| N | V | precision | impl | ms (min-max) | "
+              "ratio |\n|---|---|---|---|---|---|")  # fmt: skip
+        result = {"d": args.dim, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+        def emit_speed(rows: list[dict]) -> None:
+            r = rows[-1]
+            ratio = r.get("vs_F.cross_entropy") or r.get("vs_fused_ce")
+            what = " vs F.cross_entropy" if "vs_F.cross_entropy" in r else " vs fused ce" if ratio else ""
+            print(f"| {r['N']} | {r['V']} | {r['precision']} | {r['impl']} | {r['ms']:.1f} ({r['ms_min']:.1f}-"
+                  f"{r['ms_max']:.1f}) | {f'{ratio:.3f}x{what}' if ratio else ''} |", flush=True)  # fmt: skip
+            if args.json:
+                Path(args.json).write_text(json.dumps({**result, "cpu_speed": rows}, indent=2))
+
+        cpu_speed(sizes, args.dim, args.precision, args.iters, emit_speed)
+        return 0
     if args.cpu_memory:
         print(f"# CPU, torch {torch.__version__}, fp32, N={args.tokens}, d={args.dim}, V={args.vocab[0]}: "
               "fused forward + backward, peak memory from torch's profiler\n| loss | peak MiB | vs fused CE |\n"

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-dir", default="", help="directory of local task YAMLs (offline use)")
     parser.add_argument("--num-fewshot", type=int, nargs="+", default=[0], help="one run per value, e.g. 0 5")
     parser.add_argument("--val-files", nargs="*", default=[], help="held-out shards for frequency-bucket loss")
+    parser.add_argument("--val-records", action="store_true",
+                        help="--val-files hold fine-tuning records: score the responses")  # fmt: skip
     parser.add_argument("--val-tokens", type=int, default=200_000)
     parser.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             offline=True if args.offline else None,
             val_files=args.val_files,
             val_tokens=args.val_tokens,
+            val_records=args.val_records,
             precision=args.precision,
         )
     except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:

@@ -160,7 +160,8 @@ def _chat_tokenizer(tmp_path: Path) -> Path:
 
 def test_finetuning_resumes_exactly(sft_file, corpus, tmp_path):
     """SIGKILL after the first checkpoint, relaunch with resume=auto: the same run, step for step."""
-    sft = {"data.sft_files": f"[{sft_file}]", "data.train_files": "[]", "loss.name": "pdl", "train.max_steps": 20,
+    sft = {"data.sft_files": f"[{sft_file}]", "data.val_files": f"[{sft_file}]", "data.train_files": "[]",
+           "loss.name": "pdl", "train.max_steps": 20,
            "train.log_every": 1, "checkpoint.every": 10, "checkpoint.keep": 0}  # fmt: skip
     reference = tmp_path / "reference"
     assert run(debug_overrides(corpus, reference, **sft), tmp_path / "reference") == 0

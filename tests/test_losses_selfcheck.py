@@ -17,8 +17,8 @@ import triton.language as tl  # noqa: E402
 
 from tests.test_losses import LOSS_PARAMS, make_inputs, naive_loss, rel_err  # noqa: E402
 from trainer.losses import IGNORE_INDEX, LossConfig, build_loss  # noqa: E402
-from trainer.losses.kernels import verdicts  # noqa: E402
-from trainer.losses.paths import TritonRows  # noqa: E402
+from trainer.losses.kernels import check, resolve, verdicts  # noqa: E402
+from trainer.losses.paths import TritonRows, slow_low_precision_cpu  # noqa: E402
 from trainer.losses.triton_rows import row_grad_, row_stats  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,8 +117,9 @@ def test_a_failing_kernel_falls_back_to_torch_with_one_warning(capsys, cls, reas
     assert warning_lines(capsys) == []
     verdict = verdicts()[f"{kernel} on {DEV} float32"]
     assert not verdict.ok and reason in verdict.reason
-    # a new dtype is a new check (and warns once more)
-    fused_vs_float64(kernel, dtype=torch.bfloat16)
+    # a new dtype is a new check (and warns once more); asked for directly, as the fused path on a CPU without
+    # native bf16 runs bf16 inputs in fp32 (paths.slow_low_precision_cpu) and would not ask
+    assert not check(resolve(kernel), torch.device(DEVICE), torch.bfloat16).ok
     assert len(warning_lines(capsys)) == 1
 
 
@@ -128,6 +129,8 @@ def test_the_triton_kernels_pass_their_self_check(capsys):
     assert max(errs) < 1e-5, errs
     errs = fused_vs_float64("triton", autocast=True)
     assert max(errs) < 3e-2, errs
+    if slow_low_precision_cpu(torch.bfloat16) and DEVICE == "cpu":  # autocast ran the head in fp32: ask directly
+        assert check(TritonRows, torch.device(DEVICE), torch.bfloat16).ok
     assert warning_lines(capsys) == []
     found = {k: v for k, v in verdicts().items() if k.startswith("trainer.losses.paths:TritonRows on ")}
     assert {f"trainer.losses.paths:TritonRows on {DEV} {dt}" for dt in ("float32", "bfloat16")} <= set(found)

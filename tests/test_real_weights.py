@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.tokenizer import Tokenizer
 from tests.test_train import REPO, clean_env
 
 HF_DIR = REPO / "corpus" / "smollm2-135m-instruct"
@@ -122,9 +123,18 @@ def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     run_dir = tmp_path / "run"
     proc = script("train.py", "configs/experiments/finetune/pdl_a1.yaml", f"run.dir={run_dir}",
                   f"model.init_from={HF_DIR}", f"data.tokenizer={HF_DIR}", f"data.sft_files=[{records}]",
-                  "data.seq_len=64", "train.micro_batch_size=2", "train.grad_accum=1", "train.max_steps=3",
-                  "train.log_every=1", "eval.tasks=[]", "wandb.mode=disabled")  # fmt: skip
+                  f"data.val_files=[{records}]", "eval.val_tokens=40", "data.seq_len=64",
+                  "train.micro_batch_size=2", "train.grad_accum=1", "train.max_steps=3", "train.log_every=1",
+                  "eval.tasks=[]", "wandb.mode=disabled")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the pretrained model already knows English: its CE on the replies starts far below log(V) = 10.8
     assert all(r["ce"] < 8 for r in rows if "ce" in r), rows
+    # response perplexity by frequency bucket on the held-out records: the replies and their EOS, nothing else
+    tok = Tokenizer(HF_DIR)
+    per_record = [len(tok.encode(r)) + 1 for _, r in pairs]
+    want = next(sum(per_record[: i + 1]) for i in range(len(per_record)) if sum(per_record[: i + 1]) >= 40)
+    final = [r for r in rows if "eval_bucket/tokens" in r][-1]
+    assert final["eval_bucket/tokens"] == want and final["eval_bucket/ppl"] < 1e3, final
+    held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/eval_held_out.json")).read_text())
+    assert held_out["scored"] == "responses" and sum(held_out["tokens"]) == want

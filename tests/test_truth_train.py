@@ -6,6 +6,7 @@ exactly."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -157,3 +158,18 @@ def test_grad_norm_is_logged_without_clipping(corpus, dist_env, tmp_path):
     result = loop.train(load_config(None, debug_overrides(corpus, tmp_path / "run", **overrides)))
     row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert row["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("log_entropy", [False, True])
+def test_the_entropy_is_logged_only_when_computed(corpus, dist_env, tmp_path, log_entropy):
+    """CE does not read the entropy: the fused path skips it and metrics.jsonl has no entropy column, rather than
+    a zero that reads like a measurement, unless loss.log_entropy asks for it (issue #18)."""
+    overrides = {"train.max_steps": 2, "train.log_every": 1, "train.precision": "fp32", "loss.name": "ce",
+                 "loss.log_entropy": log_entropy, "distributed.zero_stage": 0, "eval.buckets": False,
+                 "checkpoint.at_end": False}  # fmt: skip
+    result = loop.train(load_config(None, debug_overrides(corpus, tmp_path / "run", **overrides)))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == 2 and all(("entropy" in r) == log_entropy for r in rows)
+    if log_entropy:  # a near-uniform debug model over the vocabulary: the entropy is close to log V
+        assert all(0 < r["entropy"] <= math.log(result.model.cfg.vocab_size) + 1e-3 for r in rows)

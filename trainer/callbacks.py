@@ -101,9 +101,11 @@ class EvalCallback(Callback):
     """lm-eval on the saved checkpoint (the exact weights a user would evaluate later), on rank 0 while the
     other ranks wait at a barrier. Runs after the final checkpoint, and after each one if configured."""
 
-    def __init__(self, cfg: EvalSection, val_files: list[str]) -> None:
+    def __init__(self, cfg: EvalSection, val_files: list[str], val_records: bool = False) -> None:
         self.cfg = cfg
         self.val_files = val_files if cfg.buckets else []
+        self.val_records = val_records
+        """The held-out files are fine-tuning records (a fine-tuning run): the buckets score their responses."""
         self.last: dict[str, Any] | None = None
 
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
@@ -123,6 +125,7 @@ class EvalCallback(Callback):
                 device=str(accelerator_device()),
                 val_files=self.val_files,
                 val_tokens=self.cfg.val_tokens,
+                val_records=self.val_records,
             )
             emit(step, {_namespaced(k): v for k, v in self.last["metrics"].items()})
         dist.barrier()
@@ -305,5 +308,5 @@ def build_callbacks(
             callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config, job_type=config["loss/tag"]))
         # before the eval callback: a checkpoint's line comes before the evaluation that follows it
         callbacks.append(ConsoleProgress(cfg.train.max_steps, start_step))
-    callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files))
+    callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files, val_records=bool(cfg.data.sft_files)))
     return callbacks

@@ -425,6 +425,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
     if cfg.data.sft_files and cfg.data.train_files:
         raise ConfigError("set data.train_files (pretraining text) or data.sft_files (fine-tuning records), not both")
+    if cfg.data.sft_files and cfg.eval.val_every:
+        raise ConfigError("eval.val_every (held-out loss per domain of pretraining text) is for data.train_files; "
+                          "a fine-tuning run's data.val_files are records, scored at checkpoints")  # fmt: skip
     if cfg.train.global_batch_size and cfg.train.global_batch_tokens:
         raise ConfigError("set train.global_batch_size or train.global_batch_tokens, not both")
     if cfg.train.global_batch_tokens % cfg.data.seq_len:

@@ -131,6 +131,7 @@ def _train_step(run: Run, step: int) -> None:
     """
     engine, optimizer = run.engine, run.optimizer
     sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
+    zero = sums[0].clone()
     micro_batches = [to_device(run.next_batch(), engine.device) for _ in range(run.grad_accum)]  # [B, T+1] each
     # Token-mean losses divide by the step's global count of valid tokens (DeepSpeed then averages over
     # micro-steps and ranks, hence the factor): exact even when batches hold different numbers of them.
@@ -145,7 +146,8 @@ def _train_step(run: Run, step: int) -> None:
         if nan_here:
             loss = loss * float("nan")
         engine.backward(loss)
-        sums += torch.stack([loss.detach().float()] + [out.metrics[k].float() for k in STEP_METRICS[1:]])
+        # a metric the loss does not compute (entropy, unless asked for) adds 0 here and is not logged (_log)
+        sums += torch.stack([loss.detach().float()] + [out.metrics.get(k, zero).float() for k in STEP_METRICS[1:]])
         if micro == run.grad_accum - 1:
             bad = (~torch.isfinite(sums[0])).int()
             if run.world_size > 1:  # every rank must skip together (a device collective, not a host sync)
@@ -186,6 +188,8 @@ def _log(run: Run, step: int, clock: _Clock) -> float:
     values = run.reduce_mean(torch.cat([means, counters]))  # counters are equal on all ranks (the loss is global)
     run.interval.zero_()
     metrics = dict(zip(STEP_METRICS, values[: len(STEP_METRICS)], strict=True))
+    if not run.logs_entropy:
+        del metrics["entropy"]  # not computed (loss.log_entropy): no number rather than a made-up one
     nonfinite_total, max_run, last_bad = (round(v) for v in values[len(STEP_METRICS) :])
     run.nonfinite_max_run.zero_()
     limit = run.cfg.train.max_nonfinite_in_a_row

@@ -99,6 +99,8 @@ class Run:
     grad_norm: torch.Tensor | None = None
     held_out: DomainSet | None = None
     """The fixed per-domain held-out windows (``eval.val_every``)."""
+    logs_entropy: bool = True
+    """The loss computes the entropy (it uses it, or ``loss.log_entropy``): else ``entropy`` is not logged."""
 
     def next_batch(self) -> torch.Tensor:
         if self.pending is not None:
@@ -369,6 +371,7 @@ def build_run(cfg: RunConfig) -> Run:
         pending=pending,
         token_counts=counts,
         tokenizer=tokenizer,
+        logs_entropy=objective.loss_fn.computes_entropy,
     )
     if cfg.eval.val_every and cfg.data.val_files:
         run.held_out = build_domain_set(cfg.data.val_files, tokenizer, cfg.data.seq_len, cfg.eval.val_tokens_per_domain)

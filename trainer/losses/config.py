@@ -42,6 +42,9 @@ class LossConfig:
     entropy_clamp: float = 0.0
     """mile (and the logged entropy): 0 = the exact entropy; > 0 = the official MiLe code's, every probability
     clamped below at this value first (its code: 1e-8), which differs at peaked distributions (docs/losses.md)."""
+    log_entropy: bool = False
+    """Log the mean predictive entropy (``entropy``) for a loss that does not use it itself. Off by default: on a
+    CPU it is one more pass over every block of logits; mile computes (and logs) it anyway."""
     count_ignored: bool = False
     """mile / focal: reproduce the official code's counting, where ignored positions still add their weight
     to the normaliser and count in the mean. False (default) masks them, which is what the formula means."""

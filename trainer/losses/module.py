@@ -71,6 +71,8 @@ class TokenLoss(nn.Module):
         self.cfg = cfg
         self.weighting = weighting
         self.fused = fused != "false"
+        self.computes_entropy = weighting.needs_entropy or cfg.log_entropy
+        """Whether the entropy is computed (and ``entropy`` is among the metrics)."""
 
     def _terms(self, ce_loss: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
         """-> (masked loss terms, normaliser weights, the detached multiplier of ce_loss when linear_in_ce)."""
@@ -162,7 +164,7 @@ class TokenLoss(nn.Module):
                 z_lambda = relative_z
             opts = paths.FusedOptions(mean_z=self.cfg.label_smoothing > 0, z_lambda=z_lambda, inputs=inputs,
                                       two_pass=self.weighting.needs_all_rows or callable(z_lambda),
-                                      entropy_clamp=self.cfg.entropy_clamp)  # fmt: skip
+                                      entropy_clamp=self.cfg.entropy_clamp, entropy=self.computes_entropy)  # fmt: skip
             numerator, ce, entropy, w, lse = paths.fused(
                 h, head_weight, y, self._block, self.cfg.chunk_size, self.cfg.kernel, opts
             )
@@ -178,12 +180,13 @@ class TokenLoss(nn.Module):
         safe_valid = num_valid.clamp_min(1.0)
         metrics = {
             "ce": (ce * valid).sum() / safe_valid,
-            "entropy": (entropy * valid).sum() / safe_valid,
             "weight": w.sum() / n.clamp_min(1.0),
             "tokens": num_valid,
             # always present (0 when off), so a trainer can log a fixed set of keys
             "z_loss": c * (lse.square() * valid).sum() / z_tokens,
         }
+        if self.computes_entropy:  # else not computed (fused) or not asked for: absent, never a made-up number
+            metrics["entropy"] = (entropy * valid).sum() / safe_valid
         return LossOutput(loss=loss, metrics=metrics)
 
 

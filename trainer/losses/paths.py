@@ -28,6 +28,7 @@ gradient matmuls write in place.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -39,6 +40,9 @@ from torch import Tensor
 from trainer.losses.config import IGNORE_INDEX
 
 CHUNK_BYTES = 64 * 2**20
+CPU_CHUNK_BYTES = 8 * 2**20
+"""On a CPU every row-wise op is a pass over the block: one that stays in the last-level cache (a few MiB per
+core) makes those passes several times cheaper than DRAM-bound [512, V] blocks (``docs/benchmarks.md``)."""
 
 
 class Coefs(NamedTuple):
@@ -102,12 +106,28 @@ def reference(hidden: Tensor, weight: Tensor, labels: Tensor, entropy_clamp: flo
     return Reference(ce, torch.logsumexp(z, dim=-1), z.mean(-1), entropy_from_logits(z.detach(), entropy_clamp))
 
 
-def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype) -> int:
-    """Rows per block of logits: at least ``dim``, so that the fp32 accumulation of the head-weight gradient
-    (an addmm with inner dimension = rows, reading and writing all of [V, d] every block) stays compute-bound
-    rather than memory-bound, and so that the logits block (in bf16) is about half that accumulator; at least
-    a ``CHUNK_BYTES`` block otherwise (fewer, larger blocks: fewer launches)."""
-    return max(dim, CHUNK_BYTES // (vocab * torch.finfo(acc).bits // 8), 1)
+def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype, device: str = "cuda") -> int:
+    """Rows per block of logits. On a GPU: at least ``dim``, so that the fp32 accumulation of the head-weight
+    gradient (an addmm with inner dimension = rows, reading and writing all of [V, d] every block) stays
+    compute-bound rather than memory-bound, and so that the logits block (in bf16) is about half that
+    accumulator; at least a ``CHUNK_BYTES`` block otherwise (fewer, larger blocks: fewer launches). On a CPU: a
+    ``CPU_CHUNK_BYTES`` block (cache-resident passes), but at least 64 rows (the addmm's inner dimension)."""
+    row_bytes = vocab * torch.finfo(acc).bits // 8
+    if device == "cpu":
+        return max(64, CPU_CHUNK_BYTES // row_bytes)
+    return max(dim, CHUNK_BYTES // row_bytes, 1)
+
+
+def slow_low_precision_cpu(dtype: torch.dtype) -> bool:
+    """True when ``dtype`` is bf16 / fp16 and this CPU has no native matmul for it (no AVX512-BF16 / AMX /
+    AVX512-FP16): oneDNN then emulates it, 10-50x slower than fp32 (``docs/benchmarks.md``)."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if check is None:
+        return False
+    try:
+        return not getattr(torch.ops.mkldnn, check)()
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast low-precision path either
+        return True
 
 
 class RowKernel(Protocol):
@@ -125,7 +145,8 @@ class RowKernel(Protocol):
         entropy_clamp: float = 0.0,
     ) -> tuple[Tensor, Any]:
         """Write ce (0 where ignored), entropy (of the probabilities clamped below at ``entropy_clamp`` when it is
-        > 0) and, if given, the mean logit into the [c] outputs; -> (lse [c], state for ``grad``)."""
+        > 0) and, if given, the mean logit into the [c] outputs; -> (lse [c], state for ``grad``). A kernel whose
+        class sets ``optional_entropy = True`` is handed ``ent_out=None`` when nothing needs the entropy."""
         ...
 
     def grad(self, z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, state: Any) -> Tensor:
@@ -135,7 +156,14 @@ class RowKernel(Protocol):
 
 
 class TorchRows:
-    """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype)."""
+    """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype).
+
+    On a CPU every op here is a pass over the block, so there are as few as the statistics allow: ATen's
+    log-softmax (one fused kernel, row by row in cache) gives the CE and, with the target's logit, the
+    logsumexp; the softmax is its exp, computed in place; the entropy costs one more (dot) pass, taken only when
+    asked for (``ent_out``)."""
+
+    optional_entropy = True
 
     @staticmethod
     def stats(
@@ -143,24 +171,28 @@ class TorchRows:
         y: Tensor,
         valid: Tensor,
         ce_out: Tensor,
-        ent_out: Tensor,
+        ent_out: Tensor | None,
         mz_out: Tensor | None = None,
         entropy_clamp: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """Writes ce (0 where ignored) and entropy into the [c] outputs; returns (lse, state for ``grad``)."""
-        zf = z.to(ce_out.dtype)  # [c, V]
-        lse = torch.logsumexp(zf, dim=-1)  # [c]
-        zy = zf.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # [c]
-        ce_out.copy_(lse - zy).masked_fill_(~valid, 0.0)
+        """Writes ce (0 where ignored) and, unless ``ent_out`` is None, the entropy into the [c] outputs; returns
+        (lse, state for ``grad``)."""
+        zf = z.to(ce_out.dtype)  # [c, V]; no copy when z is already in the accumulation dtype
+        logp = torch.log_softmax(zf, dim=-1)  # [c, V]
+        idx = y.clamp_min(0)[:, None]  # [c, 1]
+        logp_y = logp.gather(1, idx).squeeze(1)  # [c]
+        lse = zf.gather(1, idx).squeeze(1) - logp_y  # [c] z_y - log p_y: logsumexp, to rounding
+        torch.neg(logp_y, out=ce_out).masked_fill_(~valid, 0.0)
         if mz_out is not None:
             torch.mean(zf, dim=-1, out=mz_out)
-        p = (zf - lse[:, None]).exp_()  # [c, V] softmax
+        p = logp.exp_()  # [c, V] softmax, in place: log p is not needed again
+        if ent_out is None:
+            return lse, p
         if entropy_clamp:  # -sum max(p, c) log max(p, c), a few rows at a time: small temporaries
             for i in range(0, len(p), 256):
                 pc = p[i : i + 256].clamp_min(entropy_clamp)
                 ent_out[i : i + 256] = -(pc * pc.log()).sum(-1)
-        else:
-            # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
+        else:  # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
             torch.sub(lse, (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1), out=ent_out)
         return lse, p
 
@@ -273,6 +305,9 @@ class FusedOptions:
     """Statistics of every row first, then ``block_fn`` once over all rows, then the gradients."""
     entropy_clamp: float = 0.0
     """> 0: the entropy of the probabilities clamped below at it (the official MiLe code's)."""
+    entropy: bool = True
+    """Compute each row's entropy. False (nothing reads it): a kernel with ``optional_entropy`` skips that pass
+    and the entropies are NaN, so a reader that should have asked cannot go unnoticed."""
 
 
 def _with_z_loss(terms: Tensor, coefs: Coefs | None, lse: Tensor, valid: Tensor, lam) -> tuple[Tensor, Coefs | None]:
@@ -310,13 +345,18 @@ def forward_blocks(
         return Block(ce_all[s:e], ent_all[s:e], lse, None if mz_all is None else mz_all[s:e], labels[s:e],
                      valid_all[s:e], V, {k: v[s:e] for k, v in opts.inputs.items()})  # fmt: skip
 
+    skip_entropy = not opts.entropy and getattr(rows, "optional_entropy", False)
+    if skip_entropy:
+        ent_all.fill_(torch.nan)
+
     def stats(s: int, e: int) -> tuple[Tensor, Tensor, Any]:
         z = hidden[s:e] @ weight.T  # [c, V], in the inputs' dtype
         mz = None if mz_all is None else mz_all[s:e]
+        ent = None if skip_entropy else ent_all[s:e]
         if opts.entropy_clamp:
-            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent_all[s:e], mz, opts.entropy_clamp)
+            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent, mz, opts.entropy_clamp)
         else:  # a plug-in kernel need not know the option it is not asked for
-            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent_all[s:e], mz)
+            lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent, mz)
         lse_all[s:e] = lse
         return z, lse, state
 
@@ -405,11 +445,21 @@ def fused(
     first use per device and dtype, and replaced by it if it fails."""
     from trainer.losses.kernels import select_rows  # kernels imports this module
 
+    device = hidden.device.type
+    dtype = logits_dtype(hidden, weight)
+    if device == "cpu" and slow_low_precision_cpu(dtype):
+        # bf16 / fp16 (autocast or a low-precision model) on a CPU that only emulates it: the head's matmuls in
+        # fp32 instead — faster there, and more exact, not less. The casts are differentiable (the gradients
+        # come back in the inputs' dtypes) and cost [N, d] (+ [V, d] for a low-precision weight), not [N, V].
+        hidden, weight, dtype = hidden.float(), weight.float(), torch.float32
     acc = accumulation_dtype(hidden.dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.shape[1], acc)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.shape[1], acc, device)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    rows = select_rows(kernel, hidden.device, logits_dtype(hidden, weight))
-    return _ChunkedLinearLoss.apply(hidden, weight, labels, block_fn, chunk_rows, need_grad, rows, opts)
+    rows = select_rows(kernel, hidden.device, dtype)
+    # leaving autocast on would cast the fp32 operands back down (re-entering it would reset its dtype: no)
+    upcast = dtype == torch.float32 and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if upcast else contextlib.nullcontext():
+        return _ChunkedLinearLoss.apply(hidden, weight, labels, block_fn, chunk_rows, need_grad, rows, opts)
 
 
 def chunked(

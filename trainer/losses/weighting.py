@@ -62,6 +62,9 @@ class TokenWeighting:
     needs_all_rows: bool = False
     """True: ``row_terms`` must see every row of the call at once (a top-k over the batch); the fused path then
     takes a second pass over the logits (4 matmuls instead of 3)."""
+    needs_entropy: bool = True
+    """True: ``row_terms`` reads ``rows.entropy``. False lets the fused path skip the entropy (a pass over every
+    block of logits on a CPU) unless ``loss.log_entropy`` asks for it; a plug-in that does not read it says so."""
     linear_in_ce: bool = True
     """True: ``row_terms`` returns ``l = w * ce`` with ``w`` detached, so dl/dce = w in closed form (the fused
     path then needs no autograd per block). False: l is another function of ce (autograd finds the gradient)."""
@@ -77,6 +80,8 @@ class TokenWeighting:
 
 
 class CrossEntropy(TokenWeighting):
+    needs_entropy = False
+
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         return ce, torch.ones_like(rows.entropy)
 
@@ -98,6 +103,7 @@ class MiLe(TokenWeighting):
 class Focal(TokenWeighting):
     """The MiLe paper's focal baseline: w = (1 - sg(p_target))^gamma, rescaled like MiLe."""
 
+    needs_entropy = False
     normalised = True
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
@@ -112,6 +118,7 @@ class Focal(TokenWeighting):
 class FocalLin(TokenWeighting):
     """Lin et al. 2017: l = -alpha (1 - p)^gamma log p, gradient through the weight, mean over tokens."""
 
+    needs_entropy = False
     linear_in_ce = False
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
@@ -126,6 +133,7 @@ class FocalLin(TokenWeighting):
 class PowerLawDecay(TokenWeighting):
     """PDL: static W[t] = (count[t] + k + eps)^-alpha; L = sum(W[y] ce) / sum(W[y])."""
 
+    needs_entropy = False
     normalised = True
     needs_token_counts = True
 
@@ -144,6 +152,8 @@ class PowerLawDecay(TokenWeighting):
 class DFT(TokenWeighting):
     """Dynamic fine-tuning (arXiv 2508.05629): l = sg(p_y) * CE, mean over tokens."""
 
+    needs_entropy = False
+
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         p = rows.p_y.to(ce.dtype)
         return p * ce, p
@@ -152,6 +162,7 @@ class DFT(TokenWeighting):
 class Weighted(TokenWeighting):
     """Per-token weights carried with the data (gpt-neox #865): L = sum(w * CE) / sum(w)."""
 
+    needs_entropy = False
     normalised = True
     token_inputs = ("weight",)
 
@@ -165,6 +176,7 @@ class Rho1(TokenWeighting):
     ceil(keep_ratio * n_valid) with the largest excess loss sg(CE) - ref_ce are kept; L = sum_kept CE / n_kept.
     Ties are broken towards the earlier token."""
 
+    needs_entropy = False
     normalised = True
     token_inputs = ("ref_ce",)
     needs_all_rows = True
