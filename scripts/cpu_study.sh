@@ -11,11 +11,14 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 export WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # held-out documents from every domain (the shards are split by source), an 8k BPE trained on the training split,
-# the training split pre-tokenised (each step reads a globally shuffled window): all idempotent
+# the training split pre-tokenised (each step reads a globally shuffled window), a cloze task on the held-out
+# documents: all idempotent
 "$PY" scripts/split_corpus.py --files "$corpora"/*.jsonl.zst --out corpus/cpu_study/text --fraction 0.02
 [ -f corpus/cpu_study/tok8k.model ] || "$PY" scripts/train_tokenizer.py --files corpus/cpu_study/text/train.jsonl.zst \
     --vocab-size 8000 --byte-budget 30000000 --out corpus/cpu_study/tok8k
 "$PY" scripts/prepare_data.py --files corpus/cpu_study/text/train.jsonl.zst --tokenizer corpus/cpu_study/tok8k.model \
     --out corpus/cpu_study/train_8k
+"$PY" scripts/build_cloze_task.py --files corpus/cpu_study/text/val.jsonl.zst --name cpu_study_cloze \
+    --out corpus/cpu_study/tasks
 LAUNCHER="$PY" bash scripts/run_grid.sh configs/experiments/cpu_study 0 1 2 -- "$@"
 echo "report: runs/cpu_study/report/summary.md"

@@ -163,7 +163,7 @@ MUTANTS: list[Mutant] = [
       "y.clamp_min(0)] -= (coefs.b * valid).to(p.dtype)", "y.clamp_min(0)] += (coefs.b * valid).to(p.dtype)",
       LOSSES, "fused gradient adds the one-hot instead of subtracting it"),
     m("torch-rows-ce-not-masked", "trainer/losses/paths.py",
-      "ce_out.copy_(lse - zy).masked_fill_(~valid, 0.0)", "ce_out.copy_(lse - zy)",
+      "torch.neg(logp_y, out=ce_out).masked_fill_(~valid, 0.0)", "torch.neg(logp_y, out=ce_out)",
       LOSSES, "fused CE of ignored positions not zeroed"),
     # --- evals/lm.py and evals/buckets.py -------------------------------------------------------------------------
     m("loglikelihood-window-one-short", "evals/lm.py",
