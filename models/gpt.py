@@ -219,7 +219,10 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.padded_vocab_size, cfg.d_model))
 
     def forward(self, hidden: Tensor, fn: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
-        weight = self.weight[: self.vocab_size]  # [V, d]; padding rows get no logits and no gradient
+        weight = self.weight
+        if weight.shape[0] != self.vocab_size:  # [V, d]; padding rows get no logits and no gradient
+            # (a slice, even of every row, costs a zero-filled [padded V, d] gradient and a copy in backward)
+            weight = weight[: self.vocab_size]
         if fn is None:
             return F.linear(hidden, weight)  # [..., V]
         return fn(hidden, weight)

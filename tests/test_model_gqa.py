@@ -96,7 +96,7 @@ def test_llama_gqa_matches_transformers(tied):
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = hf(ids).logits, ours.logits(ids)
-    assert (got - expected).abs().max() < 1e-5
+    assert (got - expected).abs().max() < 3e-5  # fp32 rounding of logits up to ~10: the thread count changes it
     assert expected.abs().max() > 1.0  # not a near-zero output that anything would match
 
 

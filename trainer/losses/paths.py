@@ -269,17 +269,21 @@ def pick_mixed_addmm(device: torch.device, dtype: torch.dtype, acc_dtype: torch.
     return candidates[-1]
 
 
-def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor) -> None:
-    """grad_w [V, d] (fp32/fp64) += g.T [V, c] @ h [c, d]."""
+def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor, first: bool) -> None:
+    """grad_w [V, d] (fp32/fp64) += g.T [V, c] @ h [c, d]; ``first``: grad_w is uninitialised, write it (addmm
+    with beta 0 ignores its contents, NaN included): no [V, d] zero-fill pass."""
+    beta = 0.0 if first else 1.0
     if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.T, h.to(grad_w.dtype))
+        grad_w.addmm_(g.T, h.to(grad_w.dtype), beta=beta)
     elif g.is_cuda:
+        if first:
+            grad_w.zero_()
         key = (g.device, g.dtype, grad_w.dtype)
         if key not in _mixed_addmm:
             _mixed_addmm[key] = pick_mixed_addmm(g.device, g.dtype, grad_w.dtype)
         _mixed_addmm[key](grad_w, g, h.to(g.dtype))
     else:
-        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype), beta=beta)
 
 
 class Fused(NamedTuple):
@@ -339,7 +343,7 @@ def forward_blocks(
     ce_all, ent_all, lse_all, terms_all, w_all = (hidden.new_empty(N, dtype=acc) for _ in range(5))
     mz_all = hidden.new_empty(N, dtype=acc) if opts.mean_z else None
     grad_h = torch.empty_like(hidden) if need_grad else None  # [N, d]
-    grad_w = weight.new_zeros(V, d, dtype=acc) if need_grad else None  # [V, d], accumulated over blocks
+    grad_w = weight.new_empty(V, d, dtype=acc) if need_grad else None  # [V, d], written by the first block
 
     def block(s: int, e: int, lse: Tensor) -> Block:
         return Block(ce_all[s:e], ent_all[s:e], lse, None if mz_all is None else mz_all[s:e], labels[s:e],
@@ -367,7 +371,7 @@ def forward_blocks(
             torch.matmul(g, weight, out=grad_h[s:e])  # [c, d], no temporary
         else:  # mixed dtypes (autocast over fp32 weights): the matmul's own output dtype, then copied
             grad_h[s:e] = g @ weight
-        _accumulate_grad_w(grad_w, g, hidden[s:e])
+        _accumulate_grad_w(grad_w, g, hidden[s:e], first=s == 0)
 
     if not opts.two_pass:  # one pass: statistics, row terms and gradients block by block
         for s in range(0, N, chunk_rows):
