@@ -36,7 +36,30 @@ def table(runs: list[str], task: str) -> str:
     if reference is not None:
         lines.append(f"\nRarity of the reference replies: {reference:.4f} (mean -log relative training frequency).")
     lines.append("± is lm-eval's standard error over documents (none for the corpus-level distinct-n and rarity).")
-    return "\n".join(lines)
+    buckets = bucket_table(runs)
+    return "\n".join(lines + (["", *buckets] if buckets else []))
+
+
+BUCKET_COLUMNS = ("ppl", "high_ppl", "medium_ppl", "low_ppl", "tokens")
+
+
+def bucket_table(runs: list[str]) -> list[str]:
+    """Response perplexity on held-out records by training-frequency bucket (``eval.buckets`` with records in
+    ``data.val_files``), where the runs have it."""
+    from trainer.checkpoint import resolve_checkpoint
+
+    rows = []
+    for run in runs:
+        metrics = json.loads((resolve_checkpoint(run) / "eval_results.json").read_text())["metrics"]
+        if f"bucket/{BUCKET_COLUMNS[0]}" in metrics:
+            cells = [metrics.get(f"bucket/{c}") for c in BUCKET_COLUMNS]
+            rows.append(f"| {Path(run).name} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in cells) + " |")
+    if not rows:
+        return []
+    head = ["Response perplexity on held-out records, by frequency bucket of the training counts (high: the tokens of "
+            "the first 80% of occurrences, medium: the next 15%, low: the last 5%):", "",
+            "| run | " + " | ".join(BUCKET_COLUMNS) + " |", "|---" * (len(BUCKET_COLUMNS) + 1) + "|"]  # fmt: skip
+    return head + rows
 
 
 def _loss_name(ckpt: Path) -> str:

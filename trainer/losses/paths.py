@@ -41,8 +41,8 @@ from trainer.losses.config import IGNORE_INDEX
 
 CHUNK_BYTES = 64 * 2**20
 CPU_CHUNK_BYTES = 8 * 2**20
-"""On a CPU every row-wise op is a pass over the block: one that stays in the last-level cache (a few MiB per
-core) makes those passes several times cheaper than DRAM-bound [512, V] blocks (``docs/benchmarks.md``)."""
+"""On a CPU every row-wise op is a pass over the block: smaller blocks keep more of those passes in the cache
+(measured against other sizes: ``docs/benchmarks.md``)."""
 
 
 class Coefs(NamedTuple):
@@ -107,15 +107,13 @@ def reference(hidden: Tensor, weight: Tensor, labels: Tensor, entropy_clamp: flo
 
 
 def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype, device: str = "cuda") -> int:
-    """Rows per block of logits. On a GPU: at least ``dim``, so that the fp32 accumulation of the head-weight
-    gradient (an addmm with inner dimension = rows, reading and writing all of [V, d] every block) stays
-    compute-bound rather than memory-bound, and so that the logits block (in bf16) is about half that
-    accumulator; at least a ``CHUNK_BYTES`` block otherwise (fewer, larger blocks: fewer launches). On a CPU: a
-    ``CPU_CHUNK_BYTES`` block (cache-resident passes), but at least 64 rows (the addmm's inner dimension)."""
+    """Rows per block of logits: at least ``dim``, so that the fp32 accumulation of the head-weight gradient (an
+    addmm with inner dimension = rows, reading and writing all of [V, d] every block) stays compute-bound rather
+    than memory-bound (on a GPU also so that the logits block, in bf16, is about half that accumulator); beyond
+    that, a ``CHUNK_BYTES`` block on a GPU (fewer, larger blocks: fewer launches) and a ``CPU_CHUNK_BYTES`` one
+    on a CPU (passes over the block closer to the cache)."""
     row_bytes = vocab * torch.finfo(acc).bits // 8
-    if device == "cpu":
-        return max(64, CPU_CHUNK_BYTES // row_bytes)
-    return max(dim, CHUNK_BYTES // row_bytes, 1)
+    return max(dim, (CPU_CHUNK_BYTES if device == "cpu" else CHUNK_BYTES) // row_bytes, 1)
 
 
 def slow_low_precision_cpu(dtype: torch.dtype) -> bool:
