@@ -148,9 +148,9 @@ def op_table(step: Callable, ids: torch.Tensor, steps: int = 3, top: int = 12) -
 
 def side_by_side(
     builds: dict[str, Callable], preset: str, block: str, seq: int, batch: int, iters: int, precision: str,
-    profile_ops: int = 0,
+    profile_ops: int = 0, warmup: int = 2,
 ) -> dict[str, dict]:  # fmt: skip
-    """CPU: every implementation built at once, their steps alternating for ``iters`` rounds after 2 warm-up
+    """CPU: every implementation built at once, their steps alternating for ``iters`` rounds after ``warmup``
     steps each; -> per implementation the median tokens/s and the spread of its steps."""
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (batch, seq + 1))
@@ -158,7 +158,7 @@ def side_by_side(
     for name, build in builds.items():
         models[name], steps[name] = build(preset, block, seq, False, "cpu", precision)
         times[name] = []
-    for _ in range(2):
+    for _ in range(warmup):
         for step in steps.values():
             step(ids)
     for _ in range(iters):
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 48, 32, 24, 16, 8, 4, 2, 1])
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="CPU: untimed steps of each implementation first")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
@@ -259,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     for preset, seq, block, precision in itertools.product(args.preset, args.seq, args.blocks, args.precision):
         key = {"block": block, "seq": seq, "preset": preset, "precision": precision}
         if args.device == "cpu" and "compiled" not in args.modes:
-            results = side_by_side(impls, preset, block, seq, args.batches[0], args.iters, precision, args.profile_ops)
+            results = side_by_side(
+                impls, preset, block, seq, args.batches[0], args.iters, precision, args.profile_ops, args.warmup
+            )
             base = results.get("hf", {}).get("tokens_per_s")
             for name, r in results.items():
                 r.update(impl=name, compiled=False, **key)

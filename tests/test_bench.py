@@ -27,6 +27,22 @@ def test_bench_loss_runs_and_checks_every_loss(tmp_path):
     assert [r["loss"] for r in result["train_step"]] == ["ce", "mile", "ce", "mile"]
 
 
+def test_bench_loss_times_the_fused_losses_next_to_f_cross_entropy_on_the_cpu(tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["--cpu-speed", "--tokens", "32", "64", "--dim", "8", "--vocab", "300", "--iters", "1",
+            "--precision", "fp32", "bf16", "--json", str(out)]  # fmt: skip
+    assert bench_loss.main(argv) == 0
+    rows = json.loads(out.read_text())["cpu_speed"]
+    impls = ["F.cross_entropy", "naive ce"] + [f"fused {n}" for n in bench_loss.CPU_SPEED_LOSSES]
+    assert [(r["N"], r["precision"], r["impl"]) for r in rows] == [
+        (n, p, i) for n in (32, 64) for p in ("fp32", "bf16") for i in impls
+    ]
+    for r in rows:
+        assert r["ms"] > 0 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert ("vs_F.cross_entropy" in r) == (r["impl"] == "fused ce")
+        assert ("vs_fused_ce" in r) == (r["impl"].startswith("fused") and r["impl"] != "fused ce")
+
+
 def test_bench_loss_compares_the_peak_memory_of_every_loss_on_the_cpu(tmp_path):
     out = tmp_path / "memory.json"
     argv = ["--cpu-memory", "--tokens", "64", "--dim", "16", "--vocab", "300", "--json", str(out)]
@@ -38,11 +54,18 @@ def test_bench_loss_compares_the_peak_memory_of_every_loss_on_the_cpu(tmp_path):
 
 def test_bench_model_runs_both_blocks_next_to_transformers(tmp_path):
     out = tmp_path / "model.json"
-    argv = ["--device", "cpu", "--preset", "debug", "--modes", "eager", "--seq", "32", "--batches", "2",
-            "--iters", "1", "--profile", "--json", str(out)]  # fmt: skip
+    argv = ["--device", "cpu", "--preset", "debug", "--modes", "eager", "--seq", "32", "--batches", "2", "--iters",
+            "1", "--profile", "--profile-ops", "5", "--precision", "fp32", "bf16", "--json", str(out)]  # fmt: skip
     assert bench_model.main(argv) == 0
     rows = json.loads(out.read_text())
-    assert {(r["impl"], r["block"]) for r in rows} == {(i, b) for i in ("losslab", "hf") for b in ("neox", "llama")}
+    assert {(r["impl"], r["block"], r["precision"]) for r in rows} == {
+        (i, b, p) for i in ("losslab", "hf") for b in ("neox", "llama") for p in ("fp32", "bf16")
+    }
+    for r in rows:  # side by side: the ratio to HF's row of the same configuration, the top operators of each
+        same = (r["block"], r["precision"])
+        twin = next(t for t in rows if t["impl"] == "hf" and (t["block"], t["precision"]) == same)
+        assert abs(r["vs_hf"] - r["tokens_per_s"] / twin["tokens_per_s"]) < 1e-9
+        assert len(r["ops"]) == 5 and all(o["ms_per_step"] > 0 for o in r["ops"])
     assert all(r["micro_batch"] == 2 and r["tokens_per_s"] > 0 for r in rows)
     for block in ("neox", "llama"):  # the same shape on both sides
         assert len({r["params"] for r in rows if r["block"] == block}) == 1
