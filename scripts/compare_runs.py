@@ -180,18 +180,27 @@ def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, str]]:
     for i, f in enumerate(flats):
         keyed.setdefault(tuple(sorted(f.items())), []).append(i)
     varying = sorted({k for f in flats for k in f if len({g.get(k) for g in flats}) > 1 and not k.startswith("loss.")})
+    # loss settings that the tag does not show but that tell two groups apart (a plug-in's options, pdl's eps)
+    tags = [loss_tag(runs[m[0]].cfg.loss) for m in keyed.values()]
+    hidden: dict[str, list[str]] = {}
+    for tag in {t for t in tags if tags.count(t) > 1}:
+        same = [flats[m[0]] for m, t in zip(keyed.values(), tags, strict=True) if t == tag]
+        loss_keys = {k for f in same for k in f if k.startswith("loss.")}
+        hidden[tag] = sorted(k for k in loss_keys if len({g.get(k) for g in same}) > 1)
     groups: dict[str, list[Run]] = {}
     settings: dict[str, str] = {}
-    for n, members in enumerate(keyed.values()):
-        first = runs[members[0]]
-        extra = [f"{k}={json.loads(flats[members[0]][k])}" for k in varying if k in flats[members[0]]]
+    for n, (members, tag) in enumerate(zip(keyed.values(), tags, strict=True)):
+        keys = varying + hidden.get(tag, [])
+        extra = [f"{k}={json.loads(flats[members[0]][k])}" for k in keys if k in flats[members[0]]]
         short = " ".join(e.split(".", 1)[-1] for e in extra)
-        label = loss_tag(first.cfg.loss) + (
-            f" {short}" if 0 < len(short) <= 40 else f" [{chr(65 + n)}]" if extra else ""
-        )
+        label = tag + (f" {short}" if 0 < len(short) <= 40 else f" [{chr(65 + n)}]" if extra else "")
+        if label in groups:  # never merge or drop a group under another's name
+            label = f"{label} [{chr(65 + n)}]"
         groups[label] = sorted((runs[i] for i in members), key=lambda r: r.seed)
         settings[label] = ", ".join(extra)
-    order = sorted(groups, key=lambda label: groups[label][0].cfg.loss.name != "ce")
+    # the baseline first: plain CE (no modifier) before CE with one, then the rest in the order given
+    order = sorted(groups, key=lambda label: (groups[label][0].cfg.loss.name != "ce", not label.startswith("ce ")
+                                              and label != "ce"))  # fmt: skip
     return {label: groups[label] for label in order}, settings
 
 

@@ -5,8 +5,10 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from evals.stats import difference, seed_interval
 from evals.tasks import write_multiple_choice_task
@@ -227,3 +229,25 @@ def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, t
     assert '"complete": true' in (run_dir / "result.json").read_text()
     third = grid_run()
     assert third.returncode == 0 and "final training loss" not in third.stdout  # nothing left to train
+
+
+def test_groups_that_differ_only_by_a_modifier_or_a_loss_option_stay_apart():
+    """A grid with CE, CE + label smoothing and CE + z-loss (the CPU study's): three groups, none merged into or
+    dropped under another's name, and the plain CE group is the baseline whatever the order given."""
+    from scripts.compare_runs import Run, baseline, group_runs
+
+    def run(tag: str, seed: int, **loss) -> Run:
+        cfg = load_config(None, [f"train.seed={seed}", f"run.dir=runs/{tag}-s{seed}",
+                                 *(f"loss.{k}={v}" for k, v in loss.items())])  # fmt: skip
+        return Run(dir=Path(f"runs/{tag}-s{seed}"), cfg=OmegaConf.structured(cfg), seed=seed, steps=[], tokens=[],
+                   ce=[], loss=[], val=[], eval={})  # fmt: skip
+
+    runs = [run(n, s, **kw) for s in (0, 1) for n, kw in (("zloss", {"z_loss": 1e-4}),
+            ("smooth", {"label_smoothing": 0.1}), ("ce", {}), ("pdl_eps", {"name": "pdl", "eps": 1e-3}),
+            ("pdl", {"name": "pdl"}))]  # fmt: skip
+    groups, _ = group_runs(runs)
+    assert len(groups) == 5 and sum(len(g) for g in groups.values()) == len(runs)
+    assert {"ce", "ce-ls0.1", "ce-z0.0001"} <= set(groups) and baseline(groups) == "ce"
+    assert all({r.seed for r in g} == {0, 1} for g in groups.values())
+    pdl = [label for label in groups if label.startswith("pdl")]  # eps is not in the tag: it tells them apart
+    assert len(pdl) == 2 and any("eps=0.001" in label for label in pdl), pdl

@@ -146,18 +146,24 @@ LOSS_NAME_PARAMS: dict[str, list[tuple[str, str, bool]]] = {
 }
 
 
+# Settings of every loss that change its math, in the name only when they differ from their default.
+MODIFIER_NAME_PARAMS: list[tuple[str, str]] = [("label_smoothing", "ls"), ("z_loss", "z"), ("entropy_clamp", "clamp")]
+
+
 def _short(value: float | bool) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).lower()
 
 
 def loss_tag(loss: Any) -> str:
-    """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``: the loss and the parameters that matter. ``loss``:
-    a run's loss section (a ``LossConfig`` or the ``loss`` mapping of a saved config.yaml)."""
+    """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``, ``ce-ls0.1``, ``ce-z0.0001``: the loss and the
+    parameters that matter, modifiers included. ``loss``: a run's loss section (a ``LossConfig`` or the ``loss``
+    mapping of a saved config.yaml)."""
     from trainer.losses.config import LossConfig
 
     default = LossConfig()
     parts = [loss.name]
-    for key, tag, always in LOSS_NAME_PARAMS.get(loss.name, []):
+    params = LOSS_NAME_PARAMS.get(loss.name, []) + [(key, tag, False) for key, tag in MODIFIER_NAME_PARAMS]
+    for key, tag, always in params:
         value = getattr(loss, key, getattr(default, key))
         if isinstance(value, bool):
             if value != getattr(default, key):

@@ -41,8 +41,9 @@ from trainer.losses.config import IGNORE_INDEX
 
 CHUNK_BYTES = 64 * 2**20
 CPU_CHUNK_BYTES = 8 * 2**20
-"""On a CPU every row-wise op is a pass over the block: smaller blocks keep more of those passes in the cache
-(measured against other sizes: ``docs/benchmarks.md``)."""
+"""On a CPU every row-wise op is a pass over the block, and smaller blocks keep more of it in the cache; on the
+project's 2-core machine the full step is within noise from 128 to 1024 rows (``docs/benchmarks.md``), so the
+smallest (least memory) that keeps the ``dim``-row floor."""
 
 
 class Coefs(NamedTuple):
