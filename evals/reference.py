@@ -88,7 +88,9 @@ def _score_source(
     if partial.is_file() and progress_file.is_file():  # resume a scoring that stopped
         state = json.loads(progress_file.read_text())
         if {k: state.get(k) for k in ("seq_len", "checkpoint")} == {k: info[k] for k in ("seq_len", "checkpoint")}:
-            done = int(state["windows_done"])
+            # from the batch boundary an uninterrupted run would have: every batch then holds the same windows,
+            # hence the same numbers bit for bit (a matmul's rounding can depend on its number of rows)
+            done = int(state["windows_done"]) // batch_size * batch_size
     if done == 0:
         np.zeros(len(tokens), dtype=np.float32).tofile(partial)
     out = np.memmap(partial, dtype=np.float32, mode="r+")
