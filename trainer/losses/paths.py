@@ -29,6 +29,7 @@ gradient matmuls write in place.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -117,6 +118,7 @@ def default_chunk_rows(vocab: int, dim: int, acc: torch.dtype, device: str = "cu
     return max(dim, (CPU_CHUNK_BYTES if device == "cpu" else CHUNK_BYTES) // row_bytes, 1)
 
 
+@functools.cache  # a property of the machine, asked on every fused call: once per dtype
 def slow_low_precision_cpu(dtype: torch.dtype) -> bool:
     """True when ``dtype`` is bf16 / fp16 and this CPU has no native matmul for it (no AVX512-BF16 / AMX /
     AVX512-FP16): oneDNN then emulates it, 10-50x slower than fp32 (``docs/benchmarks.md``)."""
