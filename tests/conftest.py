@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on CPU tensors; it must be chosen before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_cpu_adam_build: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """DeepSpeedCPUAdam is JIT-compiled on a machine's first use (~90 s on 2 cores, then cached in
+    ~/.cache/torch_extensions): when a selected test will need it, start that build now, in the background at low
+    priority, so that it overlaps the tests before it instead of stalling the first one that needs it (which
+    waits on the build's own lock if it is still running)."""
+    global _cpu_adam_build
+    if torch.cuda.is_available() or not any(item.get_closest_marker("cpu_adam") for item in session.items):
+        return
+    build = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
+    _cpu_adam_build = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", build],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _cpu_adam_build is not None:  # never leave a half-written extension (or its lock) behind
+        try:
+            _cpu_adam_build.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            _cpu_adam_build.kill()
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_
     assert_same_losses(run_dir, single_rank)
 
 
+@pytest.mark.cpu_adam
 def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp_path):
     """The 6.7B route: ZeRO-3 with the optimizer on the CPU (DeepSpeedCPUAdam, JIT-compiled on first use),
     part of it kept with the parameters (partial offload), and activation checkpointing; the same losses as

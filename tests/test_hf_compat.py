@@ -1,9 +1,11 @@
 """An exported Hugging Face folder loads in transformers 4.x and 5.x; a folder saved by 4.x imports.
 
 The 4.x side runs in a second, minimal environment: ``.venv-tf4`` in the checkout (ignored by git through its own
-``.gitignore``), created on first use with pip — torch as in this venv, transformers at the floor pyproject
-promises — and reused while its spec stays the same (~45 s to create on this machine, then nothing). Tests that
-need it skip, saying why, only when pip cannot reach a package index.
+``.gitignore``), created on first use with pip — transformers at the floor pyproject promises and what it pins
+(tokenizers, huggingface-hub), everything else (torch, safetensors, sentencepiece, numpy) this venv's own, reached
+through a ``.pth`` line that comes after the overlay's packages — and reused while its spec stays the same (a few
+seconds to create: no second 1 GB torch). Tests that need it skip, saying why, only when pip cannot reach a package
+index.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -84,7 +87,7 @@ def _pip_failed(what: str, proc: subprocess.CompletedProcess) -> None:
 def tf4_python() -> Path:
     """The interpreter of ``.venv-tf4`` (created or refreshed when its spec changed)."""
     python = VENV / "bin" / "python"
-    spec = [f"torch=={torch.__version__.split('+')[0]}", TF4_SPEC, "safetensors", "sentencepiece"]
+    spec = [TF4_SPEC, f"over {sysconfig.get_paths()['purelib']}"]
     stamp = VENV / ".losslab-spec"
     # one builder at a time: two pytest processes (a developer's and CI's) may want it at once
     with open(Path(tempfile.gettempdir()) / "losslab-venv-tf4.lock", "w") as lock:
@@ -101,10 +104,14 @@ def _build_venv(spec: list[str], stamp: Path) -> None:
     if made.returncode != 0:
         pytest.fail(f"python -m venv {VENV} failed:\n{made.stderr[-2000:]}")
     (VENV / ".gitignore").write_text("*\n")  # the environment never shows up in git status or a commit
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *spec], capture_output=True, text=True,
+    overlay = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    # sys.path: the overlay's site-packages, then this venv's (a .pth line is appended after its directory)
+    (Path(overlay) / "losslab_main_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", TF4_SPEC], capture_output=True, text=True,
                          timeout=1200)  # fmt: skip
     if pip.returncode != 0:
-        _pip_failed(f"pip install {' '.join(spec)} into {VENV}", pip)
+        _pip_failed(f"pip install {TF4_SPEC} into {VENV}", pip)
     stamp.write_text(" ".join(spec))
 
 

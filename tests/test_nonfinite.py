@@ -32,6 +32,7 @@ def weights(run_dir: Path, step: int) -> dict:
     return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
 
 
+@pytest.mark.cpu_adam  # the zero2_offload layout
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_nonfinite_step_changes_no_parameter(layout, corpus, tmp_path):
     run_dir = tmp_path / layout
