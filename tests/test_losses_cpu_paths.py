@@ -110,3 +110,21 @@ def test_a_plugin_gets_the_entropy_unless_it_declares_it_does_not_read_it():
     right = build_loss({"name": f"{here}:ReadsEntropy", "fused": "true"})(hidden, weight, labels)
     naive = build_loss({"name": f"{here}:ReadsEntropy", "fused": "false"})(hidden, weight, labels)
     assert abs(right.loss.item() - naive.loss.item()) < 1e-10 * abs(naive.loss.item())
+
+
+@pytest.mark.parametrize("name", ["ce", "mile"])
+def test_a_target_whose_probability_underflows_keeps_its_exact_loss(name):
+    """The torch kernel reads the CE as -log p_y from the softmax; where p_y underflows fp32 (CE above ~87, e.g.
+    a confidently wrong model) it must fall back to the logsumexp, not report an infinite or capped loss."""
+    hidden, weight, labels, counts = make_inputs(torch.float32, ignore=True)
+    with torch.no_grad():
+        hidden[:5] *= 60  # logits spread over hundreds of units: the label's probability is 0 in fp32
+    assert (torch.softmax(hidden[:5] @ weight.T, -1).gather(1, labels[:5, None].clamp_min(0)) == 0).any()
+    out, gh, gw = fused_loss_and_grads(name, hidden, weight, labels, counts, autocast=False)
+    cfg = LossConfig(name=name, **LOSS_PARAMS[name])
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = naive_loss(h64, w64, labels, cfg, counts)
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    assert math.isfinite(out.loss.item())
+    errs = (abs(out.loss.item() - ref.item()) / abs(ref.item()), rel_err(gh, rh), rel_err(gw, rw))
+    assert max(errs) < 1e-4, errs  # fp32 rounding of logits hundreds of units apart (the entropy cancels them)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -160,11 +161,14 @@ class TorchRows:
     """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype).
 
     On a CPU every op here is a pass over the block, so there are as few as the statistics allow: ATen's
-    log-softmax (one fused kernel, row by row in cache) gives the CE and, with the target's logit, the
-    logsumexp; the softmax is its exp, computed in place; the entropy costs one more (dot) pass, taken only when
-    asked for (``ent_out``)."""
+    softmax (one fused kernel, row by row in cache) gives the CE (-log p_y) and, with the target's logit, the
+    logsumexp; the entropy costs one more (dot) pass, taken only when asked for (``ent_out``) — and the fused
+    path asks only when it cannot get it from the gradient's matmul instead (``softmax_state``)."""
 
     optional_entropy = True
+    softmax_state = True
+    """``stats``' state is the block's softmax [c, V] in the accumulation dtype, which ``forward_blocks`` may use
+    directly (``SoftmaxGrads``) instead of calling ``grad``."""
 
     @staticmethod
     def stats(
@@ -178,15 +182,19 @@ class TorchRows:
     ) -> tuple[Tensor, Tensor]:
         """Writes ce (0 where ignored) and, unless ``ent_out`` is None, the entropy into the [c] outputs; returns
         (lse, state for ``grad``)."""
-        zf = z.to(ce_out.dtype)  # [c, V]; no copy when z is already in the accumulation dtype
-        logp = torch.log_softmax(zf, dim=-1)  # [c, V]
+        acc = ce_out.dtype
+        p = torch.softmax(z, dim=-1, dtype=acc)  # [c, V]; bf16 logits are read as they are, no fp32 copy of them
         idx = y.clamp_min(0)[:, None]  # [c, 1]
-        logp_y = logp.gather(1, idx).squeeze(1)  # [c]
-        lse = zf.gather(1, idx).squeeze(1) - logp_y  # [c] z_y - log p_y: logsumexp, to rounding
+        z_y = z.gather(1, idx).squeeze(1).to(acc)  # [c]
+        logp_y = p.gather(1, idx).squeeze(1).log_()  # [c]; exact to rounding while p_y is a normal float
+        lse = z_y - logp_y  # [c] logsumexp, to rounding
+        lost = logp_y < math.log(torch.finfo(p.dtype).tiny)  # p_y underflowed (a CE above ~87 in fp32): rare
+        if lost.any():
+            lse = torch.where(lost, torch.logsumexp(z.to(acc), dim=-1), lse)  # an extra pass, for such a block only
+            logp_y = torch.where(lost, z_y - lse, logp_y)
         torch.neg(logp_y, out=ce_out).masked_fill_(~valid, 0.0)
         if mz_out is not None:
-            torch.mean(zf, dim=-1, out=mz_out)
-        p = logp.exp_()  # [c, V] softmax, in place: log p is not needed again
+            torch.mean(z, dim=-1, dtype=acc, out=mz_out)
         if ent_out is None:
             return lse, p
         if entropy_clamp:  # -sum max(p, c) log max(p, c), a few rows at a time: small temporaries
@@ -194,7 +202,7 @@ class TorchRows:
                 pc = p[i : i + 256].clamp_min(entropy_clamp)
                 ent_out[i : i + 256] = -(pc * pc.log()).sum(-1)
         else:  # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
-            torch.sub(lse, (p.unsqueeze(1) @ zf.unsqueeze(2)).view(-1), out=ent_out)
+            torch.sub(lse, (p.unsqueeze(1) @ z.to(acc).unsqueeze(2)).view(-1), out=ent_out)
         return lse, p
 
     @staticmethod
@@ -287,6 +295,75 @@ def _accumulate_grad_w(grad_w: Tensor, g: Tensor, h: Tensor, first: bool) -> Non
         grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype), beta=beta)
 
 
+class SoftmaxGrads:
+    """The gradients from a block's softmax p [c, V] itself, never forming dl/dz = a p - b onehot(y) - u:
+
+        grad_h = a * (p @ W) - b * W[y] - u * sum_v W_v          ([c, d]: one matmul, the rest is [c, d] work)
+        grad_W += p.T @ (a * h);  grad_W[y] -= b * h;  grad_W -= sum_i u_i h_i   (the last once, at the end)
+
+    So the [c, V] block costs no elementwise pass after the softmax (one cast when the matmuls run in bf16/fp16):
+    the row scalings move onto [c, d] operands. And ``p @ W`` also gives each row's entropy for free,
+    H = lse - sum_v p_v z_v = lse - h . (p @ W), which otherwise costs a dot pass over two [c, V] blocks: MiLe
+    costs what CE costs.
+
+    The matmuls run in ``mm_dtype``, the logits' (autocast's where it is on): in fp32/fp64 everything is exact to
+    rounding; in bf16/fp16, p is rounded to it as dl/dz was before, p @ W and each block's p.T @ (a h) come out in
+    it (CPUs have no mixed-dtype matmul) and are accumulated in fp32. Used when the kernel's state is the softmax
+    (``TorchRows.softmax_state``)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, grad_h: Tensor, grad_w: Tensor,
+                 mm_dtype: torch.dtype):  # fmt: skip
+        self.hidden, self.weight, self.labels, self.valid = hidden, weight, labels, valid
+        self.grad_h, self.grad_w = grad_h, grad_w
+        self.mm_dtype = mm_dtype
+        self.weight_mm = weight.detach().to(mm_dtype)  # [V, d]; no copy unless autocast lowers an fp32 weight
+        self.weight_sum: Tensor | None = None  # [d] sum_v W_v, for label smoothing's u
+        self.u_h: Tensor | None = None  # [d] sum_i u_i h_i, subtracted from every row of grad_W at the end
+
+    @staticmethod
+    def applies(rows: RowKernel) -> bool:
+        return getattr(rows, "softmax_state", False)
+
+    def p_w(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """p [c, V] (accumulation dtype) -> (p in mm_dtype, p @ W [c, d] in the accumulation dtype)."""
+        p_mm = p.to(self.mm_dtype)  # no copy in fp32 / fp64
+        with torch.autocast(p.device.type, enabled=False):  # the dtypes are chosen here, not by autocast
+            return p_mm, (p_mm @ self.weight_mm).to(p.dtype)
+
+    def entropy(self, s: int, p_w: Tensor, lse: Tensor, out: Tensor) -> None:
+        """H = lse - h . (p @ W) for rows s.. of the block (p_w [c, d]) into ``out`` [c]."""
+        h = self.hidden[s : s + len(p_w)].to(self.mm_dtype).to(p_w.dtype)  # [c, d] as the logits' matmul saw it
+        torch.sub(lse, (h.unsqueeze(1) @ p_w.unsqueeze(2)).view(-1), out=out)
+
+    def block(self, s: int, p_mm: Tensor, p_w: Tensor, coefs: Coefs) -> None:
+        """Add rows s..s+c's contribution (p_mm [c, V] in mm_dtype, p_w = p @ W [c, d], coefs [c] each)."""
+        e = s + len(p_mm)
+        acc = p_w.dtype
+        h, y = self.hidden[s:e].to(acc), self.labels[s:e].clamp_min(0)  # [c, d], [c]
+        a, b = coefs.a[:, None].to(acc), (coefs.b * self.valid[s:e])[:, None].to(acc)  # [c, 1] each
+        gh = p_w * a - b * self.weight[y].to(acc)  # [c, d]
+        if coefs.u is not None:
+            u = coefs.u[:, None].to(acc)  # [c, 1]
+            if self.weight_sum is None:
+                self.weight_sum = self.weight.detach().sum(0, dtype=acc)  # [d]
+                self.u_h = torch.zeros_like(self.weight_sum)
+            gh.sub_(u * self.weight_sum)
+            self.u_h.add_((u * h).sum(0))
+        self.grad_h[s:e] = gh
+        with torch.autocast(h.device.type, enabled=False):
+            if self.mm_dtype == self.grad_w.dtype:  # [V, d]; the first block writes it (beta 0: no zero fill)
+                self.grad_w.addmm_(p_mm.T, a * h, beta=0.0 if s == 0 else 1.0)
+            elif s == 0:
+                self.grad_w.copy_(p_mm.T @ (a * h).to(self.mm_dtype))
+            else:
+                self.grad_w.add_(p_mm.T @ (a * h).to(self.mm_dtype))
+        self.grad_w.index_add_(0, y, b * h, alpha=-1.0)
+
+    def finish(self) -> None:
+        if self.u_h is not None:
+            self.grad_w.sub_(self.u_h)
+
+
 class Fused(NamedTuple):
     numerator: Tensor  # sum of the row terms (z-loss included), accumulation dtype
     ce: Tensor  # [N] detached, as the rest
@@ -353,11 +430,16 @@ def forward_blocks(
     skip_entropy = not opts.entropy and getattr(rows, "optional_entropy", False)
     if skip_entropy:
         ent_all.fill_(torch.nan)
+    softmax_grads = None
+    if need_grad and SoftmaxGrads.applies(rows):
+        softmax_grads = SoftmaxGrads(hidden, weight, labels, valid_all, grad_h, grad_w, logits_dtype(hidden, weight))
+    # the entropy from the gradient's p @ W (one pass, gradients block by block, the entropy as defined)
+    entropy_by_matmul = softmax_grads is not None and not (opts.two_pass or skip_entropy or opts.entropy_clamp)
 
     def stats(s: int, e: int) -> tuple[Tensor, Tensor, Any]:
         z = hidden[s:e] @ weight.T  # [c, V], in the inputs' dtype
         mz = None if mz_all is None else mz_all[s:e]
-        ent = None if skip_entropy else ent_all[s:e]
+        ent = None if skip_entropy or entropy_by_matmul else ent_all[s:e]
         if opts.entropy_clamp:
             lse, state = rows.stats(z, labels[s:e], valid_all[s:e], ce_all[s:e], ent, mz, opts.entropy_clamp)
         else:  # a plug-in kernel need not know the option it is not asked for
@@ -378,11 +460,19 @@ def forward_blocks(
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             z, lse, state = stats(s, e)
+            p_w = None
+            if softmax_grads is not None:
+                z = None  # the softmax (state) is all the gradients need
+                state, p_w = softmax_grads.p_w(state)  # [c, V] in the matmuls' dtype, [c, d]
+                if entropy_by_matmul:
+                    softmax_grads.entropy(s, p_w, lse, ent_all[s:e])
             terms, w, coefs = block_fn(block(s, e, lse), need_grad)
             terms, coefs = _with_z_loss(terms, coefs, lse, valid_all[s:e], opts.z_lambda)
             terms_all[s:e] = terms
             w_all[s:e] = w
-            if need_grad:
+            if softmax_grads is not None:
+                softmax_grads.block(s, state, p_w, coefs)
+            elif need_grad:
                 gradients(s, e, z, lse, coefs, state)
             del z, state
     else:  # statistics of every row, the row terms over all rows, then the gradients (logits recomputed)
@@ -398,8 +488,14 @@ def forward_blocks(
                 e = min(s + chunk_rows, N)
                 z = hidden[s:e] @ weight.T  # [c, V]
                 part = Coefs(*(None if c is None else c[s:e] for c in coefs))
-                gradients(s, e, z, lse_all[s:e], part, None)
+                if softmax_grads is not None:
+                    p = (z.to(lse_all.dtype) - lse_all[s:e, None]).exp_()  # [c, V] the softmax again
+                    softmax_grads.block(s, *softmax_grads.p_w(p), part)
+                else:
+                    gradients(s, e, z, lse_all[s:e], part, None)
                 del z
+    if softmax_grads is not None:
+        softmax_grads.finish()
     if need_grad:
         # Converted now, not in backward: only the weight-dtype copy is held while the rest of the model's
         # backward runs, and backward scales in place with no [V, d] temporaries.
