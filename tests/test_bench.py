@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from scripts import bench_loss, bench_model
+from scripts import bench_loss, bench_model, profile_loss
 from trainer.losses import LOSSES
 
 
@@ -50,6 +50,16 @@ def test_bench_loss_compares_the_peak_memory_of_every_loss_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["cpu_memory"]
     assert {(r["loss"], r["modifiers"]) for r in rows} == {(name, m) for name in LOSSES for m in (False, True)}
     assert all(r["peak_mib"] > 0 for r in rows) and rows[0]["loss"] == "ce" and rows[0]["vs_ce"] == 1.0
+
+
+def test_profile_loss_lists_the_operators_of_each_loss_and_precision(capsys):
+    argv = ["--losses", "ce", "mile", "--tokens", "32", "--dim", "8", "--vocab", "300", "--iters", "1", "--top", "3"]
+    assert profile_loss.main(argv) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ce") or
+            line.startswith("| mile")]  # fmt: skip
+    assert [(r[0], r[1]) for r in rows] == [("| ce", "fp32"), ("| ce", "bf16"), ("| mile", "fp32"), ("| mile", "bf16")]
+    for r in rows:
+        assert float(r[2]) > 0 and r[3].count("`aten::") + r[3].count("`_Chunked") >= 1, r
 
 
 def test_bench_model_runs_both_blocks_next_to_transformers(tmp_path):

@@ -489,11 +489,14 @@ def forward_blocks(
                 z = hidden[s:e] @ weight.T  # [c, V]
                 part = Coefs(*(None if c is None else c[s:e] for c in coefs))
                 if softmax_grads is not None:
-                    p = (z.to(lse_all.dtype) - lse_all[s:e, None]).exp_()  # [c, V] the softmax again
+                    p = z.to(lse_all.dtype)  # [c, V]; z itself in fp32 / fp64, so the softmax is computed in place
+                    del z
+                    p.sub_(lse_all[s:e, None]).exp_()  # the softmax again, from the first pass's lse
                     softmax_grads.block(s, *softmax_grads.p_w(p), part)
+                    del p
                 else:
                     gradients(s, e, z, lse_all[s:e], part, None)
-                del z
+                    del z
     if softmax_grads is not None:
         softmax_grads.finish()
     if need_grad:
