@@ -307,9 +307,10 @@ class SoftmaxGrads:
     costs what CE costs.
 
     The matmuls run in ``mm_dtype``, the logits' (autocast's where it is on): in fp32/fp64 everything is exact to
-    rounding; in bf16/fp16, p is rounded to it as dl/dz was before, p @ W and each block's p.T @ (a h) come out in
-    it (CPUs have no mixed-dtype matmul) and are accumulated in fp32. Used when the kernel's state is the softmax
-    (``TorchRows.softmax_state``)."""
+    rounding; in bf16/fp16, p is rounded to it as dl/dz was before and p @ W comes out in it; the head-weight
+    gradient accumulates in fp32 inside the matmul on a GPU (``pick_mixed_addmm``), and on a CPU, which has no
+    mixed-dtype matmul, each block's p.T @ (a h) comes out in bf16/fp16 and is summed in fp32. Used when the
+    kernel's state is the softmax (``TorchRows.softmax_state``)."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, grad_h: Tensor, grad_w: Tensor,
                  mm_dtype: torch.dtype):  # fmt: skip
@@ -351,9 +352,9 @@ class SoftmaxGrads:
             self.u_h.add_((u * h).sum(0))
         self.grad_h[s:e] = gh
         with torch.autocast(h.device.type, enabled=False):
-            if self.mm_dtype == self.grad_w.dtype:  # [V, d]; the first block writes it (beta 0: no zero fill)
-                self.grad_w.addmm_(p_mm.T, a * h, beta=0.0 if s == 0 else 1.0)
-            elif s == 0:
+            if self.mm_dtype == self.grad_w.dtype or p_mm.is_cuda:  # fp32 accumulation in the matmul itself
+                _accumulate_grad_w(self.grad_w, p_mm, a * h, first=s == 0)  # [V, d]
+            elif s == 0:  # a CPU has no mixed-dtype matmul: the block's product in bf16/fp16, summed in fp32
                 self.grad_w.copy_(p_mm.T @ (a * h).to(self.mm_dtype))
             else:
                 self.grad_w.add_(p_mm.T @ (a * h).to(self.mm_dtype))
