@@ -201,14 +201,21 @@ def profiled_peak_mib(fn: Callable[[], None]) -> float:
     return max((sum(s) for s in sizes), default=0) / 2**20
 
 
-def cpu_memory(n: int, d: int, v: int, emit=lambda rows: None) -> list[dict]:
-    """Issue #17: the fused path's peak memory for every loss (and with label smoothing and z-loss) next to fused
-    CE's, fp32 on the CPU; the target is <= 1.10x."""
+def cpu_inputs(n: int, d: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU benchmarks' problem, seeded: hidden [n, d] and head [v, d] (both requiring grad), labels [n] and
+    token counts [v] (for PDL)."""
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(n, d, generator=g) * 0.5).requires_grad_()
     weight = (torch.randn(v, d, generator=g) * 0.02).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=g)
     counts = torch.randint(0, 10_000, (v,), generator=g)
+    return hidden, weight, labels, counts
+
+
+def cpu_memory(n: int, d: int, v: int, emit=lambda rows: None) -> list[dict]:
+    """Issue #17: the fused path's peak memory for every loss (and with label smoothing and z-loss) next to fused
+    CE's, fp32 on the CPU; the target is <= 1.10x."""
+    hidden, weight, labels, counts = cpu_inputs(n, d, v)
     inputs = token_inputs(n, "cpu")
     rows: list[dict] = []
     for name in ["ce", *sorted(set(LOSSES) - {"ce"})]:
@@ -255,11 +262,7 @@ def _cpu_speed_impls(n: int, d: int, v: int, autocast: bool) -> dict[str, Callab
     """name -> one forward + backward on the same [n, d] hidden, [v, d] head and labels."""
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(n, d, generator=g) * 0.5).requires_grad_()
-    weight = (torch.randn(v, d, generator=g) * 0.02).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=g)
-    counts = torch.randint(0, 10_000, (v,), generator=g)
+    hidden, weight, labels, counts = cpu_inputs(n, d, v)
 
     def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:

@@ -27,13 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=7)
     args = parser.parse_args(argv)
 
+    from scripts.bench_loss import cpu_inputs
     from trainer.losses import build_loss
 
-    g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(args.tokens, args.dim, generator=g) * 0.5).requires_grad_()  # [N, d]
-    weight = (torch.randn(args.vocab, args.dim, generator=g) * 0.02).requires_grad_()  # [V, d]
-    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g)  # [N]
-    counts = torch.randint(0, 10_000, (args.vocab,), generator=g)  # for PDL
+    hidden, weight, labels, counts = cpu_inputs(args.tokens, args.dim, args.vocab)  # the speed benchmark's problem
 
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, N {args.tokens}, d {args.dim}, "
           f"V {args.vocab}: self CPU ms per forward + backward, mean of {args.iters} calls")  # fmt: skip

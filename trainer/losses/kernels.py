@@ -77,7 +77,9 @@ def resolve(kernel: str) -> RowKernel | None:
     if not sep or not module or not attr:
         raise ValueError(f"loss.kernel must be auto, torch, triton or 'package.module:Class', got {kernel!r}")
     rows = import_plugin(kernel, "loss.kernel")
-    if not (callable(getattr(rows, "stats", None)) and callable(getattr(rows, "grad", None))):
+    # a kernel whose state is the softmax (softmax_state, as TorchRows) needs no grad: the fused path takes it from p
+    has_grad = callable(getattr(rows, "grad", None)) or getattr(rows, "softmax_state", False)
+    if not (callable(getattr(rows, "stats", None)) and has_grad):
         raise ValueError(f"loss.kernel={kernel!r} has no stats and grad methods (see trainer.losses.paths.RowKernel)")
     return rows
 

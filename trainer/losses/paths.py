@@ -134,7 +134,8 @@ def slow_low_precision_cpu(dtype: torch.dtype) -> bool:
 
 class RowKernel(Protocol):
     """The row-wise part of the fused path on one [c, V] block of logits (``loss.kernel`` names one; a plug-in
-    is any class or object with these two methods)."""
+    is any class or object with these two methods; the built-in torch kernel has only ``stats``, its state being the
+    softmax: ``TorchRows.softmax_state``)."""
 
     def stats(
         self,
@@ -158,7 +159,8 @@ class RowKernel(Protocol):
 
 
 class TorchRows:
-    """Row statistics and logit gradients of a [c, V] block with plain torch ops (any device, any dtype).
+    """Row statistics of a [c, V] block with plain torch ops (any device, any dtype); the gradients come from
+    their softmax (``softmax_state``).
 
     On a CPU every op here is a pass over the block, so there are as few as the statistics allow: ATen's
     softmax (one fused kernel, row by row in cache) gives the CE (-log p_y) and, with the target's logit, the
@@ -167,8 +169,8 @@ class TorchRows:
 
     optional_entropy = True
     softmax_state = True
-    """``stats``' state is the block's softmax [c, V] in the accumulation dtype, which ``forward_blocks`` may use
-    directly (``SoftmaxGrads``) instead of calling ``grad``."""
+    """``stats``' state is the block's softmax [c, V] in the accumulation dtype, from which ``forward_blocks`` takes
+    the gradients itself (``SoftmaxGrads``): a kernel that declares this needs no ``grad``."""
 
     @staticmethod
     def stats(
@@ -204,16 +206,6 @@ class TorchRows:
         else:  # H = lse - sum_v p_v z_v, as a batched dot to avoid another [c, V] temporary
             torch.sub(lse, (p.unsqueeze(1) @ z.to(acc).unsqueeze(2)).view(-1), out=ent_out)
         return lse, p
-
-    @staticmethod
-    def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, p: Tensor | None) -> Tensor:
-        if p is None:  # two-pass mode: the softmax again from the recomputed logits
-            p = (z.to(lse.dtype) - lse[:, None]).exp_()
-        p.mul_(coefs.a[:, None].to(p.dtype))
-        p[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= (coefs.b * valid).to(p.dtype)
-        if coefs.u is not None:
-            p.sub_(coefs.u[:, None].to(p.dtype))
-        return p.to(z.dtype)  # [c, V] dl/dz
 
 
 class TritonRows:
@@ -320,10 +312,6 @@ class SoftmaxGrads:
         self.weight_mm = weight.detach().to(mm_dtype)  # [V, d]; no copy unless autocast lowers an fp32 weight
         self.weight_sum: Tensor | None = None  # [d] sum_v W_v, for label smoothing's u
         self.u_h: Tensor | None = None  # [d] sum_i u_i h_i, subtracted from every row of grad_W at the end
-
-    @staticmethod
-    def applies(rows: RowKernel) -> bool:
-        return getattr(rows, "softmax_state", False)
 
     def p_w(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """p [c, V] (accumulation dtype) -> (p in mm_dtype, p @ W [c, d] in the accumulation dtype)."""
@@ -432,7 +420,7 @@ def forward_blocks(
     if skip_entropy:
         ent_all.fill_(torch.nan)
     softmax_grads = None
-    if need_grad and SoftmaxGrads.applies(rows):
+    if need_grad and getattr(rows, "softmax_state", False):
         softmax_grads = SoftmaxGrads(hidden, weight, labels, valid_all, grad_h, grad_w, logits_dtype(hidden, weight))
     # the entropy from the gradient's p @ W (one pass, gradients block by block, the entropy as defined)
     entropy_by_matmul = softmax_grads is not None and not (opts.two_pass or skip_entropy or opts.entropy_clamp)
