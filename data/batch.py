@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from data.packing import Window
-from trainer.losses.config import IGNORE_INDEX
+from losslab.losses.config import IGNORE_INDEX
 
 TOKEN_INPUTS = ("weight", "ref_ce")
 """Streams handed to the loss as ``token_inputs`` (per target token)."""

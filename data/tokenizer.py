@@ -16,8 +16,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from data.files import file_sha256
 from data.shards import DataError, ReadStats, iter_documents
-from trainer.run_info import file_sha256
 
 # Names a tokenizer.json without a tokenizer_config.json may give its end-of-text token, most likely first.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")

@@ -19,8 +19,8 @@ from torch import Tensor
 from data.sft import FineTuningRecords
 from data.shards import ReadStats, iter_documents, resolve_files
 from data.tokenizer import Tokenizer
+from losslab.losses import paths
 from models import GPT
-from trainer.losses import paths
 
 BUCKETS = (("high", 0.80), ("medium", 0.95), ("low", 1.0))
 

@@ -23,8 +23,8 @@ from data.memmap import STREAM_FILES, PreparedCorpus
 from data.prepare import MANIFEST
 from data.shards import DataError
 from evals.buckets import per_token_loss
-from trainer.checkpoint import META, load_model
-from trainer.checkpoint_files import load_json
+from models.checkpoint import META, load_model
+from models.checkpoint_files import load_json
 
 STREAM = "ref_ce"
 

@@ -20,8 +20,8 @@ from evals.buckets import (
 from evals.generation import rarity_metrics
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
-from trainer.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
-from trainer.checkpoint_files import load_json, load_safetensors
+from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
+from models.checkpoint_files import load_json, load_safetensors
 
 RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "eval_samples.json"

@@ -277,7 +277,7 @@ def load_hf_folder(hf_dir: str | Path) -> GPT:
     """A losslab model from a transformers folder, without building the transformers model: the config is read
     by transformers (which maps each release's key names), the weights by ``load_safetensors`` (a torn or
     foreign file is a ``CheckpointError`` naming it; pickled ``.bin`` weights are refused, never unpickled)."""
-    from trainer.checkpoint import CheckpointError, load_json, load_safetensors
+    from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 
     tf = _require_transformers()
     folder = Path(hf_dir)

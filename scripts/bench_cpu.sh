@@ -21,7 +21,7 @@ run step_bf16_tiny scripts/bench_model.py --device cpu --preset tiny --seq 128 -
     --precision bf16 --iters 5
 # small in bf16: micro-batch 8 where the CPU has native bf16 (AVX512-BF16 / AMX); else 2, since an emulated HF bf16
 # step of 8 x 128 takes minutes
-native=$("$PY" -c "import torch; from trainer.losses.paths import slow_low_precision_cpu as slow
+native=$("$PY" -c "import torch; from losslab.losses.paths import slow_low_precision_cpu as slow
 print(int(not slow(torch.bfloat16)))" 2>/dev/null || echo 0)
 run step_bf16_small scripts/bench_model.py --device cpu --preset small --seq 128 --batches $([ "$native" = 1 ] && echo 8 || echo 2) \
     --modes eager --precision bf16 --iters 5 --warmup 1

@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.losses import LOSSES, build_loss
-from trainer.losses.kernels import kernel_name, select_rows, verdicts
+from losslab.losses import LOSSES, build_loss
+from losslab.losses.kernels import kernel_name, select_rows, verdicts
 
 LOSS_ARGS = {"mile": {"gamma": 1.0}, "focal": {"gamma": 1.0}, "focal_lin": {"gamma": 2.0}}  # the rest: defaults
 MODIFIERS = {"label_smoothing": 0.1, "z_loss": 1e-4}  # the memory comparison's "+modifiers" rows

@@ -34,10 +34,10 @@ from collections.abc import Callable
 
 import torch
 
+from losslab.losses import build_loss
 from models import GPT
 from trainer import parallelize
 from trainer.config import load_config, model_config
-from trainer.losses import build_loss
 from trainer.perf import flops_per_token, peak_flops
 
 VOCAB = 32000

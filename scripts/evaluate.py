@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.shards import DataError
     from evals.runner import RESULTS_FILE, evaluate_checkpoint
-    from trainer.checkpoint_files import CheckpointError
+    from models.checkpoint_files import CheckpointError
 
     try:
         summary = evaluate_checkpoint(

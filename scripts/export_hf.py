@@ -14,8 +14,8 @@ import shutil
 
 from data.hf_tokenizer import to_hf_tokenizer
 from data.tokenizer import Tokenizer
+from models.checkpoint import CheckpointError, load_model
 from models.hf import make_portable, to_hf_model
-from trainer.checkpoint import CheckpointError, load_model
 
 
 def export(checkpoint: str, out: str) -> Path:

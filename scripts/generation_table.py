@@ -16,7 +16,7 @@ COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "le
 
 
 def table(runs: list[str], task: str) -> str:
-    from trainer.checkpoint import resolve_checkpoint
+    from models.checkpoint import resolve_checkpoint
 
     lines = ["| run | loss | " + " | ".join(COLUMNS) + " | documents |", "|---" * (len(COLUMNS) + 3) + "|"]
     reference = None
@@ -46,7 +46,7 @@ BUCKET_COLUMNS = ("ppl", "high_ppl", "medium_ppl", "low_ppl", "tokens")
 def bucket_table(runs: list[str]) -> list[str]:
     """Response perplexity on held-out records by training-frequency bucket (``eval.buckets`` with records in
     ``data.val_files``), where the runs have it."""
-    from trainer.checkpoint import resolve_checkpoint
+    from models.checkpoint import resolve_checkpoint
 
     rows = []
     for run in runs:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories")
     parser.add_argument("--task", default="shakespeare_dialogue")
     args = parser.parse_args(argv)
-    from trainer.checkpoint_files import CheckpointError
+    from models.checkpoint_files import CheckpointError
 
     try:
         print(table(args.runs, args.task))

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from data.shards import DataError
 from data.tokenizer import Tokenizer
+from models.checkpoint_files import CheckpointError
 from models.hf import load_hf_folder
-from trainer.checkpoint import CheckpointError
 
 
 def import_hf(hf_dir: str, out: str, tokenizer: str = "") -> Path:

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=7)
     args = parser.parse_args(argv)
 
+    from losslab.losses import build_loss
     from scripts.bench_loss import cpu_inputs
-    from trainer.losses import build_loss
 
     hidden, weight, labels, counts = cpu_inputs(args.tokens, args.dim, args.vocab)  # the speed benchmark's problem
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.shards import DataError
     from evals.reference import score_prepared
-    from trainer.checkpoint_files import CheckpointError
+    from models.checkpoint_files import CheckpointError
 
     try:
         info = score_prepared(

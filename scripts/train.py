@@ -12,7 +12,7 @@ import argparse
 import os
 
 from data.shards import DataError
-from trainer.checkpoint_files import CheckpointError
+from models.checkpoint_files import CheckpointError
 from trainer.config import ConfigError, load_config
 
 # Failures of the inputs, reported in one line (exit 2): everything that can be checked is checked before the
@@ -87,10 +87,10 @@ def print_config(cfg) -> str:
 
 def choices_listing() -> str:
     from evals.task_sets import TASK_SETS
+    from losslab.losses import LOSSES
     from models.config import BLOCKS
     from models.presets import PRESETS
     from trainer.config import CONFIG_ROOT
-    from trainer.losses import LOSSES
 
     lines = ["model.preset (layers x width, heads, SwiGLU width, context):"]
     for name, p in PRESETS.items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from losslab.losses import LOSSES
 from scripts import bench_loss, bench_model, profile_loss
-from trainer.losses import LOSSES
 
 
 def test_bench_loss_runs_and_checks_every_loss(tmp_path):
@@ -23,7 +23,7 @@ def test_bench_loss_runs_and_checks_every_loss(tmp_path):
     }
     for r in rows:  # fused vs materialised, same bf16 inputs
         assert r["ms"] > 0 and max(r["loss_rel"], r["grad_h_rel"], r["grad_w_rel"]) < 2e-2, r
-        assert r.get("kernel") == (None if r["impl"] == "naive" else "trainer.losses.paths:TorchRows")
+        assert r.get("kernel") == (None if r["impl"] == "naive" else "losslab.losses.paths:TorchRows")
     assert [r["loss"] for r in result["train_step"]] == ["ce", "mile", "ce", "mile"]
 
 

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
+from losslab.losses import LossConfig, build_loss
 from tests.test_distributed import common, launch, losses
 from tests.test_losses import FUSED_CASES, naive_loss, rel_err
-from trainer.losses import LossConfig, build_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,8 +44,8 @@ def test_fused_bf16_loss_at_a_real_vocabulary(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_triton_kernels_pass_their_self_check_on_the_gpu(dtype):
     """Else the fused loss silently runs the torch kernel (with one warning) and the test above measures that."""
-    from trainer.losses.kernels import check
-    from trainer.losses.paths import TritonRows
+    from losslab.losses.kernels import check
+    from losslab.losses.paths import TritonRows
 
     verdict = check(TritonRows, torch.device("cuda"), dtype)
     assert verdict.ok, verdict.reason

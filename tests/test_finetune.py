@@ -15,10 +15,10 @@ from data.counts import count_tokens
 from data.sft import FineTuningRecords
 from data.stream import PackedStream
 from data.tokenizer import Tokenizer
+from losslab.losses import IGNORE_INDEX
 from tests.conftest import debug_overrides
 from tests.corpus import documents
 from tests.test_operator import assert_same_run, logged_steps, metrics, run, start, wait_for
-from trainer.losses import IGNORE_INDEX
 
 SEQ = 32
 
@@ -81,9 +81,9 @@ def good_records(path: Path) -> list[dict]:
 
 
 def test_prompt_positions_get_no_gradient(sft_file, corpus):
+    from losslab.losses import build_loss
+    from losslab.losses.config import LossConfig
     from models import GPT, GPTConfig
-    from trainer.losses import build_loss
-    from trainer.losses.config import LossConfig
 
     batch = next(iter(stream(sft_file, corpus["tokenizer"])))
     model = GPT(GPTConfig(vocab_size=384, n_layers=2, d_model=32, n_heads=4, d_mlp=64, max_seq_len=64)).double()

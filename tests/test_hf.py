@@ -82,8 +82,8 @@ def exported(corpus, dist_env, tmp_path_factory):
 def test_exported_folder_loads_and_round_trips(exported, tmp_path):
     import transformers
 
+    from models.checkpoint import load_model
     from scripts.import_hf import import_hf
-    from trainer.checkpoint import load_model
 
     result, out = exported
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -107,7 +107,7 @@ def test_stock_lm_eval_hf_agrees_with_losslab_lm(exported, tmp_path):
     from data.tokenizer import Tokenizer as SP
     from evals.lm import LosslabLM
     from evals.tasks import write_multiple_choice_task
-    from trainer.checkpoint import load_model
+    from models.checkpoint import load_model
 
     result, out = exported
     docs = [
@@ -163,8 +163,8 @@ def test_import_keeps_norm_eps_rope_base_and_rotary_fraction(source, corpus, tmp
 
     import transformers
 
+    from models.checkpoint import load_model
     from scripts.import_hf import import_hf
-    from trainer.checkpoint import load_model
 
     shape = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                  max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip

@@ -182,8 +182,8 @@ def test_exported_folder_loads_in_transformers_4_and_5(exported, major, corpus, 
     with torch.no_grad():  # rotary fraction, rotary base and norm eps all differ from the defaults: all arrived
         assert (torch.tensor(got["logits"]) - model.logits(ids)).abs().max() < 1e-4
     if major == "5":  # and back: the folder imports to the same model (as model.init_from=HF_DIR reads it)
+        from models.checkpoint import load_model
         from scripts.import_hf import import_hf
-        from trainer.checkpoint import load_model
 
         back, ckpt = load_model(import_hf(str(folder), str(tmp_path / "back")))
         assert back.cfg == model.cfg
@@ -198,8 +198,8 @@ def test_a_folder_saved_by_transformers_4_imports(block, tf4_python, corpus, tmp
     saved = _run(tf4_python, SAVE_4X, block, str(tmp_path / "hf"), json.dumps(ids.tolist()))
     assert saved["version"].startswith("4.")
     assert "rope_parameters" not in json.loads((tmp_path / "hf" / "config.json").read_text())  # the 4.x keys only
+    from models.checkpoint import load_model
     from scripts.import_hf import import_hf
-    from trainer.checkpoint import load_model
 
     ours, _ = load_model(import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), corpus["tokenizer"]))
     with torch.no_grad():

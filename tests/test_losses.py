@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from trainer.losses import IGNORE_INDEX, LOSSES, LossConfig, build_loss
+from losslab.losses import IGNORE_INDEX, LOSSES, LossConfig, build_loss
 
 N, D, V = 96, 24, 70
 
 
 def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None, inputs=None) -> torch.Tensor:
-    """Written from the papers' formulas, sharing no code with trainer.losses."""
+    """Written from the papers' formulas, sharing no code with losslab.losses."""
     z = hidden.double() @ weight.double().T  # [N, V]
     logp = torch.log_softmax(z, dim=-1)
     valid = labels != IGNORE_INDEX
@@ -297,7 +297,7 @@ def test_low_precision_fused_within_tolerance_of_float64(name, mode):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_closed_form_coefficient_is_the_derivative(name):
     """A loss declaring ``linear_in_ce`` gets dl/dce = w without autograd in the fused path: check the claim."""
-    from trainer.losses import Rows
+    from losslab.losses import Rows
 
     weighting = LOSSES[name](LossConfig(name=name, **LOSS_PARAMS[name]), torch.randint(1, 50, (V,)))
     ce = (torch.rand(N, dtype=torch.float64) * 5).requires_grad_()
@@ -328,7 +328,7 @@ def test_pdl_smoothing_keeps_unseen_tokens_bounded():
     counts = torch.tensor([0, 0, 10, 1000, 100000])
     official = LossConfig(name="pdl", smoothing=0.0, eps=1e-7)
     smoothed = LossConfig(name="pdl", smoothing=1.0)
-    from trainer.losses import pdl_weights
+    from losslab.losses import pdl_weights
 
     w_off, w_s = pdl_weights(counts, official), pdl_weights(counts, smoothed)
     assert w_off[0] / w_off[2] > 1e6  # the official pitfall: unseen tokens swamp the batch
@@ -394,7 +394,7 @@ def test_global_token_denominator_makes_accumulation_exact(fused):
 def test_mixed_precision_accumulation_is_checked_before_it_is_trusted():
     """On CUDA the fused path accumulates bf16 products into fp32 with whichever overload this PyTorch gets
     right; a build that raises or returns wrong numbers falls through to the next candidate."""
-    from trainer.losses.paths import MIXED_ADDMM, pick_mixed_addmm
+    from losslab.losses.paths import MIXED_ADDMM, pick_mixed_addmm
 
     def broken(acc, g, h):  # runs, but wrong
         acc.add_(1.0)

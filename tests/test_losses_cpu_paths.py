@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from tests.test_losses import LOSS_PARAMS, make_inputs, naive_loss, rel_err
-from trainer.losses import LOSSES, LossConfig, TokenWeighting, build_loss
-from trainer.losses.paths import (
+from losslab.losses import LOSSES, LossConfig, TokenWeighting, build_loss
+from losslab.losses.paths import (
     CHUNK_BYTES,
     CPU_CHUNK_BYTES,
     default_chunk_rows,
     entropy_from_logits,
     slow_low_precision_cpu,
 )
+from tests.test_losses import LOSS_PARAMS, make_inputs, naive_loss, rel_err
 
 
 def fused_loss_and_grads(name: str, hidden, weight, labels, counts, autocast: bool, **extra):

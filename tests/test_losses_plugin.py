@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from losslab.losses import IGNORE_INDEX, build_loss
 from tests.test_losses import make_inputs, rel_err
-from trainer.losses import IGNORE_INDEX, build_loss
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 

@@ -15,11 +15,11 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is installed with the dev extras on Linux x86-64")
 import triton.language as tl  # noqa: E402
 
+from losslab.losses import IGNORE_INDEX, LossConfig, build_loss  # noqa: E402
+from losslab.losses.kernels import check, resolve, verdicts  # noqa: E402
+from losslab.losses.paths import TritonRows, slow_low_precision_cpu  # noqa: E402
+from losslab.losses.triton_rows import row_grad_, row_stats  # noqa: E402
 from tests.test_losses import LOSS_PARAMS, make_inputs, naive_loss, rel_err  # noqa: E402
-from trainer.losses import IGNORE_INDEX, LossConfig, build_loss  # noqa: E402
-from trainer.losses.kernels import check, resolve, verdicts  # noqa: E402
-from trainer.losses.paths import TritonRows, slow_low_precision_cpu  # noqa: E402
-from trainer.losses.triton_rows import row_grad_, row_stats  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEV = (
@@ -132,8 +132,8 @@ def test_the_triton_kernels_pass_their_self_check(capsys):
     if slow_low_precision_cpu(torch.bfloat16) and DEVICE == "cpu":  # autocast ran the head in fp32: ask directly
         assert check(TritonRows, torch.device(DEVICE), torch.bfloat16).ok
     assert warning_lines(capsys) == []
-    found = {k: v for k, v in verdicts().items() if k.startswith("trainer.losses.paths:TritonRows on ")}
-    assert {f"trainer.losses.paths:TritonRows on {DEV} {dt}" for dt in ("float32", "bfloat16")} <= set(found)
+    found = {k: v for k, v in verdicts().items() if k.startswith("losslab.losses.paths:TritonRows on ")}
+    assert {f"losslab.losses.paths:TritonRows on {DEV} {dt}" for dt in ("float32", "bfloat16")} <= set(found)
     assert all(v.ok for v in found.values()), found
 
 

@@ -11,8 +11,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is installed with the dev extras on Linux x86-64")
 
+from losslab.losses import LossConfig, build_loss  # noqa: E402
 from tests.test_losses import FUSED_CASES, make_inputs, make_token_inputs, naive_loss, rel_err  # noqa: E402
-from trainer.losses import LossConfig, build_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(scope="module")
 def rows_module():
     # conftest.py selects the interpreter (TRITON_INTERPRET=1) before triton is imported when there is no GPU
-    import trainer.losses.triton_rows as mod
+    import losslab.losses.triton_rows as mod
 
     return mod
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from losslab.losses import build_loss
 from models import BLOCK_DEFAULTS, GPT, GPTConfig, KVCache
-from trainer.losses import build_loss
 from trainer.objective import CausalLMObjective
 
 
@@ -280,7 +280,7 @@ def test_tied_gqa_model_trains_alike_under_zero0_and_zero3(tied_runs):
 def test_tied_checkpoint_holds_the_matrix_once_and_loads_back(tied_runs, run):
     from safetensors import safe_open
 
-    from trainer.checkpoint import load_model
+    from models.checkpoint import load_model
 
     ckpt = tied_runs[run] / "checkpoints" / f"step_{TIED_STEPS:07d}"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from losslab.losses import build_loss
 from models import BLOCK_DEFAULTS, GPT, GPTConfig, KVCache
 from models.gpt import Packing
-from trainer.losses import build_loss
 from trainer.objective import CausalLMObjective
 
 LENGTHS = (9, 7, 8)  # three documents packed into one row of 24 tokens

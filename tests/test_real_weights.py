@@ -53,7 +53,7 @@ def hf_model():
 
 
 def test_imported_model_computes_what_transformers_computes(imported, hf_model):
-    from trainer.checkpoint import checkpoint_tokenizer, load_model
+    from models.checkpoint import checkpoint_tokenizer, load_model
 
     hf, hf_tok = hf_model
     model, ckpt = load_model(imported)
@@ -70,7 +70,7 @@ def test_greedy_generation_equals_transformers_generate(imported, hf_model):
     from lm_eval.api.instance import Instance
 
     from evals.lm import LosslabLM
-    from trainer.checkpoint import checkpoint_tokenizer, load_model
+    from models.checkpoint import checkpoint_tokenizer, load_model
 
     hf, hf_tok = hf_model
     model, ckpt = load_model(imported)

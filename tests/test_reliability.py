@@ -156,10 +156,10 @@ def test_tampered_checkpoint_is_refused_without_running_code(run_a, corpus, tmp_
 def test_every_zero_stage_reloads_with_weights_only(dist_env, tmp_path, stage, precision):
     import torch
 
+    from losslab.losses import build_loss
     from models import GPT, GPTConfig
     from trainer.config import DistributedSection, TrainSection
     from trainer.engine import build_engine, build_optimizer
-    from trainer.losses import build_loss
     from trainer.objective import CausalLMObjective
     from trainer.optim import build_scheduler, param_groups
 

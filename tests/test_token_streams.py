@@ -59,7 +59,7 @@ def scored(prepared, reference, tmp_path_factory) -> Path:
 
 
 def test_reference_losses_are_the_reference_models_own(scored, reference):
-    from trainer.checkpoint import load_model
+    from models.checkpoint import load_model
 
     model, _ = load_model(reference)
     corpus = PreparedCorpus(scored)
@@ -125,9 +125,9 @@ def test_scored_data_refuses_another_sequence_length(scored, corpus, tmp_path):
 def test_weight_zero_tokens_get_no_gradient(prepared, corpus, tmp_path):
     """A weight stream beside the tokens: batches carry it, and a token of weight 0 moves nothing."""
     from data.batch import labels, token_inputs
+    from losslab.losses import build_loss
+    from losslab.losses.config import LossConfig
     from models import GPT, GPTConfig
-    from trainer.losses import build_loss
-    from trainer.losses.config import LossConfig
 
     weighted = tmp_path / "weighted"
     shutil.copytree(prepared, weighted)

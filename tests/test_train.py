@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from evals.tasks import write_multiple_choice_task
+from models.checkpoint import load_model, resolve_checkpoint
 from tests.conftest import debug_overrides
-from trainer.checkpoint import load_model, resolve_checkpoint
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -98,10 +98,10 @@ def test_checkpoint_reload_gives_identical_logits(mile_run):
 
 
 def test_deepspeed_checkpoint_loads_into_a_fresh_engine(mile_run, corpus):
+    from losslab.losses import build_loss
     from models import GPT
     from trainer.config import model_config
     from trainer.engine import build_engine, build_optimizer
-    from trainer.losses import build_loss
     from trainer.objective import CausalLMObjective
     from trainer.optim import build_scheduler, param_groups
 

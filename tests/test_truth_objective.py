@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from data.stream import PackedStream
 from data.tokenizer import Tokenizer
+from losslab.losses import build_loss
 from models import GPT, GPTConfig
-from trainer.losses import build_loss
 from trainer.objective import CausalLMObjective
 
 

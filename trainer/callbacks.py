@@ -158,7 +158,7 @@ def loss_tag(loss: Any) -> str:
     """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``, ``ce-ls0.1``, ``ce-z0.0001``: the loss and the
     parameters that matter, modifiers included. ``loss``: a run's loss section (a ``LossConfig`` or the ``loss``
     mapping of a saved config.yaml)."""
-    from trainer.losses.config import LossConfig
+    from losslab.losses.config import LossConfig
 
     default = LossConfig()
     parts = [loss.name]
@@ -189,7 +189,7 @@ def wandb_config(cfg: RunConfig, config: dict[str, Any], group: str) -> dict[str
     and filter by them without digging into nested sections: ``experiment`` (the W&B group: one study),
     ``loss/name``, ``loss/tag`` (the loss with the parameters that change its math, as in run names and
     scripts/compare_runs.py's groups), ``loss/<param>`` for each of those parameters, and ``seed``."""
-    from trainer.losses.config import LossConfig
+    from losslab.losses.config import LossConfig
 
     default = LossConfig()
     flat: dict[str, Any] = {"experiment": group, "loss/name": cfg.loss.name, "loss/tag": loss_tag(cfg.loss)}

@@ -28,21 +28,21 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from data.tokenizer import Tokenizer
-from models import GPT, GPTConfig
-from trainer.checkpoint_files import CheckpointError, load_json, load_safetensors, reading
+from data.files import write_atomic
+from models.checkpoint import (
+    CHECKPOINTS,
+    COUNTS_FILE,
+    LATEST,
+    META,
+    PORTABLE_FILE,
+    complete_checkpoints,
+    step_tag,
+    verify_files,
+)
+from models.checkpoint_files import CheckpointError, load_json, load_safetensors, reading
+from models.config import GPTConfig
 from trainer.engine import consolidated_state_dict, gather_portable_state, scatter_portable_state
 from trainer.run_info import git_sha
-
-CHECKPOINTS = "checkpoints"
-META = "meta.json"
-LATEST = "latest"
-COUNTS_FILE = "token_counts.safetensors"
-PORTABLE_FILE = "optimizer_full.safetensors"
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,12 +65,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -134,71 +128,10 @@ def save_checkpoint(
     return final
 
 
-def verify_files(ckpt: Path, names: list[str] | None = None) -> dict[str, Any]:
-    """The checkpoint's meta, after checking that its files (all, or ``names``) are there with the sizes they
-    were written with. Checkpoints written before the file list existed are not checked."""
-    meta = load_json(ckpt / META)
-    listed = meta.get("files") or {}
-    for name in listed if names is None else [n for n in names if n in listed]:
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (the checkpoint was written with it)")
-        if path.stat().st_size != listed[name]:
-            raise CheckpointError(
-                f"{path}: {path.stat().st_size} bytes, but it was written with {listed[name]} (truncated or replaced)"
-            )
-    return meta
-
-
-def _complete(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if (p / META).is_file())
-
-
 def _prune(root: Path, keep: int) -> None:
     if keep > 0:
-        for old in _complete(root)[:-keep]:
+        for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    root = run_dir / CHECKPOINTS
-    if (root / LATEST).is_file():
-        named = root / (root / LATEST).read_text().strip()
-        if (named / META).is_file():
-            return named
-    found = _complete(root) if root.is_dir() else []
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its latest complete checkpoint)."""
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    found = latest_checkpoint(p)
-    if found is None:
-        raise CheckpointError(f"no complete checkpoint at {str(p)!r} (expected {META} in a step_* directory)")
-    return found
-
-
-def check_model_fits(ckpt: Path, model_cfg: GPTConfig, what: str) -> None:
-    """Refuse, before loading any tensor, a checkpoint whose model is not this run's model."""
-    saved = asdict(saved_model_config(ckpt))
-    mine = asdict(model_cfg)
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(f"{what} {ckpt} holds another model ({shown})")
-
-
-def saved_model_config(ckpt: Path) -> GPTConfig:
-    """The checkpoint's model config; fields added since it was written take their defaults."""
-    path = ckpt / "model_config.json"
-    try:
-        return GPTConfig(**load_json(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a model config this losslab can build: {e}") from None
 
 
 def restore(engine: Any, ckpt: Path) -> dict[str, Any]:
@@ -234,34 +167,3 @@ def _restore_rng(ckpt: Path) -> None:
     rng_file = ckpt / f"rng_rank{dist.get_rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         set_rng_state(load_json(rng_file))
-
-
-def checkpoint_tokenizer(ckpt: Path, model_cfg: GPTConfig) -> Tokenizer:
-    """The tokenizer saved with a checkpoint, refused when its vocabulary is not the model's (a model read
-    with another tokenizer scores at chance, and nothing else would say so)."""
-    tokenizer = Tokenizer(ckpt)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise CheckpointError(
-            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model in {ckpt} was trained on "
-            f"{model_cfg.vocab_size}: it is not this model's tokenizer"
-        )
-    return tokenizer
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[GPT, Path]:
-    """Rebuild the model of a checkpoint from its own files (safetensors: no pickled code runs)."""
-    ckpt = resolve_checkpoint(path)
-    verify_files(ckpt, ["model_config.json", "model.safetensors"])
-    model = GPT(saved_model_config(ckpt))
-    state = load_safetensors(ckpt / "model.safetensors")
-    wrong = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{ckpt / 'model.safetensors'} does not match its model config: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}, other shape {wrong}"
-        )
-    model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval(), ckpt

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
+from losslab.losses.config import LossConfig
+from losslab.losses.kernels import resolve as resolve_kernel
+from losslab.losses.weighting import LOSSES, resolve_loss
 from models.config import BLOCKS, GPTConfig
 from models.presets import BLOCK_DEFAULTS, PRESETS, get_preset
-from trainer.losses.config import LossConfig
-from trainer.losses.kernels import resolve as resolve_kernel
-from trainer.losses.weighting import LOSSES, resolve_loss
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 

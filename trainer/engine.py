@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
-from trainer.checkpoint_files import load_torch
+from models.checkpoint_files import load_torch
 from trainer.config import DistributedSection, TrainSection
 
 

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from data.batch import labels, model_inputs, to_device
+from data.files import write_atomic
 from evals.domains import domain_losses
+from losslab.losses import IGNORE_INDEX
 from models import GPT
 from trainer.callbacks import EvalCallback
-from trainer.checkpoint import save_checkpoint, write_atomic
+from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
 from trainer.engine import gathered
-from trainer.losses import IGNORE_INDEX
 from trainer.perf import memory_metrics
 from trainer.run import RESULT, STEP_METRICS, Run, build_run
 

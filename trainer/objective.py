@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from data.batch import mask_document_starts
+from losslab.losses import IGNORE_INDEX, LossOutput, TokenLoss
+from losslab.losses.paths import token_ce
 from models.gpt import GPT
-from trainer.losses import IGNORE_INDEX, LossOutput, TokenLoss
-from trainer.losses.paths import token_ce
 
 
 class CausalLMObjective(nn.Module):

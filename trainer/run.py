@@ -18,27 +18,28 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data.files import write_atomic
 from data.shards import DataError, resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from evals.domains import DomainSet, build_domain_set
 from evals.task_sets import check_tasks
+from losslab.losses import build_loss
+from losslab.losses.weighting import resolve_loss
 from models import GPT, GPTConfig
-from trainer import parallelize
-from trainer.callbacks import Callback, build_callbacks, require_wandb
-from trainer.checkpoint import (
+from models.checkpoint import (
     CHECKPOINTS,
     META,
-    CheckpointError,
     check_model_fits,
     latest_checkpoint,
     load_model,
     resolve_checkpoint,
-    restore,
     saved_model_config,
-    write_atomic,
 )
-from trainer.checkpoint_files import load_json, load_safetensors
+from models.checkpoint_files import CheckpointError, load_json, load_safetensors
+from trainer import parallelize
+from trainer.callbacks import Callback, build_callbacks, require_wandb
+from trainer.checkpoint import restore
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
 from trainer.engine import (
     accelerator_device,
@@ -47,8 +48,6 @@ from trainer.engine import (
     init_distributed,
     loop_clips_gradients,
 )
-from trainer.losses import build_loss
-from trainer.losses.weighting import resolve_loss
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops

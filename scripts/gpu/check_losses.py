@@ -6,7 +6,7 @@
     python scripts/gpu/check_losses.py --device cpu --tokens 64 --dim 16 --vocab 300 --json k.json  # dry run
 
 The reference is the test suite's (``tests/test_losses.naive_loss``, written from the papers' formulas and
-sharing no code with ``trainer.losses``). The JSON is rewritten after every row, so a run cut short keeps what it
+sharing no code with ``losslab.losses``). The JSON is rewritten after every row, so a run cut short keeps what it
 measured. Exit 1 if any row is out of tolerance or the Triton kernels failed their self-check.
 """
 
@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's 
 
 import torch
 
+from losslab.losses import LossConfig, build_loss
+from losslab.losses.kernels import kernel_name, select_rows, verdicts
 from tests.test_losses import FUSED_CASES, naive_loss, rel_err
-from trainer.losses import LossConfig, build_loss
-from trainer.losses.kernels import kernel_name, select_rows, verdicts
 
 # bf16 inputs and gradients against float64: the loss is accumulated in fp32, the gradients are bf16 tensors.
 TOL_LOSS, TOL_GRAD = 2e-3, 2e-2

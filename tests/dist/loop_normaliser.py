@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run this checkou
 from models import GPT
 from trainer import loop
 from trainer.config import load_config
-from trainer.losses import IGNORE_INDEX
+from losslab.losses import IGNORE_INDEX
 from trainer.run import build_run
 
 GA, B, T = 2, 3, 8

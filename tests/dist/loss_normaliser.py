@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run this checkout's code, never an installed copy
 
-from trainer.losses import IGNORE_INDEX, build_loss
+from losslab.losses import IGNORE_INDEX, build_loss
 
 
 def weights(name: str, entropy, ce, y, counts):

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trainer.losses.config import IGNORE_INDEX
-from trainer.losses.paths import Block, Coefs, FusedOptions, RowKernel, TorchRows, TritonRows, forward_blocks
-from trainer.losses.plugins import import_plugin
+from losslab.losses.config import IGNORE_INDEX
+from losslab.losses.paths import Block, Coefs, FusedOptions, RowKernel, TorchRows, TritonRows, forward_blocks
+from losslab.losses.plugins import import_plugin
 
 BUILTIN = ("auto", "torch", "triton")
 # The check's problem: several rows and two blocks (the last ragged) so every code path runs; a vocabulary
@@ -80,7 +80,7 @@ def resolve(kernel: str) -> RowKernel | None:
     # a kernel whose state is the softmax (softmax_state, as TorchRows) needs no grad: the fused path takes it from p
     has_grad = callable(getattr(rows, "grad", None)) or getattr(rows, "softmax_state", False)
     if not (callable(getattr(rows, "stats", None)) and has_grad):
-        raise ValueError(f"loss.kernel={kernel!r} has no stats and grad methods (see trainer.losses.paths.RowKernel)")
+        raise ValueError(f"loss.kernel={kernel!r} has no stats and grad methods (see losslab.losses.paths.RowKernel)")
     return rows
 
 

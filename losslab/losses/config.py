@@ -13,7 +13,7 @@ IGNORE_INDEX = -100
 class LossConfig:
     name: str = "ce"
     """One of the registered losses: ce, dft, focal, focal_lin, mile, pdl, rho1, weighted (see
-    ``trainer.losses.LOSSES``), or "package.module:Class", a ``TokenWeighting`` subclass (a plug-in)."""
+    ``losslab.losses.LOSSES``), or "package.module:Class", a ``TokenWeighting`` subclass (a plug-in)."""
     gamma: float = 1.0
     """Exponent of the weight: (1 + H)^gamma for mile, (1 - p)^gamma for focal / focal_lin."""
     focal_alpha: float = 1.0
@@ -53,6 +53,6 @@ class LossConfig:
     kernel: str = "auto"
     """Row-wise part of the fused path: auto (Triton on CUDA when installed) | triton | torch |
     "package.module:Class" (a plug-in ``RowKernel``). Any but torch is checked against torch on first use per
-    device and dtype and replaced by it, with one warning line, if it fails (``trainer/losses/kernels.py``)."""
+    device and dtype and replaced by it, with one warning line, if it fails (``losslab/losses/kernels.py``)."""
     chunk_size: int = 0
     """Rows per chunk of the fused path; 0 picks a size that keeps a chunk's logits near 64 MiB."""

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses.config import IGNORE_INDEX
+from losslab.losses.config import IGNORE_INDEX
 
 CHUNK_BYTES = 64 * 2**20
 CPU_CHUNK_BYTES = 8 * 2**20
@@ -221,14 +221,14 @@ class TritonRows:
         mz_out: Tensor | None = None,
         entropy_clamp: float = 0.0,
     ) -> tuple[Tensor, None]:
-        from trainer.losses.triton_rows import row_stats
+        from losslab.losses.triton_rows import row_stats
 
         lse, _, _ = row_stats(z, y, ce=ce_out, ent=ent_out, mz=mz_out, entropy_clamp=entropy_clamp)
         return lse, None
 
     @staticmethod
     def grad(z: Tensor, y: Tensor, valid: Tensor, lse: Tensor, coefs: Coefs, _state: None) -> Tensor:
-        from trainer.losses.triton_rows import row_grad_
+        from losslab.losses.triton_rows import row_grad_
 
         return row_grad_(z, y, lse, coefs.a, coefs.b, coefs.u)
 
@@ -534,9 +534,9 @@ def fused(
     opts: FusedOptions | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (numerator (differentiable), ce, entropy, w, lse) [N] detached. ``kernel``: auto | torch | triton |
-    "package.module:Class" (``trainer.losses.kernels``); any kernel other than torch is checked against it on
+    "package.module:Class" (``losslab.losses.kernels``); any kernel other than torch is checked against it on
     first use per device and dtype, and replaced by it if it fails."""
-    from trainer.losses.kernels import select_rows  # kernels imports this module
+    from losslab.losses.kernels import select_rows  # kernels imports this module
 
     device = hidden.device.type
     dtype = logits_dtype(hidden, weight)

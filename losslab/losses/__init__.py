@@ -6,9 +6,9 @@ token_inputs=None)`` returning a ``LossOutput`` with ``.loss`` and ``.metrics``.
 ``TokenWeighting`` (its ``row_terms`` receive ``Rows``) and is named ``loss.name: "package.module:Class"``.
 """
 
-from trainer.losses.config import IGNORE_INDEX, LossConfig
-from trainer.losses.module import LossOutput, TokenLoss, build_loss
-from trainer.losses.weighting import LOSSES, Rows, TokenWeighting, pdl_weights, resolve_loss
+from losslab.losses.config import IGNORE_INDEX, LossConfig
+from losslab.losses.module import LossOutput, TokenLoss, build_loss
+from losslab.losses.weighting import LOSSES, Rows, TokenWeighting, pdl_weights, resolve_loss
 
 __all__ = [
     "IGNORE_INDEX",

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trainer.losses.config import IGNORE_INDEX, LossConfig
-from trainer.losses.plugins import import_plugin
+from losslab.losses.config import IGNORE_INDEX, LossConfig
+from losslab.losses.plugins import import_plugin
 
 
 @dataclass
@@ -225,7 +225,7 @@ def resolve_loss(name: str) -> type[TokenWeighting]:
         raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)} or 'package.module:Class'")
     cls = import_plugin(name, "loss.name")
     if not (isinstance(cls, type) and issubclass(cls, TokenWeighting)):
-        raise ValueError(f"loss.name={name!r} is not a TokenWeighting subclass (trainer.losses.TokenWeighting)")
+        raise ValueError(f"loss.name={name!r} is not a TokenWeighting subclass (losslab.losses.TokenWeighting)")
     return cls
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.losses import kernels, paths
-from trainer.losses.config import IGNORE_INDEX, LossConfig
-from trainer.losses.weighting import Rows, TokenWeighting, build_weighting
+from losslab.losses import kernels, paths
+from losslab.losses.config import IGNORE_INDEX, LossConfig
+from losslab.losses.weighting import Rows, TokenWeighting, build_weighting
 
 
 class LossOutput(NamedTuple):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.losses.config import IGNORE_INDEX
+from losslab.losses.config import IGNORE_INDEX
 
 
 @triton.jit
