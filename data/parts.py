@@ -16,7 +16,6 @@ are merged into the prepared directory training reads.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import multiprocessing as mp
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from data.sft import FineTuningRecords
 from data.shards import DataError
-from data.tokenise import MANIFEST, fingerprint, source_dirname, write_prepared
+from data.tokenise import MANIFEST, die_with_parent, fingerprint, source_dirname, write_prepared
 from data.tokenizer import Tokenizer
 
 PARTS_SUFFIX = ".parts"
@@ -109,15 +108,6 @@ class _SharedCounter:
             self.value.value += n
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies, however the parent died."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # elsewhere a killed run may leave a job running; its part is still written atomically
-
-
 def _tmp_name(part: ShardPart) -> Path:
     # the host is in the name: nodes sharing the parts folder must never take each other's jobs for dead ones
     return part.dir.parent / f".{part.dir.name}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -142,8 +132,8 @@ def _prepare_part(part: ShardPart, tokenizer_path: str, workers: int, batch_byte
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _job_main(part, tokenizer_path, workers, batch_bytes, by_source, records, counter) -> None:
-    _die_with_parent()
+def _job_main(part, tokenizer_path, workers, batch_bytes, by_source, records, counter, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C reaches the whole group; the parent reports it
     try:
         _prepare_part(part, tokenizer_path, workers, batch_bytes, by_source, records, _SharedCounter(counter))
@@ -226,7 +216,7 @@ def _schedule(todo, tokenizer_path, workers, batch_bytes, by_source, records, ba
                 counter = ctx.Value("q", 0)
                 proc = ctx.Process(
                     target=_job_main,
-                    args=(part, tokenizer_path, job_workers, batch_bytes, by_source, records, counter),
+                    args=(part, tokenizer_path, job_workers, batch_bytes, by_source, records, counter, os.getpid()),
                     name=f"prepare-{Path(part.file).name}",
                 )
                 proc.start()

@@ -14,11 +14,13 @@ back in order, so the output is the same for any number of workers. Layout of th
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -46,8 +48,21 @@ def source_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "unknown"
 
 
-def _init_worker(path: str, records: FineTuningRecords | None) -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies, however the parent died (SIGKILL included), so a
+    killed run leaves no worker behind it. Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
+
+
+def _init_worker(path: str, records: FineTuningRecords | None, parent: int | None = None) -> None:
     global _worker_tok, _worker_records
+    if parent is not None:
+        die_with_parent(parent)
     _worker_tok, _worker_records = Tokenizer(path), records
 
 
@@ -156,7 +171,7 @@ def write_prepared(
     batches = _batches(files, stats, by_source, batch_bytes, progress, records)
     with ExitStack() as files_open:  # one open token file per source
         init = (tokenizer_path, records)
-        pool = mp.get_context("fork").Pool(workers, _init_worker, init) if workers > 0 else None
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (*init, os.getpid())) if workers > 0 else None
         try:
             if pool is None:
                 _init_worker(*init)
