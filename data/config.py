@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIX_MISSING = ("error", "renormalise")
+"""The choices of ``data.mix_missing``."""
+
 
 @dataclass
 class DataConfig:
@@ -15,6 +18,9 @@ class DataConfig:
     mix: dict[str, float] = field(default_factory=dict)
     """Prepared data only: sampling weight of each source (``meta.pile_set_name``); empty: in proportion to
     the sources' tokens. Sources not listed are not used."""
+    mix_missing: str = "error"
+    """A data.mix domain the prepared data does not hold: error (name it and stop before the model is built) |
+    renormalise (drop it; the others' weights are rescaled to sum to 1, and the run's mixture.json says so)."""
     num_workers: int = 0
     """Prepared data only: dataloader worker processes."""
     val_files: list[str] = field(default_factory=list)

@@ -1,6 +1,6 @@
-"""Shards -> pre-tokenised memory-mapped token files, written atomically and idempotently.
+"""Shards -> pre-tokenised memory-mapped token files, written atomically, idempotently and resumably.
 
-Output directory layout::
+Output directory layout (one pass over the files in order would write the same bytes; ``data/tokenise.py``)::
 
     OUT/manifest.json            inputs (paths, sizes, mtimes), tokenizer hash, dtype, sources, read stats
     OUT/token_counts.npy         int64 [V] token frequencies (EOS once per document), for PDL and rare-token eval
@@ -10,125 +10,44 @@ Output directory layout::
     OUT/target_counts.npy        fine-tuning records only: frequencies of the tokens that carry loss
 
 One source ``all`` by default; ``by_source`` splits by ``meta.pile_set_name`` so that domains can be mixed by
-weight. ``sft`` reads fine-tuning records (``data/sft.py``) instead of Pile documents. The main process reads
-and parses; worker processes tokenise (the expensive part) and count.
+weight. ``sft`` reads fine-tuning records (``data/sft.py``) instead of Pile documents.
+
+Every shard is prepared on its own into ``OUT.parts/`` (``data/parts.py``): a stopped run continues with the
+shards not done, ``part=(i, n)`` splits the shards across nodes, and ``merge_parts`` joins the parts into OUT
+(``prepare`` does both when given no part). The parts folder is removed after the merge unless ``keep_parts``.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
-import multiprocessing as mp
 import os
-import re
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
+from data import parts as shard_parts
 from data.sft import FineTuningRecords
-from data.shards import DataError, ReadStats, iter_documents, resolve_files
+from data.shards import DataError, resolve_files
+from data.tokenise import FORMAT_VERSION, MANIFEST, fingerprint, source_dirname, token_dtype
 from data.tokenizer import Tokenizer
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-_worker_tok: Tokenizer | None = None
-_worker_records: FineTuningRecords | None = None
+__all__ = ["FORMAT_VERSION", "MANIFEST", "fingerprint", "merge_parts", "prepare", "prepare_shards",
+           "source_dirname", "token_dtype"]  # fmt: skip
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+def _inputs(patterns: list[str], tokenizer_path: str, by_source: bool, records: FineTuningRecords | None):
+    files = resolve_files(patterns)
+    tok = Tokenizer(tokenizer_path)
+    if records is not None and by_source:
+        raise DataError("fine-tuning records have no sources to split by (by_source)")
+    return files, tok, fingerprint(files, tok.sha256, by_source, records)
 
 
-def source_dirname(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "unknown"
-
-
-def _init_worker(path: str, records: FineTuningRecords | None) -> None:
-    global _worker_tok, _worker_records
-    _worker_tok, _worker_records = Tokenizer(path), records
-
-
-def _encode(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """texts or records -> (tokens with EOS after each document, per-document lengths, bincount of the tokens,
-    and for records: the loss mask (the EOS takes its document's last value, as packing gives it) and the
-    bincount of the tokens that carry loss)."""
-    tok = _worker_tok
-    assert tok is not None
-    if _worker_records is None:
-        docs = tok.encode_batch(items, num_threads=1)
-        ids, masks = docs, None
-    else:
-        docs = _worker_records.encode(items, tok)
-        ids = [d["tokens"] for d in docs]
-        masks = [[*d["loss_mask"], d["loss_mask"][-1] if d["loss_mask"] else False] for d in docs]
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    parts = []
-    for x in ids:
-        parts.append(np.array(x, dtype=np.int64))
-        parts.append(eos)
-    flat = np.concatenate(parts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    counts = np.bincount(flat, minlength=tok.vocab_size)
-    if masks is None:
-        return flat.astype(token_dtype(tok.vocab_size)), lengths, counts, None, None
-    mask = np.fromiter((m for row in masks for m in row), dtype=np.uint8, count=len(flat))
-    targets = np.bincount(flat[mask.astype(bool)], minlength=tok.vocab_size)
-    return flat.astype(token_dtype(tok.vocab_size)), lengths, counts, mask, targets
-
-
-def _items(path: str, stats: ReadStats, records: FineTuningRecords | None) -> Iterator[tuple[Any, str, int]]:
-    """(item, source, size) of each good document or record of a file."""
-    if records is not None:
-        for record in records.read(path, stats):
-            yield record, "all", len(repr(record))
-        return
-    for doc in iter_documents(path, stats):
-        yield doc.text, doc.source, len(doc.text)
-
-
-def _batches(
-    files: list[str],
-    stats: ReadStats,
-    by_source: bool,
-    batch_bytes: int,
-    progress: tqdm,
-    records: FineTuningRecords | None,
-) -> Iterator[tuple[list, list[str]]]:
-    texts: list = []
-    sources: list[str] = []
-    size = 0
-    for path in files:
-        for item, source, item_size in _items(path, stats, records):
-            texts.append(item)
-            sources.append(source if by_source else "all")
-            size += item_size
-            if size >= batch_bytes:
-                progress.update(size)
-                yield texts, sources
-                texts, sources, size = [], [], 0
-    if texts:
-        progress.update(size)
-        yield texts, sources
-
-
-def fingerprint(files: list[str], tokenizer_sha: str, by_source: bool, records: FineTuningRecords | None) -> dict:
-    return {
-        "records": None if records is None else {"train_on_prompt": records.train_on_prompt},
-        "format": FORMAT_VERSION,
-        "files": [
-            {"path": os.path.abspath(f), "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in files
-        ],
-        "tokenizer_sha256": tokenizer_sha,
-        "by_source": by_source,
-    }
+def _reusable(out: Path, fp: dict) -> dict | None:
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("fingerprint") == fp:
+            return manifest
+    return None
 
 
 def prepare(
@@ -141,26 +60,75 @@ def prepare(
     batch_bytes: int = 1 << 20,
     show_progress: bool = True,
     records: FineTuningRecords | None = None,
+    keep_parts: bool = False,
 ) -> dict:
     """Tokenise the shards (or, given ``records``, fine-tuning record files) into ``out_dir``; returns the
-    manifest. Reuses an existing output for the same inputs and tokenizer. ``workers=0`` tokenises in this
-    process."""
-    files = resolve_files(patterns)
+    manifest. Reuses an existing output for the same inputs and tokenizer, and the shards already prepared by a
+    run that stopped. ``workers=0`` does everything in this process."""
     out = Path(out_dir)
-    tok = Tokenizer(tokenizer_path)
-    if records is not None and by_source:
-        raise DataError("fine-tuning records have no sources to split by (by_source)")
-    fp = fingerprint(files, tok.sha256, by_source, records)
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("fingerprint") == fp:
-            return manifest
+    files, tok, fp = _inputs(patterns, tokenizer_path, by_source, records)
+    manifest = _reusable(out, fp)
+    if manifest is not None:
+        return manifest
+    parts = shard_parts.plan(files, out, tok.sha256, by_source, records)
+    shard_parts.run_parts(parts, tokenizer_path, workers=workers, batch_bytes=batch_bytes, by_source=by_source,
+                          records=records, show_progress=show_progress)  # fmt: skip
+    return _merge(parts, out, fp, records, show_progress, keep_parts)
+
+
+def prepare_shards(
+    patterns: list[str],
+    tokenizer_path: str,
+    out_dir: str | Path,
+    *,
+    part: tuple[int, int],
+    by_source: bool = False,
+    workers: int = os.cpu_count() or 1,
+    batch_bytes: int = 1 << 20,
+    show_progress: bool = True,
+    records: FineTuningRecords | None = None,
+) -> list[shard_parts.ShardPart]:
+    """Prepare the shards of node ``part = (i, n)`` into ``OUT.parts/`` (no merge); returns them."""
+    out = Path(out_dir)
+    files, tok, _ = _inputs(patterns, tokenizer_path, by_source, records)
+    mine = shard_parts.select(shard_parts.plan(files, out, tok.sha256, by_source, records), part)
+    shard_parts.run_parts(mine, tokenizer_path, workers=workers, batch_bytes=batch_bytes, by_source=by_source,
+                          records=records, show_progress=show_progress)  # fmt: skip
+    return mine
+
+
+def merge_parts(
+    patterns: list[str],
+    tokenizer_path: str,
+    out_dir: str | Path,
+    *,
+    by_source: bool = False,
+    show_progress: bool = True,
+    records: FineTuningRecords | None = None,
+    keep_parts: bool = False,
+) -> dict:
+    """Merge the parts that ``prepare_shards`` wrote on every node into ``out_dir``; every shard must be done."""
+    out = Path(out_dir)
+    files, tok, fp = _inputs(patterns, tokenizer_path, by_source, records)
+    manifest = _reusable(out, fp)
+    if manifest is not None:
+        return manifest
+    parts = shard_parts.plan(files, out, tok.sha256, by_source, records)
+    missing = [p.file for p in parts if not p.done()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"cannot merge into {out}: {len(missing)} of {len(parts)} shards are not prepared "
+                        f"({shown}); run the missing --part(s) first")  # fmt: skip
+    return _merge(parts, out, fp, records, show_progress, keep_parts)
+
+
+def _merge(parts, out: Path, fp: dict, records, show_progress: bool, keep_parts: bool) -> dict:
     _remove_stale_outputs(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write(files, tok, tokenizer_path, tmp, fp, by_source, workers, batch_bytes, show_progress, records)
+        manifest = shard_parts.merge(parts, tmp, fp, records, show_progress)
     except BaseException:  # an error or Ctrl-C: leave no half-written output behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,6 +138,8 @@ def prepare(
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+    if not keep_parts:
+        shutil.rmtree(shard_parts.parts_dir(out), ignore_errors=True)
     return manifest
 
 
@@ -177,111 +147,5 @@ def _remove_stale_outputs(out: Path) -> None:
     """Half-written outputs of earlier runs that were killed (SIGKILL leaves no chance to clean up)."""
     for stale in out.parent.glob(f".{out.name}.*-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not shard_parts.alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write(
-    files: list[str],
-    tok: Tokenizer,
-    tokenizer_path: str,
-    tmp: Path,
-    fp: dict,
-    by_source: bool,
-    workers: int,
-    batch_bytes: int,
-    show_progress: bool,
-    records: FineTuningRecords | None,
-) -> dict:
-    """Tokenise ``files`` into the directory ``tmp``; returns the manifest written there."""
-    dtype = token_dtype(tok.vocab_size)
-    stats = ReadStats()
-    counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    target_counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    writers: dict[str, tuple] = {}  # source -> (token file, offsets list, mask file or None)
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    progress = tqdm(total=None, unit="B", unit_scale=True, desc="tokenising", disable=not show_progress)
-    progress.set_postfix_str(f"{len(files)} files, {total_bytes / 1e6:.0f} MB compressed")
-    batches = _batches(files, stats, by_source, batch_bytes, progress, records)
-    with ExitStack() as files_open:  # one open token file per source
-        init = (tokenizer_path, records)
-        pool = mp.get_context("fork").Pool(workers, _init_worker, init) if workers > 0 else None
-        try:
-            if pool is None:
-                _init_worker(*init)
-                encoded = ((src, _encode(texts)) for texts, src in batches)
-            else:
-                # batches go to the workers in order; their results come back in order (imap), so the output
-                # is the same whatever the number of workers
-                # at most a few batches in flight: Pool.imap would otherwise queue the whole corpus in memory
-                in_flight = threading.Semaphore(4 * workers)
-                sources_q: collections.deque[list[str]] = collections.deque()
-
-                def texts_only() -> Iterator[list[str]]:
-                    for texts, src in batches:
-                        in_flight.acquire()
-                        sources_q.append(src)
-                        yield texts
-
-                def results() -> Iterator[tuple[list[str], tuple]]:
-                    for res in pool.imap(_encode, texts_only()):
-                        in_flight.release()
-                        yield sources_q.popleft(), res
-
-                encoded = results()
-            for src, (flat, lengths, bincount, mask, targets) in encoded:
-                counts += bincount
-                if targets is not None:
-                    target_counts += targets
-                starts = np.concatenate([[0], np.cumsum(lengths)])
-                i = 0
-                for name, run in itertools.groupby(src):  # consecutive documents of one source: one write
-                    j = i + len(list(run))
-                    if name not in writers:
-                        d = tmp / source_dirname(name)
-                        d.mkdir(exist_ok=True)
-                        mask_fh = files_open.enter_context(open(d / "loss_mask.bin", "wb")) if records else None
-                        writers[name] = (files_open.enter_context(open(d / "tokens.bin", "wb")), [0], mask_fh)
-                    fh, offsets, mask_fh = writers[name]
-                    fh.write(flat[starts[i] : starts[j]].tobytes())
-                    if mask_fh is not None:
-                        mask_fh.write(mask[starts[i] : starts[j]].tobytes())
-                    offsets.extend((offsets[-1] - starts[i] + starts[i + 1 : j + 1]).tolist())
-                    i = j
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-            progress.close()
-    if not writers:
-        raise DataError(f"no documents in {files} (read stats: {stats.as_dict()})")
-
-    sources = {}
-    for name, (_, offsets, _) in sorted(writers.items()):
-        d = tmp / source_dirname(name)
-        np.save(d / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
-        sources[name] = {"dir": source_dirname(name), "tokens": offsets[-1], "documents": len(offsets) - 1}
-    np.save(tmp / "token_counts.npy", counts)
-    if records is not None:
-        np.save(tmp / "target_counts.npy", target_counts)
-    manifest = {
-        "kind": "records" if records is not None else "text",
-        "fingerprint": fp,
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "sources": sources,
-        "read_stats": asdict(stats),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from data.packing import TokenDoc
 from data.shards import DataError, ReadStats, _encodable, iter_records
 from data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # preparing data never needs torch, which data.packing imports
+    from data.packing import TokenDoc
 
 
 @dataclass

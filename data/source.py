@@ -14,6 +14,7 @@ import torch
 from data.config import DataConfig
 from data.counts import count_tokens
 from data.memmap import MemmapBatches, MemmapSource, PreparedCorpus
+from data.mixture import effective_mix
 from data.sft import FineTuningRecords
 from data.shards import DataError, ReadStats
 from data.stream import PackedStream
@@ -44,8 +45,10 @@ def build_source(
             raise DataError(
                 f"data.tokenizer {tokenizer.path!r} is not the tokenizer {cfg.prepared!r} was prepared with"
             )
+        available = {name: int(s["tokens"]) for name, s in corpus.sources.items()}
+        mix = effective_mix(cfg.mix, available, cfg.mix_missing, f"prepared data {cfg.prepared!r}")
         batches = MemmapBatches(
-            corpus, cfg.mix, seq_len=cfg.seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
+            corpus, mix, seq_len=cfg.seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
         )
         return MemmapSource(batches, corpus, num_workers=cfg.num_workers)
     if cfg.mix:

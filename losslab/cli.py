@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wandb-report": ("wandb_report", "build a W&B comparison report of a study"),
     "tokenizer": ("train_tokenizer", "train a sentencepiece tokenizer from shards"),
     "fetch-eval-data": ("fetch_eval_data", "build local lm-eval tasks for offline machines"),
+    "fetch-data": ("fetch_data", "download Pile-format shards from the Hugging Face Hub, resumably"),
+    "fetch-tokenizer": ("fetch_tokenizer", "download the MiLe runs' LLaMA 32k tokenizer from the Hub"),
+    "check-data": ("check_data", "check a run's data and print the domain mixture it will get, without a GPU"),
 }
 PACKAGES = ("data", "models", "trainer", "evals", "scripts")
 

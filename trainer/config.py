@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig
+from data.config import MIX_MISSING, DataConfig
 from losslab.losses.config import LossConfig
 from losslab.losses.kernels import resolve as resolve_kernel
 from losslab.losses.weighting import LOSSES, resolve_loss
@@ -411,6 +411,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
     _choice("data.count_over", cfg.data.count_over, ["all", "targets"])
+    _choice("data.mix_missing", cfg.data.mix_missing, list(MIX_MISSING))
     d = cfg.distributed
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"distributed.zero_stage={d.zero_stage} is not valid; choose one of [0, 1, 2, 3]")

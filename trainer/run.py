@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data.files import write_atomic
+from data.mixture import describe as describe_mixture
 from data.shards import DataError, resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
@@ -275,6 +276,10 @@ def build_run(cfg: RunConfig) -> Run:
     micro = cfg.train.micro_batch_size
     source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
     resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
+    planned = cfg.train.max_steps * micro * grad_accum * world * cfg.data.seq_len
+    mixture = describe_mixture(cfg.data, planned_tokens=planned) if rank == 0 else None  # what the run will get
+    if mixture is not None:
+        print(mixture.render(), flush=True)
     probe = iter(source)
     first = next(probe)  # [B, T+1]
     init = _init_source(cfg.model.init_from, tokenizer) if cfg.model.init_from else None
@@ -343,10 +348,13 @@ def build_run(cfg: RunConfig) -> Run:
         "tokenizer_sha256": tokenizer.sha256,
         "data_files": source.files,
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+        "mixture": mixture.as_dict() if mixture else None,
     }
     if rank == 0:
         (run_dir / "config.yaml").write_text(config_yaml)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        if mixture is not None:
+            (run_dir / "mixture.json").write_text(json.dumps(mixture.as_dict(), indent=2))
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
     device = engine.device
     run = Run(
