@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,7 +106,10 @@ def _with_z_loss(terms: Tensor, coefs: Coefs | None, lse: Tensor, valid: Tensor,
     return terms, coefs
 
 
-def _entropy_source(rows: RowKernel, opts: FusedOptions, grads: LogitGrads | SoftmaxGrads | None) -> str:
+EntropySource = Literal["none", "gradient", "kernel"]
+
+
+def _entropy_source(rows: RowKernel, opts: FusedOptions, grads: LogitGrads | SoftmaxGrads | None) -> EntropySource:
     """Where each row's entropy comes from:
 
     - "none": nothing reads it and the kernel can skip it (the entropies are NaN);
@@ -130,16 +133,17 @@ class _BlockLoop:
         self.hidden, self.weight, self.labels = hidden, weight, labels  # [N, d], [V, d], [N]
         self.block_fn, self.rows, self.opts = block_fn, rows, opts
         self.valid = labels != IGNORE_INDEX  # [N]
+        # [N] each, in the accumulation dtype: every block writes its rows
         self.ce, self.entropy, self.lse, self.terms, self.w = (hidden.new_empty(N, dtype=acc) for _ in range(5))
         self.mean_z = hidden.new_empty(N, dtype=acc) if opts.mean_z else None  # [N]
         self.grads: LogitGrads | SoftmaxGrads | None = None
         if need_grad and rows.softmax_state:
             self.grads = SoftmaxGrads(hidden, weight, labels, self.valid, acc, logits_dtype(hidden, weight))
         elif need_grad:
-            self.grads = LogitGrads(rows, hidden, weight, labels, self.valid, acc)  # type: ignore[arg-type]
+            self.grads = LogitGrads(rows, hidden, weight, labels, self.valid, acc)
         self.entropy_from = _entropy_source(rows, opts, self.grads)
         if self.entropy_from == "none":
-            self.entropy.fill_(torch.nan)
+            self.entropy.fill_(torch.nan)  # a reader that should have asked for it gets NaN, not stale memory
         # a plug-in kernel need not know the option it is not asked for
         self.clamp_arg = (opts.entropy_clamp,) if opts.entropy_clamp else ()
 
@@ -161,7 +165,7 @@ class _BlockLoop:
         inputs = {k: v[s:e] for k, v in self.opts.inputs.items()}  # [c] each
         block = Block(self.ce[s:e], self.entropy[s:e], lse, mz, self.labels[s:e], self.valid[s:e],
                       self.weight.shape[0], inputs)  # fmt: skip
-        terms, w, coefs = self.block_fn(block, self.grads is not None)  # [c], [c], [c] each
+        terms, w, coefs = self.block_fn(block, self.grads is not None)  # [c], [c], Coefs of [c] (or None)
         lam = self.opts.z_lambda
         if callable(lam):  # the two-pass mode, all rows at once: the weights are all known now
             lam = lam(w)
@@ -176,7 +180,7 @@ class _BlockLoop:
 
 
 def _one_pass(loop: _BlockLoop, spans: list[tuple[int, int]]) -> None:
-    """Per block: its statistics, its row terms, its gradients (3 matmuls in all)."""
+    """Per block: its statistics, its row terms, its gradients (3 matmuls per block)."""
     grads = loop.grads
     for s, e in spans:
         z = loop.logits(s, e)  # [c, V]
@@ -184,24 +188,24 @@ def _one_pass(loop: _BlockLoop, spans: list[tuple[int, int]]) -> None:
         held = None if grads is None else grads.hold(z, lse, state)  # what the gradients need of the block
         del z, state  # only `held` keeps the block: with the softmax gradients, p and not the logits next to it
         if loop.entropy_from == "gradient":
-            grads.entropy(s, held, lse, loop.entropy[s:e])  # type: ignore[union-attr,arg-type]
+            grads.entropy(s, held, lse, loop.entropy[s:e])  # [c], before the row terms read it
         coefs = loop.row_terms(s, e, lse)
         if grads is not None:
-            grads.add(s, held, coefs)  # type: ignore[arg-type]
+            grads.add(s, held, coefs)
         del held  # freed before the next block's logits
 
 
 def _two_pass(loop: _BlockLoop, spans: list[tuple[int, int]]) -> None:
     """The statistics of every block, the row terms of all rows at once, then each block's gradients from its
-    logits computed again (4 matmuls in all)."""
+    logits computed again (4 matmuls per block)."""
     for s, e in spans:
         loop.statistics(s, e, loop.logits(s, e))
     coefs = loop.row_terms(0, len(loop.lse), loop.lse)  # every row's statistics are known now
     if loop.grads is None:
         return
     for s, e in spans:
-        held = loop.grads.recompute(loop.logits(s, e), loop.lse[s:e])
-        loop.grads.add(s, held, coefs.rows(s, e))  # type: ignore[union-attr,arg-type]
+        held = loop.grads.recompute(loop.logits(s, e), loop.lse[s:e])  # from z [c, V] and lse [c]
+        loop.grads.add(s, held, coefs.rows(s, e))  # coefs [c] each
         del held  # freed before the next block's logits
 
 

@@ -83,7 +83,7 @@ def resolve(kernel: str) -> RowKernel | None:
     if lacks:
         raise ValueError(f"loss.kernel={kernel!r} is not a row kernel: it lacks {', '.join(lacks)} "
                          "(see losslab.losses.rows.RowKernel)")  # fmt: skip
-    return rows  # type: ignore[return-value]
+    return rows
 
 
 def select_rows(kernel: str, device: torch.device, dtype: torch.dtype) -> RowKernel:

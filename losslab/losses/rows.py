@@ -1,9 +1,9 @@
 """The row-wise part of the fused loss on one [c, V] block of logits: the ``RowKernel`` protocol, which every
 kernel satisfies, and the two built-in kernels (``TorchRows``, ``TritonRows``).
 
-A kernel computes each row's statistics (``stats``). The gradient w.r.t. the block's logits, dl/dz = a * softmax
-- b * onehot(y) - u with per-row coefficients ``Coefs``, then comes one of two ways, which the kernel declares
-(``softmax_state``):
+A kernel computes each row's statistics (``stats``). The gradient w.r.t. the block's logits,
+dl/dz = a * softmax - b * onehot(y) - u with per-row coefficients ``Coefs``, then comes one of two ways, which
+the kernel declares (``softmax_state``):
 
 - the state that ``stats`` returns is the block's softmax, and the block loop takes the gradients from it
   (``grads.SoftmaxGrads``): such a kernel needs no ``grad`` (``TorchRows``);
@@ -78,9 +78,9 @@ class GradKernel(RowKernel, Protocol):
 def missing(kernel: object) -> list[str]:
     """The members ``kernel`` lacks to be used as a row kernel (none: it can be)."""
     lacks = [name for name in ("softmax_state", "optional_entropy", "stats") if not hasattr(kernel, name)]
-    if not lacks and not callable(kernel.stats):  # type: ignore[attr-defined]
+    if not lacks and not callable(kernel.stats):
         lacks = ["a callable stats"]
-    if not lacks and not (kernel.softmax_state or isinstance(kernel, GradKernel)):  # type: ignore[attr-defined]
+    if not lacks and not (kernel.softmax_state or isinstance(kernel, GradKernel)):
         lacks = ["grad (or softmax_state = True)"]
     return lacks
 
