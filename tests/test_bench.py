@@ -23,7 +23,7 @@ def test_bench_loss_runs_and_checks_every_loss(tmp_path):
     }
     for r in rows:  # fused vs materialised, same bf16 inputs
         assert r["ms"] > 0 and max(r["loss_rel"], r["grad_h_rel"], r["grad_w_rel"]) < 2e-2, r
-        assert r.get("kernel") == (None if r["impl"] == "naive" else "losslab.losses.paths:TorchRows")
+        assert r.get("kernel") == (None if r["impl"] == "naive" else "losslab.losses.rows:TorchRows")
     assert [r["loss"] for r in result["train_step"]] == ["ce", "mile", "ce", "mile"]
 
 

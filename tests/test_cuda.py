@@ -45,7 +45,7 @@ def test_fused_bf16_loss_at_a_real_vocabulary(case):
 def test_the_triton_kernels_pass_their_self_check_on_the_gpu(dtype):
     """Else the fused loss silently runs the torch kernel (with one warning) and the test above measures that."""
     from losslab.losses.kernels import check
-    from losslab.losses.paths import TritonRows
+    from losslab.losses.rows import TritonRows
 
     verdict = check(TritonRows, torch.device("cuda"), dtype)
     assert verdict.ok, verdict.reason

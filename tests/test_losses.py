@@ -394,7 +394,7 @@ def test_global_token_denominator_makes_accumulation_exact(fused):
 def test_mixed_precision_accumulation_is_checked_before_it_is_trusted():
     """On CUDA the fused path accumulates bf16 products into fp32 with whichever overload this PyTorch gets
     right; a build that raises or returns wrong numbers falls through to the next candidate."""
-    from losslab.losses.paths import MIXED_ADDMM, pick_mixed_addmm
+    from losslab.losses.grads import MIXED_ADDMM, pick_mixed_addmm
 
     def broken(acc, g, h):  # runs, but wrong
         acc.add_(1.0)

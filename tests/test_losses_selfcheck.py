@@ -17,7 +17,8 @@ import triton.language as tl  # noqa: E402
 
 from losslab.losses import IGNORE_INDEX, LossConfig, build_loss  # noqa: E402
 from losslab.losses.kernels import check, resolve, verdicts  # noqa: E402
-from losslab.losses.paths import TritonRows, slow_low_precision_cpu  # noqa: E402
+from losslab.losses.paths import slow_low_precision_cpu  # noqa: E402
+from losslab.losses.rows import TritonRows  # noqa: E402
 from losslab.losses.triton_rows import row_grad_, row_stats  # noqa: E402
 from tests.test_losses import LOSS_PARAMS, make_inputs, naive_loss, rel_err  # noqa: E402
 
@@ -132,8 +133,8 @@ def test_the_triton_kernels_pass_their_self_check(capsys):
     if slow_low_precision_cpu(torch.bfloat16) and DEVICE == "cpu":  # autocast ran the head in fp32: ask directly
         assert check(TritonRows, torch.device(DEVICE), torch.bfloat16).ok
     assert warning_lines(capsys) == []
-    found = {k: v for k, v in verdicts().items() if k.startswith("losslab.losses.paths:TritonRows on ")}
-    assert {f"losslab.losses.paths:TritonRows on {DEV} {dt}" for dt in ("float32", "bfloat16")} <= set(found)
+    found = {k: v for k, v in verdicts().items() if k.startswith("losslab.losses.rows:TritonRows on ")}
+    assert {f"losslab.losses.rows:TritonRows on {DEV} {dt}" for dt in ("float32", "bfloat16")} <= set(found)
     assert all(v.ok for v in found.values()), found
 
 
@@ -156,7 +157,7 @@ def test_a_first_use_under_inference_mode_checks_and_trusts_a_good_kernel(capsys
         ("cuda", "loss.kernel must be auto, torch, triton or 'package.module:Class'"),
         ("tests.no_such_module:Rows", "cannot be imported: ModuleNotFoundError"),
         (f"{HERE}:NoSuchClass", "cannot be imported: AttributeError"),
-        (f"{HERE}:fused_vs_float64", "has no stats and grad methods"),
+        (f"{HERE}:fused_vs_float64", "is not a row kernel: it lacks softmax_state, optional_entropy, stats"),
     ],
 )
 def test_a_kernel_that_cannot_run_is_refused_when_the_loss_is_built(kernel, message):

@@ -2,10 +2,11 @@
 
 ``loss.kernel`` is one of
 - ``auto``: Triton on CUDA when it is installed, else torch;
-- ``torch``: plain torch ops (``paths.TorchRows``), the reference every other kernel is checked against;
-- ``triton``: the kernels of ``triton_rows.py`` (on CPU tensors only under ``TRITON_INTERPRET=1``);
-- ``"package.module:Class"``: a plug-in ``paths.RowKernel`` (a class or object with ``stats`` and ``grad``),
-  e.g. a kernel under development.
+- ``torch``: plain torch ops (``rows.TorchRows``), the reference every other kernel is checked against;
+- ``triton``: the kernels of ``triton_rows.py`` (``rows.TritonRows``; on CPU tensors only under
+  ``TRITON_INTERPRET=1``);
+- ``"package.module:Class"``: a plug-in ``rows.RowKernel`` (a class or object with its members, checked when the
+  loss is built), e.g. a kernel under development.
 
 Self-check: the Triton kernels were written and tested in Triton's CPU interpreter, and a GPU can compile them
 differently. So on first use per (kernel, device, logits dtype), a kernel other than torch runs the fused path
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from losslab.losses.blocks import Block, FusedOptions, forward_blocks
 from losslab.losses.config import IGNORE_INDEX
-from losslab.losses.paths import Block, Coefs, FusedOptions, RowKernel, TorchRows, TritonRows, forward_blocks
 from losslab.losses.plugins import import_plugin
+from losslab.losses.rows import Coefs, RowKernel, TorchRows, TritonRows, missing
 
 BUILTIN = ("auto", "torch", "triton")
 # The check's problem: several rows and two blocks (the last ragged) so every code path runs; a vocabulary
@@ -77,10 +79,10 @@ def resolve(kernel: str) -> RowKernel | None:
     if not sep or not module or not attr:
         raise ValueError(f"loss.kernel must be auto, torch, triton or 'package.module:Class', got {kernel!r}")
     rows = import_plugin(kernel, "loss.kernel")
-    # a kernel whose state is the softmax (softmax_state, as TorchRows) needs no grad: the fused path takes it from p
-    has_grad = callable(getattr(rows, "grad", None)) or getattr(rows, "softmax_state", False)
-    if not (callable(getattr(rows, "stats", None)) and has_grad):
-        raise ValueError(f"loss.kernel={kernel!r} has no stats and grad methods (see losslab.losses.paths.RowKernel)")
+    lacks = missing(rows)
+    if lacks:
+        raise ValueError(f"loss.kernel={kernel!r} is not a row kernel: it lacks {', '.join(lacks)} "
+                         "(see losslab.losses.rows.RowKernel)")  # fmt: skip
     return rows
 
 

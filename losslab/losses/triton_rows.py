@@ -7,7 +7,7 @@ The matmuls stay with cuBLAS; these two kernels replace the chain of elementwise
   for label smoothing, the mean logit, with running max m, d = sum e^(z-m), s = sum e^(z-m) z  =>
   lse = m + log d,  H = lse - s / d.
 - ``row_grad``: overwrites the logits in place with dl/dz = a * softmax - b * onehot(target) - u (per-row
-  coefficients: ``paths.Coefs``), in the logits' dtype, ready for the two gradient matmuls.
+  coefficients: ``rows.Coefs``), in the logits' dtype, ready for the two gradient matmuls.
 
 They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests check them on machines
 without a GPU.
