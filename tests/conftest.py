@@ -28,6 +28,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     global _cpu_adam_build
     if torch.cuda.is_available() or not any(item.get_closest_marker("cpu_adam") for item in session.items):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # one build for all pytest-xdist workers
+        return
     build = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
     _cpu_adam_build = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", build],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -12,6 +12,7 @@ import pytest
 
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
+from tests.ports import free_port
 from tests.test_train import REPO, clean_env
 
 STEPS = 10
@@ -33,7 +34,8 @@ def launch(
             "scripts/train.py",
         ]
     else:  # the deepspeed CLI, as in the README
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "scripts/train.py"]
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "scripts/train.py"]
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [*cmd, "configs/experiments/demo.yaml", *overrides],

@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import debug_overrides
+from tests.ports import free_port
 from tests.test_train import REPO, clean_env
 
 STEPS = 20
@@ -144,7 +145,7 @@ def _group_alive(pgid: int) -> bool:
 def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exactly(corpus, tmp_path):
     """What Slurm and Kubernetes do: SIGTERM to every process of the job. Under the deepspeed launcher each rank
     gets it twice (directly, and forwarded by launch.py); that must be one request, not an abort."""
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     two_ranks = {"distributed.zero_stage": 2, "train.micro_batch_size": 4, "checkpoint.every": 0}
     reference = tmp_path / "reference"
     ref = start(overrides(corpus, reference, **two_ranks), launcher=launcher, log=tmp_path / "reference")
