@@ -215,10 +215,10 @@ MUTANTS: list[Mutant] = [
       "layer_norm_eps=cfg.norm_eps,", "",
       HF, "HF export leaves layer_norm_eps at transformers' default"),
     m("hf-export-qkv-order", "models/hf.py",
-      "qkv[:, j].reshape(cfg.d_model, cfg.d_model)", "qkv[:, (j + 1) % 3].reshape(cfg.d_model, cfg.d_model)",
+      "qkv[:, g].reshape(KV * hd, d)", "qkv[:, g + 1].reshape(KV * hd, d)",
       HF, "LLaMA export splits the fused QKV in the wrong order"),
     m("hf-import-qkv-layout", "models/hf.py",
-      "torch.stack(parts, dim=1)", "torch.stack(parts, dim=0)",
+      "torch.cat([q, k, v], dim=1)", "torch.cat([k, q, v], dim=1)",
       HF, "LLaMA import fuses q, k, v in the wrong layout"),
     # --- data/ --------------------------------------------------------------------------------------------------
     m("batch-labels-ignore-loss-mask", "data/batch.py",
