@@ -54,7 +54,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # result.json never says less than it held: until this launch logs, the run's last logged loss
     last_loss = last_logged_loss(run.run_dir / METRICS) if resumed else float("nan")
     step, preempted = run.start_step - 1, False
-    ckpt = Path(resumed) if resumed else None  # a run resumed at its last step has nothing left to do
+    ckpt = Path(resumed) if resumed else None  # the checkpoint it resumed from, until this launch writes one
     clock = _Clock(run.tokens_per_step * step)
     try:
         for step in range(run.start_step, cfg.train.max_steps + 1):

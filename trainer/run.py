@@ -349,7 +349,8 @@ def build_run(cfg: RunConfig) -> Run:
         "data_files": source.files,
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
     }
-    entry = launch_entry(plan, start_step=start_step, resumed_from=resume_ckpt, world_size=world, git_sha=git_sha())
+    sha = info["git_sha"]
+    entry = launch_entry(plan, start_step=start_step, resumed_from=resume_ckpt, world_size=world, git_sha=sha)
     info["launches"] = launches(run_dir, entry, resumed=resume_ckpt is not None)
     if rank == 0:
         (run_dir / "config.yaml").write_text(config_yaml)
