@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.checkpoint import META
-from models.checkpoint_files import CheckpointError
+from models.checkpoint_files import CheckpointError, load_json
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, resolved
 from trainer.optim import lr_factor
 
@@ -262,8 +262,8 @@ def plan_launch(cfg: RunConfig, ckpt: Path | None, *, finished: bool, world_size
                 f"run.dir={cfg.run.dir!r}); a new run takes its length from train.max_steps"
             )
         return Plan(cfg, precision=new_precision)
-    meta = json.loads((ckpt / META).read_text())
-    step = int(meta["step"])
+    meta = load_json(ckpt / META)
+    step = int(meta.get("step", 0))
     old_cfg, unknown = saved_config(ckpt / "config.yaml")
     old_max = old_cfg.train.max_steps
     if t.extend_to and t.max_steps > t.extend_to:
@@ -285,8 +285,8 @@ def plan_launch(cfg: RunConfig, ckpt: Path | None, *, finished: bool, world_size
         refused.pop("train.max_steps", None)
     if refused:
         hint = ""
-        if "train.max_steps" in refused:
-            new_max = refused["train.max_steps"][1]
+        old_steps, new_max = refused.get("train.max_steps", (0, 0))
+        if new_max > old_steps:
             hint = f" To train more steps keep train.max_steps={old_max} and set train.extend_to={new_max}."
         raise ConfigError(
             f"train.resume: {ckpt} was trained with other settings, and continuing it would splice two experiments "
