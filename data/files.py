@@ -20,3 +20,30 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes the user's umask gives new files (0644 / 0755 under the
+    usual 022): some writers create files 0600 whatever the umask (the safetensors library), which colleagues on
+    a shared filesystem then cannot read."""
+    mask = _umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)

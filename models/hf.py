@@ -12,6 +12,7 @@ carries the rotary settings under the keys each major reads (5.x: ``rope_paramet
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,23 @@ from models.config import GPTConfig
 from models.gpt import GPT
 
 
+class _NoAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's "Setting accelerator to CPU ..." out of commands that do not train: transformers'
+    ``save_pretrained`` imports deepspeed (accelerate's ``unwrap_model`` does, whenever it is installed), and the
+    import logs that line to stdout on a machine without a GPU. A filter on its logger, which DeepSpeed keeps
+    when it configures the logger on import."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoAcceleratorNotice) for f in logger.filters):
+        logger.addFilter(_NoAcceleratorNotice())
+
+
 def _require_transformers() -> Any:
+    quiet_deepspeed()
     try:
         import transformers
     except ImportError:

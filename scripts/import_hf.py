@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 from safetensors.torch import save_file
 
+from data.files import follow_umask
 from data.shards import DataError
 from data.tokenizer import Tokenizer
 from models.checkpoint_files import CheckpointError
@@ -31,6 +32,7 @@ def import_hf(hf_dir: str, out: str, tokenizer: str = "") -> Path:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    follow_umask(out_dir / "model.safetensors")  # safetensors writes 0600 whatever the umask
     (out_dir / "model_config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     for name, src in tok.files.items():  # the tokenizer travels with the model, as in a training checkpoint
         shutil.copyfile(src, out_dir / name)

@@ -2,9 +2,10 @@
 # Run every experiment config of a directory for each seed, one after the other, then compare them:
 #   bash scripts/run_grid.sh configs/experiments/small 0 1 [-- extra key=value overrides]
 # Each run writes to $RUNS/<grid>/<config>-s<seed> (RUNS default: runs); set LAUNCHER (default: deepspeed) for
-# other launchers and PYTHON (default: .venv/bin/python) for another interpreter. Runs whose result.json says
-# complete are skipped, the others resume: after an interruption, run the same command again (exit 75 means
-# "not finished yet"). Delete a run's directory to run it again from scratch.
+# other launchers and PYTHON (default: .venv/bin/python) for another interpreter. Every run is relaunched with
+# train.resume=auto: a finished one does nothing, an interrupted one resumes — after an interruption, run the same
+# command again (exit 75 means "not finished yet") — and one whose directory holds a run with other settings (a
+# smoke test's, say) is refused (exit 2) rather than reused. Delete a run's directory to run it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # SIGTERM (a scheduler, `timeout`) reaches the running trainer too, which saves a checkpoint and stops; the trap
@@ -19,8 +20,7 @@ for cfg in "$dir"/*.yaml; do
   for seed in "${seeds[@]}"; do
     run="${RUNS:-runs}/$grid/$(basename "$cfg" .yaml)-s$seed"
     runs+=("$run")
-    # finished runs are skipped (result.json says so); pre-empted or interrupted ones continue where they stopped
-    grep -q '"complete": true' "$run/result.json" 2>/dev/null && continue
+    # finished runs do nothing (train.py checks they are this grid's); pre-empted ones continue where they stopped
     ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" "wandb.group=$grid" train.resume=auto "$@"
     grep -q '"complete": true' "$run/result.json" || { echo "$run did not finish; run the grid again to resume"; exit 75; }
   done

@@ -37,8 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the experiment config is required (or --list)")
     try:
         cfg = load_config(args.config, args.overrides)
+        _warn_about_schedule(cfg)
         if args.print_config:
             print(print_config(cfg), end="")
+            return 0
+        # resume=auto on a finished run, relaunched as it was: nothing to do, nothing touched
+        from trainer.resume_check import finished_run
+
+        if (done := finished_run(cfg)) is not None:
+            if os.environ.get("RANK", "0") == "0":
+                print(done)
             return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -74,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _warn_about_schedule(cfg) -> None:
+    from trainer.optim import schedule_warning
+
+    if (warning := schedule_warning(cfg.train)) and os.environ.get("RANK", "0") == "0":
+        print(warning, file=sys.stderr)
+
+
 def print_config(cfg) -> str:
     """The config a launch would run, as YAML that loads back to itself (the world size from the launcher's
     WORLD_SIZE, else 1)."""
@@ -92,9 +107,10 @@ def choices_listing() -> str:
     from models.presets import PRESETS
     from trainer.config import CONFIG_ROOT
 
-    lines = ["model.preset (layers x width, heads, SwiGLU width, context):"]
+    lines = ["model.preset (layers x width, heads, MLP width per block, context):"]
     for name, p in PRESETS.items():
-        lines.append(f"  {name:<6} {p.n_layers} x {p.d_model}, {p.n_heads} heads, {p.d_swiglu}, {p.max_seq_len}")
+        mlp = f"MLP {p.d_mlp('neox')} (neox, GELU) / {p.d_mlp('llama')} (llama, SwiGLU)"
+        lines.append(f"  {name:<6} {p.n_layers} x {p.d_model}, {p.n_heads} heads, {mlp}, {p.max_seq_len}")
     lines.append(f"model.block: {', '.join(BLOCKS)}")
     lines.append(f"loss.name: {', '.join(sorted(LOSSES))}")
     lines.append("eval.tasks sets: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in TASK_SETS.items()))

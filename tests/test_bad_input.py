@@ -193,7 +193,7 @@ def test_resume_from_damaged_deepspeed_state_is_one_line(damage, ckpt, corpus, t
     copy = copy_of(ckpt, tmp_path)
     make, names = DAMAGED_STATES[damage]
     make(_states_file(copy))
-    proc = train(debug_overrides(corpus, tmp_path / "new", **{"train.resume": copy}))
+    proc = train(debug_overrides(corpus, tmp_path / "new", **{"train.resume": copy, "train.extend_to": 30}))
     assert_one_line(proc, *names)
     assert "this ran while loading" not in proc.stdout + proc.stderr
     assert "weights_only" not in proc.stderr  # torch's advice to load unsafely is not passed on

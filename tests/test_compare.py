@@ -229,6 +229,8 @@ def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, t
     assert '"complete": true' in (run_dir / "result.json").read_text()
     third = grid_run()
     assert third.returncode == 0 and "final training loss" not in third.stdout  # nothing left to train
+    longer = grid_run("train.max_steps=8")  # a grid over a smoke test's runs: refused, never reused or spliced
+    assert longer.returncode == 2 and "train.max_steps: 6 -> 8" in longer.stderr, longer.stderr[-2000:]
 
 
 def test_groups_that_differ_only_by_a_modifier_or_a_loss_option_stay_apart():

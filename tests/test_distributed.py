@@ -92,7 +92,7 @@ def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp
     extra = {"distributed.preset": "zero3_offload", "distributed.offload_ratio": 0.5}
     first = launch(1, common(corpus, run_dir, **extra, **{"train.max_steps": STEPS // 2}), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    proc = launch(1, common(corpus, run_dir, **extra, **{"train.resume": "auto"}))
+    proc = launch(1, common(corpus, run_dir, **extra, **{"train.resume": "auto", "train.extend_to": STEPS}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_losses(run_dir, single_rank)
 
@@ -101,7 +101,7 @@ def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
     run_dir = tmp_path / "two_then_one"
     first = launch(2, common(corpus, run_dir, **{"train.max_steps": 5}))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(1, common(corpus, run_dir, **{"train.resume": "auto"}))
+    second = launch(1, common(corpus, run_dir, **{"train.resume": "auto", "train.extend_to": STEPS}))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_losses(run_dir, single_rank)
 
@@ -126,7 +126,7 @@ def test_zero_checkpoint_resumes_on_another_number_of_ranks(single_rank, corpus,
     extra = {"distributed.zero_stage": stage, "checkpoint.portable_optimizer": True}
     first = launch(2, common(corpus, run_dir, **{**extra, "train.max_steps": 5}))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(1, common(corpus, run_dir, **{**extra, "train.resume": "auto"}))
+    second = launch(1, common(corpus, run_dir, **{**extra, "train.resume": "auto", "train.extend_to": STEPS}))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_losses(run_dir, single_rank)
 
@@ -135,6 +135,8 @@ def test_zero_checkpoint_without_portable_state_says_how_to_resume(corpus, tmp_p
     run_dir = tmp_path / "zero2_plain"
     first = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": 2, "train.max_steps": 3}))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(1, common(corpus, run_dir, **{"distributed.zero_stage": 2, "train.resume": "auto"}))
+    second = launch(
+        1, common(corpus, run_dir, **{"distributed.zero_stage": 2, "train.resume": "auto", "train.extend_to": STEPS})
+    )
     assert second.returncode == 2
     assert "written by 2 ranks with ZeRO-2" in second.stderr and "checkpoint.portable_optimizer=true" in second.stderr

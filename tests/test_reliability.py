@@ -144,7 +144,7 @@ def test_tampered_checkpoint_is_refused_without_running_code(run_a, corpus, tmp_
     meta = json.loads(meta_file.read_text())
     meta["files"][states.name] = states.stat().st_size
     meta_file.write_text(json.dumps(meta))
-    proc = run_train(debug_overrides(corpus, run_dir, **{"train.max_steps": 41, "train.resume": "auto"}))
+    proc = run_train(debug_overrides(corpus, run_dir, **{"train.extend_to": 41, "train.resume": "auto"}))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "refusing to load" in proc.stderr and "open'" in proc.stderr  # names the global it references (io.open)
     assert "weights_only" not in proc.stderr and "Traceback" not in proc.stderr

@@ -86,7 +86,7 @@ def test_training_checkpoint_resume_and_eval_with_a_tokenizer_json(hf_tokenizer,
     ckpt = run_dir / "checkpoints" / "step_0000006"
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in ckpt.iterdir()}
     assert Tokenizer(ckpt).vocab_size == Tokenizer(hf_tokenizer).vocab_size
-    again = train(debug_overrides(corpus, run_dir, **common, **{"train.resume": "auto"}))
+    again = train(debug_overrides(corpus, run_dir, **common, **{"train.resume": "auto", "train.extend_to": 12}))
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--checkpoint", str(run_dir), "--val-files", corpus["val"]],

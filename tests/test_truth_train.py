@@ -104,7 +104,10 @@ def test_checkpoint_round_trip_gives_back_moments_and_rng_states(
     if portable:  # as if written by 2 ranks: the layout-free optimizer file is what gets loaded
         meta = json.loads((result.checkpoint / "meta.json").read_text())
         (result.checkpoint / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
-    resume = {**overrides, "train.resume": str(result.checkpoint)}
+    # one more step than the run had (a run at its last step has nothing to resume); on "2 ranks", the same
+    # global batch on one
+    resume = {**overrides, "train.resume": str(result.checkpoint), "train.extend_to": 4,
+              **({"train.grad_accum": 2} if portable else {})}  # fmt: skip
     resumed = build_run(load_config(None, debug_overrides(corpus, tmp_path / "run", **resume)))
     resumed.preemption.restore()
     assert draws() == expected_draws

@@ -19,7 +19,7 @@ from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 Emit = Callable[[int, dict[str, float]], None]
 
 # metrics.jsonl keeps flat names; W&B groups them by namespace
-WANDB_NAMESPACE = {"eval", "eval_bucket", "eval_domain", "data", "perf"}
+WANDB_NAMESPACE = {"eval", "eval_bucket", "eval_domain", "data", "perf", "launch"}
 
 
 class Callback:

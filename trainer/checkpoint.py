@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from data.files import write_atomic
+from data.files import follow_umask, write_atomic
 from models.checkpoint import (
     CHECKPOINTS,
     COUNTS_FILE,
@@ -119,6 +119,7 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps({**meta, "files": files, "git_sha": git_sha()}, indent=2))
     dist.barrier()  # every rank's files are in place
     if rank == 0:
+        follow_umask(tmp)  # safetensors writes 0600 whatever the umask
         if final.exists():  # the same step saved again (a resumed run that had not got further)
             shutil.rmtree(final)
         os.replace(tmp, final)

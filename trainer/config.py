@@ -24,6 +24,7 @@ from losslab.losses.kernels import resolve as resolve_kernel
 from losslab.losses.weighting import LOSSES, resolve_loss
 from models.config import BLOCKS, GPTConfig
 from models.presets import BLOCK_DEFAULTS, PRESETS, get_preset
+from trainer.config_lists import scalars_to_lists
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -109,7 +110,10 @@ class TrainSection:
     """Device peak (dense bf16 TFLOP/s) for MFU; 0 detects H100/H200/A100, else MFU is not logged."""
     resume: str = "none"
     """none: start fresh | auto: continue from the latest complete checkpoint in run.dir (fresh if there is
-    none) | a checkpoint directory."""
+    none) | a checkpoint directory. The relaunch must not change the experiment (``trainer/resume_check.py``)."""
+    extend_to: int = 0
+    """With train.resume: continue the run to this many steps (more than its max_steps); the LR schedule
+    becomes that of a run of extend_to steps from the next step on. 0: no extension."""
     max_nonfinite_in_a_row: int = 5
     """A step whose loss is not finite is skipped (no parameter update) and counted; after this many in a row
     training stops with an error naming the steps (0: never stop)."""
@@ -212,6 +216,7 @@ class RunConfig:
 
 
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
+    layer = scalars_to_lists(base, layer)  # data.train_files=x.jsonl.zst: the list of that one file
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as e:
@@ -377,6 +382,7 @@ BOUNDS: dict[str, Bound] = {
     "train.log_every": AT_LEAST_ONE,
     "train.peak_tflops": NON_NEGATIVE,
     "train.max_nonfinite_in_a_row": NON_NEGATIVE,
+    "train.extend_to": NON_NEGATIVE,
     "distributed.offload_ratio": FRACTION,
     "checkpoint.every": NON_NEGATIVE,
     "checkpoint.keep": NON_NEGATIVE,

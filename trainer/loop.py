@@ -23,9 +23,10 @@ from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
-from trainer.engine import gathered
+from trainer.engine import gathered, use_bf16
 from trainer.perf import memory_metrics
-from trainer.run import RESULT, STEP_METRICS, Run, build_run
+from trainer.run import METRICS, RESULT, STEP_METRICS, Run, build_run
+from trainer.run_record import last_logged_loss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,9 +49,12 @@ class TrainResult:
 
 def train(cfg: RunConfig) -> TrainResult:
     run = build_run(cfg)
-    step, last_loss, preempted = run.start_step - 1, float("nan"), False
+    cfg = run.cfg  # the run it trains: train.extend_to is its max_steps
     resumed = run.info["resumed_from"]
-    ckpt = Path(resumed) if resumed else None  # a run resumed at its last step has nothing left to do
+    # result.json never says less than it held: until this launch logs, the run's last logged loss
+    last_loss = last_logged_loss(run.run_dir / METRICS) if resumed else float("nan")
+    step, preempted = run.start_step - 1, False
+    ckpt = Path(resumed) if resumed else None  # the checkpoint it resumed from, until this launch writes one
     clock = _Clock(run.tokens_per_step * step)
     try:
         for step in range(run.start_step, cfg.train.max_steps + 1):
@@ -241,6 +245,7 @@ def _checkpoint(run: Run, step: int) -> Path:
         "log_interval": run.interval.tolist(),
         "tokenizer_sha256": run.info["tokenizer_sha256"],
         "world_size": run.world_size,
+        "precision": "bf16" if use_bf16(run.cfg.train.precision) else "fp32",  # what "auto" was, for a resume
     }
     ckpt = save_checkpoint(
         run.engine,

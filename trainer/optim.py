@@ -40,3 +40,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> to
         optimizer,
         lambda step: lr_factor(step, warmup=train.warmup_steps, total=train.max_steps, min_ratio=train.min_lr_ratio),
     )
+
+
+def schedule_warning(train: TrainSection) -> str | None:
+    """A warning (not an error: a smoke test of a few steps checks the pipeline, not the schedule) when the
+    warmup takes the whole run, so the LR never decays — or never even reaches ``train.lr``."""
+    total = max(train.max_steps, train.extend_to)
+    if train.warmup_steps < total:
+        return None
+    peak = "reaches train.lr only at the last step" if train.warmup_steps == total else "never reaches train.lr"
+    return (
+        f"warning: train.warmup_steps={train.warmup_steps} >= the run's {total} steps: the LR only warms up, "
+        f"never decays, and {peak}; set train.warmup_steps below {total} for a schedule that decays"
+    )

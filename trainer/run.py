@@ -52,7 +52,9 @@ from trainer.engine import (
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops
+from trainer.resume_check import plan_launch
 from trainer.run_info import git_sha
+from trainer.run_record import announce, launch_entry, launches
 from trainer.signals import Preemption
 
 METRICS = "metrics.jsonl"
@@ -286,6 +288,9 @@ def build_run(cfg: RunConfig) -> Run:
     model_cfg = _model_from_init(cfg, init) if init else model_config(cfg, tokenizer.vocab_size)
     if resume_ckpt is not None:
         _check_resume(resume_ckpt, model_cfg, tokenizer)
+    # the relaunch is the run it continues (or refused); cfg becomes the run it trains (train.extend_to)
+    plan = plan_launch(cfg, resume_ckpt, finished=_finished(run_dir), world_size=world)
+    cfg = plan.cfg
     if cfg.eval.tasks:
         try:
             check_tasks(cfg.eval.tasks, cfg.eval.task_dir)
@@ -350,6 +355,9 @@ def build_run(cfg: RunConfig) -> Run:
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
         "mixture": mixture.as_dict() if mixture else None,
     }
+    sha = info["git_sha"]
+    entry = launch_entry(plan, start_step=start_step, resumed_from=resume_ckpt, world_size=world, git_sha=sha)
+    info["launches"] = launches(run_dir, entry, resumed=resume_ckpt is not None)
     if rank == 0:
         (run_dir / "config.yaml").write_text(config_yaml)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
@@ -389,4 +397,5 @@ def build_run(cfg: RunConfig) -> Run:
         interval = [0.0] * n_interval
     run.interval = torch.tensor(interval, dtype=torch.float32, device=device)
     run.loop_clips = loop_clips_gradients(cfg.train, cfg.distributed)
+    announce(plan, run.emit, rank=rank)
     return run
