@@ -23,7 +23,9 @@ from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
-from trainer.engine import gathered
+from trainer.data_guard import CHANGES, FINGERPRINT
+from trainer.engine import gathered, init_distributed
+from trainer.lock import hold_run_dir
 from trainer.perf import memory_metrics
 from trainer.run import RESULT, STEP_METRICS, Run, build_run
 
@@ -47,6 +49,14 @@ class TrainResult:
 
 
 def train(cfg: RunConfig) -> TrainResult:
+    """Train, holding the run directory for this launch alone (``trainer/lock.py``) from before anything in it is
+    read until the run ends."""
+    init_distributed()
+    with hold_run_dir(Path(cfg.run.dir)):
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
     run = build_run(cfg)
     step, last_loss, preempted = run.start_step - 1, float("nan"), False
     resumed = run.info["resumed_from"]
@@ -110,7 +120,12 @@ def _write_result(
     }
     if error is not None:
         result["error"] = error.splitlines()[0] if error else error
-    write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    try:
+        write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # a full disk: say so, and let the error that stopped the run be the one reported
+        print(f"warning: {run.run_dir / RESULT} could not be written: {e}", file=sys.stderr, flush=True)
+        if error is None:
+            raise
 
 
 def _end_callbacks(run: Run, *, failed: bool) -> None:
@@ -241,6 +256,8 @@ def _checkpoint(run: Run, step: int) -> Path:
         "log_interval": run.interval.tolist(),
         "tokenizer_sha256": run.info["tokenizer_sha256"],
         "world_size": run.world_size,
+        # what the run trains on, compared on resume (trainer/data_guard.py); rank 0's (which writes meta.json)
+        **{k: run.info[k] for k in (FINGERPRINT, CHANGES) if k in run.info},
     }
     ckpt = save_checkpoint(
         run.engine,
