@@ -50,6 +50,18 @@ def seal(meta: dict[str, Any]) -> dict[str, Any]:
     return {**body, SEAL: text_digest(json.dumps(body, sort_keys=True))}
 
 
+def describe_files(folder: Path) -> dict[str, Any]:
+    """meta.json's file list for a checkpoint written in one process (``import_hf.py``): every file's size and
+    checksum. (Training's checkpoints hash their files while they are written: ``trainer/checkpoint_io.py``.)"""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != META)
+    names = [str(f.relative_to(folder)) for f in files]
+    return {
+        "files": {n: f.stat().st_size for n, f in zip(names, files, strict=True)},
+        DIGESTS: {n: file_digest(f) for n, f in zip(names, files, strict=True)},
+        "digest": DIGEST,
+    }
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's ``meta.json``, refused when its content is not what it was written with."""
     meta = load_json(ckpt / META)
