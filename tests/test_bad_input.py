@@ -173,6 +173,9 @@ def test_damaged_weights_are_one_line_everywhere(damage, ckpt, corpus, tmp_path)
 def test_evaluate_refuses_a_tokenizer_that_is_not_the_models(ckpt, corpus, other_tokenizer, tmp_path):
     copy = copy_of(ckpt, tmp_path)
     shutil.copyfile(other_tokenizer, copy / "tokenizer.model")
+    damaged = script("evaluate.py", "--checkpoint", str(copy), "--val-files", corpus["val"])
+    assert_one_line(damaged, "tokenizer.model", "written with")  # not the file the checkpoint was written with
+    relist(copy / "tokenizer.model")  # replaced on purpose, the file list made to agree: the vocabulary still tells
     proc = script("evaluate.py", "--checkpoint", str(copy), "--val-files", corpus["val"])
     assert_one_line(proc, "tokenizer.model", "300")
 

@@ -109,7 +109,8 @@ class TrainSection:
     """Device peak (dense bf16 TFLOP/s) for MFU; 0 detects H100/H200/A100, else MFU is not logged."""
     resume: str = "none"
     """none: start fresh | auto: continue from the latest complete checkpoint in run.dir (fresh if there is
-    none) | a checkpoint directory."""
+    none; a checkpoint whose files fail their checksums is passed over for the newest intact one) | a
+    checkpoint directory (refused if damaged)."""
     max_nonfinite_in_a_row: int = 5
     """A step whose loss is not finite is skipped (no parameter update) and counted; after this many in a row
     training stops with an error naming the steps (0: never stop)."""
