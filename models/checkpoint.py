@@ -121,13 +121,14 @@ def verified(meta: dict[str, Any]) -> bool:
 _warned_unverified: set[Path] = set()
 
 
-def warn_unverified(ckpt: Path) -> None:
-    """Once per checkpoint: it predates checksums, so only its files' sizes could be checked."""
+def warn_unverified(ckpt: Path, meta: dict[str, Any]) -> None:
+    """Once per checkpoint: it predates checksums, so only its files' sizes could be checked (or, before the
+    file list, nothing)."""
     if ckpt not in _warned_unverified:
         _warned_unverified.add(ckpt)
+        checked = "only their sizes were checked" if meta.get("files") else "it lists none of them"
         print(
-            f"warning: {ckpt} was written before checkpoints carried checksums: its files are unverified "
-            "(only their sizes were checked)",
+            f"warning: {ckpt} was written before checkpoints carried checksums: its files are unverified ({checked})",
             file=sys.stderr,
             flush=True,
         )
@@ -144,7 +145,7 @@ def verify_files(ckpt: Path, names: list[str] | None = None) -> dict[str, Any]:
         more = f" (and {len(problems) - 1} more damaged file(s); `losslab verify {ckpt}` lists them)"
         raise CheckpointError(problems[0] + (more if len(problems) > 1 else ""))
     if not verified(meta):
-        warn_unverified(ckpt)
+        warn_unverified(ckpt, meta)
     return meta
 
 

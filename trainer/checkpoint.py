@@ -304,7 +304,7 @@ def _damage(ckpt: Path) -> str | None:
         meta, mine = {}, str(e)
     found = first_failure(mine)
     if found is None and rank == 0 and not verified(meta):
-        warn_unverified(ckpt)
+        warn_unverified(ckpt, meta)
     return found
 
 
