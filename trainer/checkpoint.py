@@ -125,22 +125,8 @@ def save_checkpoint(
         errors.attempt(tmp, lambda: tmp.mkdir(parents=True))
     _agree(errors, step, tmp, root)
     digests = FileDigests(tmp)
-    deepspeed_writer = engine.checkpoint_engine
-    engine.checkpoint_engine = HashingCheckpointEngine(deepspeed_writer, errors, digests)
-    try:
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"losslab": meta}, save_latest=False)
-    finally:
-        engine.checkpoint_engine = deepspeed_writer
-    _write(errors, digests, tmp / f"rng_rank{rank}.json", lambda p: p.write_text(json.dumps(rng_state())))
+    # The model's own files first: their hashes (in the background) then overlap DeepSpeed's larger writes.
     state = consolidated_state_dict(engine)
-    meta = {**meta, "lr_scheduler": engine.lr_scheduler.state_dict(), "zero_stage": engine.zero_optimization_stage()}
-    if portable:
-        full, meta["adam_step"] = gather_portable_state(engine)
-        if rank == 0:
-            _write(errors, digests, tmp / PORTABLE_FILE, lambda p: save_file(full, str(p)))
-    if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
-        os.kill(os.getpid(), signal.SIGKILL)
-    _agree(errors, step, tmp, root)  # every rank's DeepSpeed and RNG files are in place
     if rank == 0:
         assert state is not None
         # the trained module is the objective (model + loss); keep only the model's weights
@@ -156,6 +142,22 @@ def save_checkpoint(
         if token_counts is not None:  # training-data frequencies: PDL's weights and the eval's buckets
             counts = {"token_counts": token_counts.cpu().contiguous()}
             _write(errors, digests, tmp / COUNTS_FILE, lambda p: save_file(counts, str(p)))
+    del state
+    meta = {**meta, "lr_scheduler": engine.lr_scheduler.state_dict(), "zero_stage": engine.zero_optimization_stage()}
+    if portable:
+        full, meta["adam_step"] = gather_portable_state(engine)
+        if rank == 0:
+            _write(errors, digests, tmp / PORTABLE_FILE, lambda p: save_file(full, str(p)))
+        del full
+    deepspeed_writer = engine.checkpoint_engine
+    engine.checkpoint_engine = HashingCheckpointEngine(deepspeed_writer, errors, digests)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"losslab": meta}, save_latest=False)
+    finally:
+        engine.checkpoint_engine = deepspeed_writer
+    _write(errors, digests, tmp / f"rng_rank{rank}.json", lambda p: p.write_text(json.dumps(rng_state())))
+    if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
+        os.kill(os.getpid(), signal.SIGKILL)
     every_rank = gathered(digests.result(errors))
     if rank == 0 and errors.first is None:
         # every file with its size and checksum, so that a loader names a missing, torn or corrupted file

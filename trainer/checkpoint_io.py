@@ -1,10 +1,12 @@
 """The write side's guards: checksums of every checkpoint file, computed as each file is completed, and I/O errors
 (a full disk above all) turned into one error on every rank instead of a traceback on one and a hang on the others.
 
-Checksums: each rank hashes the files it writes (``data.files.DIGEST``) in a background thread, reading each one
-back as soon as it is closed, while it is still in the page cache and while the next file is being written; the
-save waits only for the last file's hash (``docs/benchmarks.md`` has the cost). DeepSpeed's files are caught as
-they are written by wrapping its checkpoint engine's ``save``, the one call through which it writes them.
+Checksums: each rank hashes the files it writes (``data.files.DIGEST``) without waiting for the hash. DeepSpeed's
+files (most of a checkpoint's bytes) are hashed while they are written: its checkpoint engine's ``save``, the one
+call through which it writes them, is wrapped so that ``torch.save`` writes through ``HashingWriter``, which
+hashes each chunk in a helper thread while the chunk goes to the file (no second read). The files losslab writes
+itself (``model.safetensors`` first) are hashed in a background thread as soon as each is closed, read back
+from the page cache while DeepSpeed's files are being written. ``docs/benchmarks.md`` has the cost.
 
 Failures: a write that raises records the first error on its rank and the rank carries on to the next collective,
 where every rank learns of it (``trainer.collectives.first_failure``) and raises ``CheckpointWriteError``."""
@@ -12,15 +14,20 @@ where every rank learns of it (``trainer.collectives.first_failure``) and raises
 from __future__ import annotations
 
 import errno
+import io
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import torch
+import xxhash
 
 from data.files import file_digest
 from models.checkpoint import complete_checkpoints, read_meta
 from models.checkpoint_files import CheckpointError
+from trainer.engine import plain_torch_writer
 
 try:
     from safetensors import SafetensorError
@@ -60,27 +67,64 @@ class WriteErrors:
 
 
 class FileDigests:
-    """Checksums of the files this rank writes under ``root``, computed in a background thread."""
+    """Checksums of the files this rank writes under ``root``: hashed in a background thread once written
+    (``add``), or while written (``writer``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digest")
+        self._chunks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digest-chunks")
         self._jobs: dict[str, Future[str]] = {}
+        self._done: dict[str, str] = {}
 
     def add(self, path: Path | str) -> None:
-        self._jobs[str(Path(path).relative_to(self.root))] = self._pool.submit(file_digest, path)
+        self._jobs[self._name(path)] = self._pool.submit(file_digest, path)
+
+    def writer(self, fh: BinaryIO) -> HashingWriter:
+        return HashingWriter(fh, self._chunks)
+
+    def written(self, path: Path | str, writer: HashingWriter) -> None:
+        self._done[self._name(path)] = writer.hexdigest()
 
     def result(self, errors: WriteErrors) -> dict[str, str]:
         """{file relative to root: digest}, once every hash is done (a file that cannot be read back is a
         write error)."""
-        out = {}
+        out = dict(self._done)
         for name, job in self._jobs.items():
             try:
                 out[name] = job.result()
             except OSError as e:
                 errors.attempt(self.root / name, lambda e=e: _raise(e))
         self._pool.shutdown()
+        self._chunks.shutdown()
         return out
+
+    def _name(self, path: Path | str) -> str:
+        return str(Path(path).relative_to(self.root))
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what goes through it: each chunk is hashed in a helper thread while it is
+    written (both release the GIL), and ``write`` returns once both are done, since the caller may reuse the
+    chunk's buffer then. Chunks are hashed in order, so the digest is ``file_digest`` of the file."""
+
+    def __init__(self, fh: BinaryIO, pool: ThreadPoolExecutor) -> None:
+        super().__init__()
+        self.fh, self.pool, self.hash = fh, pool, xxhash.xxh3_128()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, chunk: Any) -> int:
+        hashed = self.pool.submit(self.hash.update, chunk)
+        try:
+            n = self.fh.write(chunk)
+        finally:
+            hashed.result()
+        return n
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
 
 
 class HashingCheckpointEngine:
@@ -95,10 +139,18 @@ class HashingCheckpointEngine:
         return getattr(self.inner, name)
 
     def save(self, state_dict: Any, path: str) -> None:
-        # a writer that returns before the file is complete (DeepSpeed's decoupled engines) is hashed by rank 0
-        # after the save instead (save_checkpoint)
-        if self.errors.attempt(path, lambda: self.inner.save(state_dict, path)) and not self.inner.is_decoupled():
+        if plain_torch_writer(self.inner):  # DeepSpeed's default: torch.save, which can write through a hasher
+            self.errors.attempt(path, lambda: self._save_hashed(state_dict, path))
+        # another writer: hashed once written, or where it returns before the file is complete (DeepSpeed's
+        # decoupled engines), by rank 0 after the save (save_checkpoint)
+        elif self.errors.attempt(path, lambda: self.inner.save(state_dict, path)) and not self.inner.is_decoupled():
             self.digests.add(path)
+
+    def _save_hashed(self, state_dict: Any, path: str) -> None:
+        with open(path, "wb") as fh:
+            out = self.digests.writer(fh)
+            torch.save(state_dict, out, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+        self.digests.written(path, out)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.errors.attempt(path, lambda: self.inner.makedirs(path, exist_ok=exist_ok))
