@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise
-        print(f"error: {e}", file=sys.stderr)  # a full disk outside a checkpoint (metrics, W&B, result.json)
+        print(f"error: {e}", file=sys.stderr)  # storage failing outside a checkpoint (metrics.jsonl, result.json)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -106,7 +106,7 @@ def test_config_mistakes_are_one_line(case, corpus, tmp_path):
     make, names = CONFIG_CASES[case]
     proc = train(debug_overrides(corpus, tmp_path / "run") + make(tmp_path))
     assert_one_line(proc, *names)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
+    assert not (tmp_path / "run").exists()  # refused before anything ran: not even the run directory is left
 
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
