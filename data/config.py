@@ -42,3 +42,7 @@ class DataConfig:
     """Fine-tuning: put the loss on the prompt tokens too."""
     shuffle_buffer: int = 256
     """Documents held in a seeded shuffle buffer while streaming (0 = corpus order)."""
+    allow_changed: bool = False
+    """Resume even when the data differ from those the checkpoint was trained on (``data/fingerprint.py``: each
+    file's size and content hash, recorded at start). false: a difference stops the resume with one line naming
+    the file. true: the run goes on, and the differences are recorded in ``run_info.json`` and on W&B."""

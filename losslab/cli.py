@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a model: losslab train CONFIG [key=value ...]"),
     "eval": ("evaluate", "evaluate a checkpoint with lm-eval and frequency-bucket perplexity"),
     "export": ("export_hf", "export a checkpoint as a Hugging Face transformers folder"),
+    "verify": ("verify_checkpoint", "check a checkpoint's files against their checksums, without loading it"),
     "import": ("import_hf", "import a Hugging Face GPTNeoX / Llama folder as a losslab checkpoint"),
     "prepare": ("prepare_data", "pre-tokenise shards into memory-mapped files"),
     "compare": ("compare_runs", "compare run directories: plots, markdown and CSV"),

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from data.files import follow_umask
 from data.shards import DataError
 from data.tokenizer import Tokenizer
+from models.checkpoint import META, describe_files, seal
 from models.checkpoint_files import CheckpointError
 from models.hf import load_hf_folder
 
@@ -36,7 +37,8 @@ def import_hf(hf_dir: str, out: str, tokenizer: str = "") -> Path:
     (out_dir / "model_config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     for name, src in tok.files.items():  # the tokenizer travels with the model, as in a training checkpoint
         shutil.copyfile(src, out_dir / name)
-    (out_dir / "meta.json").write_text(json.dumps({"step": 0, "tokens": 0, "imported_from": str(hf_dir)}, indent=2))
+    meta = {"step": 0, "tokens": 0, "imported_from": str(hf_dir), **describe_files(out_dir)}
+    (out_dir / META).write_text(json.dumps(seal(meta), indent=2))  # with every file's checksum
     return out_dir
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
 
 import argparse
+import errno
 import os
 
 from data.shards import DataError
@@ -18,6 +19,8 @@ from trainer.config import ConfigError, load_config
 # Failures of the inputs, reported in one line (exit 2): everything that can be checked is checked before the
 # first step, and what can only fail later (an unreadable checkpoint at resume) is reported the same way.
 INPUT_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
+# The storage failing (a checkpoint that cannot be written is reported with the space it needs): one line, exit 2.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # imported only to train: deepspeed writes to stdout when imported, and --print-config's output is YAML
+    from trainer.checkpoint_io import CheckpointWriteError
     from trainer.engine import EngineSetupError
+    from trainer.lock import RunDirBusy
     from trainer.loop import NonFiniteLossError, train
 
     try:
@@ -60,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (*INPUT_ERRORS, EngineSetupError) as e:
+    except (*INPUT_ERRORS, EngineSetupError, RunDirBusy, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {e}", file=sys.stderr)  # storage failing outside a checkpoint (metrics.jsonl, result.json)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

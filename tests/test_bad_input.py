@@ -15,7 +15,7 @@ import torch
 import zstandard
 
 from data.tokenizer import train_tokenizer
-from tests.conftest import debug_overrides
+from tests.conftest import debug_overrides, relist
 from tests.corpus import documents
 from tests.test_train import REPO, clean_env
 
@@ -64,6 +64,15 @@ def garbage(path: Path) -> None:
     path.write_bytes(b"this is not what the file should hold\n" * 20)
 
 
+def flip(path: Path) -> None:
+    """4 x 256 bytes inverted inside the file: the same size, so only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    for i in range(1, 5):
+        at = len(data) * i // 5
+        data[at : at + 256] = bytes(b ^ 0xFF for b in data[at : at + 256])
+    path.write_bytes(bytes(data))
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -97,7 +106,7 @@ def test_config_mistakes_are_one_line(case, corpus, tmp_path):
     make, names = CONFIG_CASES[case]
     proc = train(debug_overrides(corpus, tmp_path / "run") + make(tmp_path))
     assert_one_line(proc, *names)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
+    assert not (tmp_path / "run").exists()  # refused before anything ran: not even the run directory is left
 
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
@@ -146,7 +155,7 @@ def test_init_from_with_another_tokenizer_is_refused(ckpt, corpus, other_tokeniz
     assert_one_line(proc, "model.init_from", "data.tokenizer")
 
 
-DAMAGED_WEIGHTS = {"truncated": truncate, "not safetensors": garbage}
+DAMAGED_WEIGHTS = {"truncated": truncate, "not safetensors": garbage, "bytes flipped": flip}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_WEIGHTS))
@@ -164,6 +173,9 @@ def test_damaged_weights_are_one_line_everywhere(damage, ckpt, corpus, tmp_path)
 def test_evaluate_refuses_a_tokenizer_that_is_not_the_models(ckpt, corpus, other_tokenizer, tmp_path):
     copy = copy_of(ckpt, tmp_path)
     shutil.copyfile(other_tokenizer, copy / "tokenizer.model")
+    damaged = script("evaluate.py", "--checkpoint", str(copy), "--val-files", corpus["val"])
+    assert_one_line(damaged, "tokenizer.model", "written with")  # not the file the checkpoint was written with
+    relist(copy / "tokenizer.model")  # replaced on purpose, the file list made to agree: the vocabulary still tells
     proc = script("evaluate.py", "--checkpoint", str(copy), "--val-files", corpus["val"])
     assert_one_line(proc, "tokenizer.model", "300")
 
@@ -175,6 +187,7 @@ def _states_file(ckpt: Path) -> Path:
 DAMAGED_STATES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "truncated": (truncate, ("model_states.pt",)),
     "missing": (lambda p: p.unlink(), ("model_states.pt",)),
+    "bytes flipped": (flip, ("model_states.pt", "checksum")),
     # a crafted file, with the checkpoint's file list made to agree (as whoever crafted it would)
     "holds code": (lambda p: _replace_listed(p, lambda: torch.save({"module": Evil()}, p)), ("refusing", "'print'")),
 }
@@ -182,10 +195,7 @@ DAMAGED_STATES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
 
 def _replace_listed(path: Path, write: Callable[[], None]) -> None:
     write()
-    meta_file = path.parent / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["files"][path.name] = path.stat().st_size
-    meta_file.write_text(json.dumps(meta))
+    relist(path)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_STATES))
@@ -197,6 +207,35 @@ def test_resume_from_damaged_deepspeed_state_is_one_line(damage, ckpt, corpus, t
     assert_one_line(proc, *names)
     assert "this ran while loading" not in proc.stdout + proc.stderr
     assert "weights_only" not in proc.stderr  # torch's advice to load unsafely is not passed on
+
+
+def test_verify_names_each_damaged_file_without_loading_the_checkpoint(ckpt, tmp_path):
+    intact = script("verify_checkpoint.py", str(ckpt))
+    assert intact.returncode == 0 and intact.stdout.startswith(f"ok: {ckpt} ("), intact.stdout + intact.stderr
+    copy = copy_of(ckpt, tmp_path)
+    flip(_states_file(copy))
+    flip(copy / "model.safetensors")
+    proc = subprocess.run(
+        [sys.executable, "-m", "losslab", "verify", str(copy.parent.parent)],  # a run directory, through the CLI
+        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 2 and all(e.startswith("error:") and "checksum" in e for e in errors), errors
+    assert {"model.safetensors", _states_file(copy).name} == {e.split(":")[1].rsplit("/", 1)[-1] for e in errors}
+
+
+def test_a_checkpoint_from_before_checksums_is_read_as_unverified(ckpt, tmp_path):
+    copy = copy_of(ckpt, tmp_path)
+    meta = json.loads((copy / "meta.json").read_text())
+    for key in ("digests", "digest", "meta_digest"):  # what a checkpoint written before checksums holds
+        del meta[key]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    verified = script("verify_checkpoint.py", str(copy))
+    assert verified.returncode == 0 and verified.stdout.startswith(f"unverified: {copy}"), verified.stdout
+    exported = script("export_hf.py", "--checkpoint", str(copy), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"warning: {copy} was written before checkpoints carried checksums" in exported.stderr
 
 
 def test_bad_documents_and_empty_shards_are_skipped_and_counted(corpus, tmp_path):

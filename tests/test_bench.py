@@ -83,3 +83,15 @@ def test_bench_model_runs_both_blocks_next_to_transformers(tmp_path):
         assert ("time_share" in r) == (r["impl"] == "losslab")
         if "time_share" in r:
             assert abs(sum(r["time_share"].values()) - 1) < 1e-6 and r["time_share"].get("matmul", 0) > 0
+
+
+def test_bench_checkpoint_runs_and_puts_the_checksums_back(tmp_path, capsys):
+    from scripts import bench_checkpoint
+    from trainer import checkpoint
+    from trainer.checkpoint_io import FileDigests, HashingCheckpointEngine
+
+    argv = ["--layers", "1", "--d-model", "64", "--vocab", "300", "--repeats", "1", "--out", str(tmp_path / "c")]
+    assert bench_checkpoint.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "xxh3_128" in out and "sha256" in out and "cost of checksums" in out
+    assert checkpoint.HashingCheckpointEngine is HashingCheckpointEngine and checkpoint.FileDigests is FileDigests

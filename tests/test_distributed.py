@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,11 +77,23 @@ def single_rank(corpus, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_path, stage):
-    run_dir = tmp_path / f"zero{stage}"
-    proc = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": stage}))
+@pytest.fixture(scope="module")
+def two_ranks(corpus, tmp_path_factory):
+    """Two ranks without ZeRO partitioning, uninterrupted (torchrun)."""
+    run_dir = tmp_path_factory.mktemp("dist") / "two"
+    proc = launch(2, common(corpus, run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_path, stage, request):
+    if stage == 0:
+        run_dir = request.getfixturevalue("two_ranks")  # shared with the two-node test
+    else:
+        run_dir = tmp_path / f"zero{stage}"
+        proc = launch(2, common(corpus, run_dir, **{"distributed.zero_stage": stage}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_losses(run_dir, single_rank)
 
 
@@ -140,3 +154,67 @@ def test_zero_checkpoint_without_portable_state_says_how_to_resume(corpus, tmp_p
     )
     assert second.returncode == 2
     assert "written by 2 ranks with ZeRO-2" in second.stderr and "checkpoint.portable_optimizer=true" in second.stderr
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(x)["step"] for x in rows if x.endswith("}")), default=0)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_nodes_on_one_machine_preempted_and_resumed(two_ranks, corpus, tmp_path):
+    """The multi-node path as it runs on a cluster without ssh: the deepspeed launcher started once per "node"
+    (``--no_ssh --node_rank``, a hostfile of two hosts of one slot each, the master on the loopback address and a
+    free port), one node pre-empted with SIGTERM to its process group, both relaunched with resume=auto: the same
+    losses, bit for bit, as two ranks that were never interrupted."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    run_dir = tmp_path / "nodes"
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
+
+    def nodes(*extra: str) -> list[subprocess.Popen]:
+        port = str(free_port())
+        overrides = [*common(corpus, run_dir, **{"eval.buckets": False}), *extra]
+        procs = []
+        for rank in (0, 1):
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
+                   "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "scripts/train.py",
+                   "configs/experiments/demo.yaml", *overrides]  # fmt: skip
+            log = tmp_path / f"node{rank}-{len(extra)}"
+            out, err = open(f"{log}.out", "w"), open(f"{log}.err", "w")  # noqa: SIM115
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True))
+        return procs
+
+    first = nodes()
+    deadline = time.monotonic() + 300
+    while logged_steps(run_dir) < 2:
+        assert all(p.poll() is None for p in first) and time.monotonic() < deadline, "training never started"
+        time.sleep(0.01)
+    os.killpg(first[1].pid, signal.SIGTERM)  # node 1's job is pre-empted: its launchers and its rank get it
+    assert first[0].wait(timeout=300) == 0, (tmp_path / "node0-0.err").read_text()[-3000:]
+    while group_alive(first[1].pid) and time.monotonic() < deadline:
+        first[1].poll()  # the top launcher dies of SIGTERM; its launch.py and rank finish the step and save
+        time.sleep(0.2)
+    assert not group_alive(first[1].pid), "node 1 still running five minutes after SIGTERM"
+    for rank in (0, 1):
+        assert "Traceback" not in (tmp_path / f"node{rank}-0.err").read_text()
+    result = json.loads((run_dir / "result.json").read_text())
+    stopped = result["steps"]
+    assert not result["complete"] and 2 <= stopped < STEPS, result
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:07d}"
+
+    again = nodes("train.resume=auto")
+    assert [p.wait(timeout=300) for p in again] == [0, 0], (tmp_path / "node0-1.err").read_text()[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:07d}'}" in (tmp_path / "node0-1.out").read_text()
+    assert losses(run_dir) == losses(two_ranks)  # every step, exactly
+    assert json.loads((run_dir / "result.json").read_text())["complete"]

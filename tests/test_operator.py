@@ -1,18 +1,23 @@
 """The operator's side, driven from outside the trainer: processes killed by another process at moments it
 watches for (before the first checkpoint, while it is written, after it), the whole process group of a
-``deepspeed``-launched job sent SIGTERM, and torn files left behind. No ``debug.*`` fault injection here."""
+``deepspeed``-launched job sent SIGTERM, torn and corrupted files left behind, a second launch on a run in
+progress, a full disk, and data changed under a run. No ``debug.*`` fault injection here."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import zstandard
 from safetensors.torch import load_file
 
 from tests.conftest import debug_overrides
@@ -108,6 +113,7 @@ def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(moment, reference
         assert (ckpts / ".tmp-step_0000010").exists() and not (ckpts / "latest").exists()
     if moment == "after_first_checkpoint":
         assert (ckpts / "latest").read_text() == "step_0000010"
+    assert (run_dir / "run.lock").is_file()  # left by the killed process, and no obstacle: the kernel released it
     # the same command, as a pre-empted job is relaunched
     log = tmp_path / "resumed"
     assert run(overrides(corpus, run_dir, **{"train.resume": "auto"}), log) == 0, log.with_suffix(".err").read_text()
@@ -172,3 +178,163 @@ def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exact
     assert again.wait(timeout=600) == 0, (tmp_path / "again.err").read_text()[-3000:]
     assert f"step_{stopped:07d}" in (tmp_path / "again.out").read_text()
     assert_same_run(run_dir, reference)
+
+
+# --- integrity: damaged checkpoints, a second launch, a full disk, data changed under a run ------------------
+
+
+def script(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**clean_env(), "OMP_NUM_THREADS": "1"}, timeout=timeout)  # fmt: skip
+
+
+def output(log: Path) -> tuple[str, str]:
+    return log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+
+
+def lines(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def logged_once(run_dir: Path) -> None:
+    """Each step's training row in metrics.jsonl exactly once: no launch logged over another's."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps
+
+
+def flip_bytes(path: Path) -> None:
+    """What the issue found loaded silently: 4 x 256 bytes inverted, the file's size unchanged."""
+    data = bytearray(path.read_bytes())
+    for i in range(1, 5):
+        at = len(data) * i // 5
+        data[at : at + 256] = bytes(b ^ 0xFF for b in data[at : at + 256])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_passed_over_for_the_newest_intact_one(reference, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    ckpts = run_dir / "checkpoints"
+    states = ckpts / "step_0000020" / "mp_rank_00_model_states.pt"
+    flip_bytes(states)
+    # named by a resume that asks for exactly it: one line, exit 2
+    log = tmp_path / "explicit"
+    assert run(overrides(corpus, tmp_path / "other", **{"train.resume": states.parent}), log) == 2
+    err = output(log)[1]
+    assert "Traceback" not in err, err[-3000:]
+    [error] = lines(err, "error:")
+    assert str(states) in error and "checksum" in error
+    # resume=auto: one warning naming the file, the damaged checkpoint moved aside, the run continued from step 10
+    log = tmp_path / "auto"
+    assert run(overrides(corpus, run_dir, **{"train.resume": "auto"}), log) == 0, output(log)[1][-3000:]
+    out, err = output(log)
+    warnings = lines(err, "warning:")
+    assert len(warnings) == 1 and str(states) in warnings[0] and "step_0000010" in warnings[0], err[-3000:]
+    assert f"resumed from {ckpts / 'step_0000010'}" in out
+    assert (ckpts / "damaged-step_0000020" / states.name).is_file()
+    assert_same_run(run_dir, reference)
+    logged_once(run_dir)
+    assert script("verify_checkpoint.py", str(run_dir)).returncode == 0  # the new step 20 is intact
+
+
+def test_a_second_launch_on_a_run_directory_in_use_is_refused(reference, corpus, tmp_path):
+    """A requeued job started while the old one still runs: the same command, a moment later."""
+    run_dir = tmp_path / "run"
+    first = start(overrides(corpus, run_dir, **{"train.resume": "auto"}), log=tmp_path / "first")
+    wait_for(lambda: logged_steps(run_dir) >= 1, first)
+    first.send_signal(signal.SIGSTOP)  # held mid-run, however long the second launch takes to start
+    log = tmp_path / "second"
+    try:
+        assert run(overrides(corpus, run_dir, **{"train.resume": "auto"}), log) == 2
+    finally:
+        first.send_signal(signal.SIGCONT)
+    err = output(log)[1]
+    assert "Traceback" not in err and len(lines(err, "error:")) == 1, err[-3000:]
+    holder = f"pid {first.pid} on host {socket.gethostname()}, started "
+    assert holder in lines(err, "error:")[0] and "in use by another launch" in err
+    assert first.wait(timeout=300) == 0, output(tmp_path / "first")[1][-3000:]
+    assert_same_run(run_dir, reference)
+    logged_once(run_dir)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real file system of a chosen size (tmpfs), resized on demand: ``resize(bytes)``."""
+    if os.geteuid() != 0:
+        pytest.skip("a full file system needs root to mount a small tmpfs (run as root, or see README)")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+
+    def resize(size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    yield mnt, resize
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_stops_with_one_line_and_resumes_once_space_is_back(
+    reference, corpus, small_fs, tmp_path
+):
+    mnt, resize = small_fs
+    size = sum(f.stat().st_size for f in (reference / "checkpoints" / "step_0000010").iterdir())
+    resize(size * 3 // 2)  # room for the first checkpoint, not for a second one
+    run_dir = mnt / "run"
+    log = tmp_path / "full"
+    assert run(overrides(corpus, run_dir), log) == 2
+    err = output(log)[1]
+    assert "Traceback" not in err, err[-3000:]
+    [error] = lines(err, "error:")
+    assert "checkpoint step 20 could not be written" in error and "step_0000010" in error and "free" in error
+    assert any("may not fit" in w for w in lines(err, "warning:"))  # said before the save was tried
+    result = json.loads((run_dir / "result.json").read_text())
+    assert not result["complete"] and "checkpoint step 20 could not be written" in result["error"]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000010"]  # the partial one removed
+    resize(size * 4)
+    log = tmp_path / "resumed"
+    assert run(overrides(corpus, run_dir, **{"train.resume": "auto"}), log) == 0, output(log)[1][-3000:]
+    assert_same_run(run_dir, reference)
+    logged_once(run_dir)
+
+
+def _reshuffle(shard: Path) -> None:
+    """The shard rewritten in place with its documents in another order."""
+    raw = zstandard.ZstdDecompressor().decompress(shard.read_bytes(), max_output_size=1 << 30)
+    docs = raw.decode().splitlines()
+    random.Random(0).shuffle(docs)
+    shard.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(docs) + "\n").encode()))
+
+
+def test_data_changed_under_a_run_stops_its_resume_unless_allowed(reference, corpus, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in sorted(Path(corpus["dir"]).glob("train_*.jsonl.zst")):
+        shutil.copy2(shard, data / shard.name)
+    files = {"data.train_files": f"[{data}/train_*.jsonl.zst]"}
+    run_dir = tmp_path / "run"
+    proc = start(overrides(corpus, run_dir, **files), log=tmp_path / "first")
+    wait_for(lambda: logged_steps(run_dir) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    stopped = json.loads((run_dir / "result.json").read_text())["steps"]
+    assert 5 <= stopped < STEPS
+    _reshuffle(data / "train_01.jsonl.zst")
+    resume = {**files, "train.resume": "auto"}
+    log = tmp_path / "changed"
+    assert run(overrides(corpus, run_dir, **resume), log) == 2
+    err = output(log)[1]
+    assert "Traceback" not in err and len(lines(err, "error:")) == 1, err[-3000:]
+    assert str(data / "train_01.jsonl.zst") in err and "data.allow_changed=true" in err
+    log = tmp_path / "allowed"
+    assert run(overrides(corpus, run_dir, **resume, **{"data.allow_changed": "true"}), log) == 0
+    warnings = [w for w in lines(output(log)[1], "warning:") if "training data changed" in w]
+    assert len(warnings) == 1 and "train_01.jsonl.zst" in warnings[0]
+    [change] = json.loads((run_dir / "run_info.json").read_text())["data_changes"]
+    assert change["step"] == stopped and "train_01.jsonl.zst" in change["changes"][0]
+    got, ref = metrics(run_dir), metrics(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in range(1, stopped + 1)] == [ref[s]["loss"] for s in range(1, stopped + 1)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import debug_overrides
+from tests.conftest import debug_overrides, relist
 from tests.test_train import REPO, clean_env
 
 
@@ -140,10 +140,7 @@ def test_tampered_checkpoint_is_refused_without_running_code(run_a, corpus, tmp_
     marker = tmp_path / "pwned"
     payload["evil"] = _Evil(str(marker))
     torch.save(payload, states)
-    meta_file = states.parent / "meta.json"  # whoever tampers with a file can make the checkpoint's file list agree
-    meta = json.loads(meta_file.read_text())
-    meta["files"][states.name] = states.stat().st_size
-    meta_file.write_text(json.dumps(meta))
+    relist(states)  # whoever tampers with a file can make the checkpoint's file list and checksums agree
     proc = run_train(debug_overrides(corpus, run_dir, **{"train.extend_to": 41, "train.resume": "auto"}))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "refusing to load" in proc.stderr and "open'" in proc.stderr  # names the global it references (io.open)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import seal
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
 from trainer import loop
@@ -103,7 +104,7 @@ def test_checkpoint_round_trip_gives_back_moments_and_rng_states(
     random.seed(99)
     if portable:  # as if written by 2 ranks: the layout-free optimizer file is what gets loaded
         meta = json.loads((result.checkpoint / "meta.json").read_text())
-        (result.checkpoint / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+        (result.checkpoint / "meta.json").write_text(json.dumps(seal({**meta, "world_size": 2})))
     # one more step than the run had (a run at its last step has nothing to resume); on "2 ranks", the same
     # global batch on one
     resume = {**overrides, "train.resume": str(result.checkpoint), "train.extend_to": 4,

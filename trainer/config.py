@@ -110,7 +110,9 @@ class TrainSection:
     """Device peak (dense bf16 TFLOP/s) for MFU; 0 detects H100/H200/A100, else MFU is not logged."""
     resume: str = "none"
     """none: start fresh | auto: continue from the latest complete checkpoint in run.dir (fresh if there is
-    none) | a checkpoint directory. The relaunch must not change the experiment (``trainer/resume_check.py``)."""
+    none; a checkpoint whose files fail their checksums is passed over for the newest intact one) | a
+    checkpoint directory (refused if damaged). The relaunch must not change the experiment
+    (``trainer/resume_check.py``)."""
     extend_to: int = 0
     """With train.resume: continue the run to this many steps (more than its max_steps); the LR schedule
     becomes that of a run of extend_to steps from the next step on. 0: no extension."""

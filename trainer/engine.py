@@ -244,6 +244,14 @@ def scatter_portable_state(engine: Any, tensors: dict[str, torch.Tensor], adam_s
             state["step"].fill_(adam_step)
 
 
+def plain_torch_writer(checkpoint_engine: Any) -> bool:
+    """DeepSpeed writes its checkpoint files with plain ``torch.save`` (its default checkpoint engine, whose
+    ``zipfile_serialization`` says which format), rather than a writer of its own."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    return type(checkpoint_engine) is TorchCheckpointEngine
+
+
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Full weights of the engine's module on rank 0 (a collective under ZeRO-3: every rank must call it)."""
     if engine.zero_optimization_stage() == 3:

@@ -23,7 +23,9 @@ from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
-from trainer.engine import gathered, use_bf16
+from trainer.data_guard import CHANGES, FINGERPRINT
+from trainer.engine import gathered, init_distributed, use_bf16
+from trainer.lock import hold_run_dir
 from trainer.perf import memory_metrics
 from trainer.run import METRICS, RESULT, STEP_METRICS, Run, build_run
 from trainer.run_record import last_logged_loss
@@ -48,6 +50,14 @@ class TrainResult:
 
 
 def train(cfg: RunConfig) -> TrainResult:
+    """Train, holding the run directory for this launch alone (``trainer/lock.py``) from before anything in it is
+    read until the run ends."""
+    init_distributed()
+    with hold_run_dir(Path(cfg.run.dir)):
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
     run = build_run(cfg)
     cfg = run.cfg  # the run it trains: train.extend_to is its max_steps
     resumed = run.info["resumed_from"]
@@ -114,7 +124,12 @@ def _write_result(
     }
     if error is not None:
         result["error"] = error.splitlines()[0] if error else error
-    write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    try:
+        write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # a full disk: say so, and let the error that stopped the run be the one reported
+        print(f"warning: {run.run_dir / RESULT} could not be written: {e}", file=sys.stderr, flush=True)
+        if error is None:
+            raise
 
 
 def _end_callbacks(run: Run, *, failed: bool) -> None:
@@ -246,6 +261,8 @@ def _checkpoint(run: Run, step: int) -> Path:
         "tokenizer_sha256": run.info["tokenizer_sha256"],
         "world_size": run.world_size,
         "precision": "bf16" if use_bf16(run.cfg.train.precision) else "fp32",  # what "auto" was, for a resume
+        # what the run trains on, compared on resume (trainer/data_guard.py); rank 0's (which writes meta.json)
+        **{k: run.info[k] for k in (FINGERPRINT, CHANGES) if k in run.info},
     }
     ckpt = save_checkpoint(
         run.engine,

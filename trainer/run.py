@@ -32,16 +32,18 @@ from models.checkpoint import (
     CHECKPOINTS,
     META,
     check_model_fits,
-    latest_checkpoint,
     load_model,
+    read_meta,
     resolve_checkpoint,
     saved_model_config,
+    verify_model_files,
 )
 from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks, require_wandb
-from trainer.checkpoint import restore
+from trainer.checkpoint import choose_resume, restore, start_space_check
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
+from trainer.data_guard import check_data
 from trainer.engine import (
     accelerator_device,
     build_engine,
@@ -128,11 +130,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
-    if cfg.train.resume == "none":
-        return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(run_dir)
-    return resolve_checkpoint(cfg.train.resume)
+    return choose_resume(cfg.train.resume, run_dir)  # its files checked against their checksums
 
 
 # What a run leaves in its directory; a run started again from its first step replaces all of it.
@@ -228,6 +226,10 @@ def _init_source(path: str, tokenizer: Tokenizer) -> InitSource:
         source = InitSource(path, model.cfg, model.state_dict)
     else:
         ckpt = resolve_checkpoint(path)
+        try:
+            verify_model_files(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"model.init_from={path!r}: {e}") from None
         source = InitSource(path, saved_model_config(ckpt), lambda: load_safetensors(ckpt / "model.safetensors"))
     if source.cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(
@@ -284,6 +286,7 @@ def build_run(cfg: RunConfig) -> Run:
         print(mixture.render(), flush=True)
     probe = iter(source)
     first = next(probe)  # [B, T+1]
+    data_record = check_data(cfg.data, source.files, resume_ckpt, read_meta(resume_ckpt) if resume_ckpt else None)
     init = _init_source(cfg.model.init_from, tokenizer) if cfg.model.init_from else None
     model_cfg = _model_from_init(cfg, init) if init else model_config(cfg, tokenizer.vocab_size)
     if resume_ckpt is not None:
@@ -297,6 +300,7 @@ def build_run(cfg: RunConfig) -> Run:
         except ValueError as e:
             raise ConfigError(f"eval.tasks: {e}") from None
     _prepare_run_dir(run_dir, cfg, resume_ckpt)
+    start_space_check(run_dir)
 
     loss_cls = resolve_loss(cfg.loss.name)
     online = {"ref_ce"} if cfg.loss.reference else set()  # scored each micro-batch by the reference model
@@ -352,6 +356,7 @@ def build_run(cfg: RunConfig) -> Run:
         "model": dataclasses.asdict(model_cfg),
         "tokenizer_sha256": tokenizer.sha256,
         "data_files": source.files,
+        **data_record,  # the data's fingerprint, and the changes that data.allow_changed let through
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
         "mixture": mixture.as_dict() if mixture else None,
     }

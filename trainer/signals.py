@@ -20,6 +20,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from trainer.collectives import host_group
+
 GRACE_S = 10.0
 """Signals this soon after the first are duplicates of it (a launcher forwarding what the group also got)."""
 
@@ -33,7 +35,7 @@ class Preemption:
         self.received: int | None = None
         self._first_at = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        self._group = _host_group()
+        self._group = host_group()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
@@ -62,12 +64,3 @@ class Preemption:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def _host_group() -> dist.ProcessGroup | None:
-    """A CPU process group over all ranks (collective: every rank builds it at the same point), or None alone."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
-    return dist.new_group(backend="gloo")
