@@ -55,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # imported only to train: deepspeed writes to stdout when imported, and --print-config's output is YAML
+    from trainer.engine import shutdown_distributed
+
+    try:
+        return _train(cfg)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg) -> int:
+    """Train, and report the result (or the one line of what stopped it) as the command's output."""
     from trainer.checkpoint_io import CheckpointWriteError
     from trainer.engine import EngineSetupError
     from trainer.lock import RunDirBusy

@@ -215,6 +215,9 @@ def flip_bytes(path: Path) -> None:
 def test_a_corrupted_checkpoint_is_passed_over_for_the_newest_intact_one(reference, corpus, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
+    # as a run killed after writing its last checkpoint, before result.json: not finished (a finished run relaunched
+    # with resume=auto does nothing, README), and the step-20 checkpoint is the one a relaunch continues from
+    (run_dir / "result.json").unlink()
     ckpts = run_dir / "checkpoints"
     states = ckpts / "step_0000020" / "mp_rank_00_model_states.pt"
     flip_bytes(states)

@@ -48,9 +48,10 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    """Every file's content hash and modification time."""
+    """Every file's content hash and modification time — the run's record; not ``run.lock``, which each launch
+    takes (and writes its holder into) before it can look at the run (trainer/lock.py)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.lock"}  # fmt: skip
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -79,6 +79,7 @@ KEY_CLASSES: dict[str, str] = {
     "data.tokenizer": FREE,  # compared by content (the file's hash), not by path
     "data.val_files": FREE,  # held-out evaluation only
     "data.num_workers": FREE,
+    "data.allow_changed": LAUNCH,  # this launch may go on with data that changed (recorded: trainer/data_guard.py)
     "train.max_steps": EXPERIMENT,  # changed only by train.extend_to
     # how the batch is split over micro-steps and ranks: compared as the global batch they resolve to (DERIVED)
     **_each(FREE, "train", "micro_batch_size grad_accum global_batch_size global_batch_tokens"),
