@@ -11,7 +11,17 @@ import torch
 
 from evals.buckets import bucket_metrics, document_losses, frequency_buckets, per_token_loss
 from evals.generation import rarity_metrics
-from evals.heldout import SET_FILE, HeldOut, HeldOutSet, SampleSpec, load_or_sample, load_set, pack, read_pieces
+from evals.heldout import (
+    SET_FILE,
+    HeldOut,
+    HeldOutError,
+    HeldOutSet,
+    SampleSpec,
+    load_or_sample,
+    load_set,
+    pack,
+    read_pieces,
+)
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
 from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
@@ -92,13 +102,21 @@ def held_out_set(
     ckpt: Path, files: list[str], tokenizer: Any, seq_len: int, spec: SampleSpec | None, val_tokens: int,
     records: bool, path: str | Path | None,
 ) -> tuple[HeldOutSet, HeldOut]:  # fmt: skip
-    """The held-out set to score: the one saved at ``path`` (a training run passes its own), else the run's own
-    (``SET_FILE`` beside the run) when no sampling settings are given, else a sample by ``spec`` (default:
-    ``val_tokens`` with the default settings) written beside the checkpoint, in windows of ``seq_len + 1``. A
-    saved set must come from these files and this tokenizer; it is never overwritten from here."""
-    own = Path(path) if path is not None else ckpt.parent.parent / SET_FILE
-    if path is not None or spec is None:
-        saved = load_set(own, files, tokenizer, records)
+    """The held-out set to score: the one saved at ``path`` (a training run passes its own); else, when no sampling
+    settings are given, one saved beside the checkpoint or beside its run (``SET_FILE``: to score another model,
+    e.g. the one before fine-tuning, on a run's set, copy the run's file beside its checkpoint); else a sample by
+    ``spec`` (default: ``val_tokens`` with the default settings) written beside the checkpoint, in windows of
+    ``seq_len + 1``. A saved set must come from these files and this tokenizer; it is never overwritten here."""
+    saved_at = (
+        [Path(path)] if path is not None else [ckpt / SET_FILE, ckpt.parent.parent / SET_FILE] if spec is None else []
+    )
+    for own in saved_at:
+        try:
+            saved = load_set(own, files, tokenizer, records)
+        except HeldOutError:
+            if path is not None:
+                raise
+            continue  # a set of other held-out files: sample this evaluation's own
         if saved is not None:
             return saved, pack(saved, read_pieces(saved, tokenizer), tokenizer.eos_id)
     target = Path(path) if path is not None else ckpt / SET_FILE
