@@ -81,7 +81,7 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
             return False
     others = [g for g in groups if g != base] or list(groups)
     color = colours(groups)
-    fig, axes = _panel_grid(len(others), 2 if base else 1, 6.0, 3.3)
+    fig, axes = _panel_grid(len(others), 2 if base and others != [base] else 1, 6.0, 3.3)
     base_runs = groups.get(base) if base else None
     base_x, base_y = _aligned(base_runs, *get) if base_runs else ([], [])
     base_mean = [statistics.fmean(c) for c in zip(*base_y, strict=True)] if base_y else []

@@ -93,6 +93,8 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
         for k, v in r.items():
             if k.startswith("eval_domain/"):
                 curves.setdefault(k.removeprefix("eval_domain/"), []).append((r["step"] * tokens_per_step, v))
+    # one point per step, in step order (a line written out of order, e.g. by an interrupted process, is not a curve)
+    curves = {k: sorted(dict(pts).items()) for k, pts in curves.items()}
     last_step = train[-1]["step"] if train else 0
     results, ckpt = _eval_results(run_dir, last_step)
     domains = {k: pts[-1][1] for k, pts in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))}
