@@ -206,8 +206,8 @@ def bucket_table(rows: list[Row], reference: str) -> list[str]:
                 ref.held_out[den_key] == h[den_key])  # fmt: skip
             if same:
                 e = two_level(Paired.of(num, np.asarray(ref.held_out[c], dtype=np.float64), den))
-                deltas.append(f"{100 * math.expm1(e.diff):+.1f}% [{100 * math.expm1(e.lo):+.1f}, "
-                              f"{100 * math.expm1(e.hi):+.1f}]")  # fmt: skip
+                deltas.append(f"{100 * math.expm1(e.diff):+.2f}% [{100 * math.expm1(e.lo):+.2f}, "
+                              f"{100 * math.expm1(e.hi):+.2f}]")  # fmt: skip
             else:
                 deltas.append("—")
         out.append(f"| {r.name} | " + " | ".join(cells) + f" | {len(h['doc_id'])} | " + " | ".join(deltas) + " |")

@@ -71,12 +71,13 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
     ``train`` (training ``ce`` at each logged step) or ``heldout`` (``eval_domain/overall`` at each in-loop
     evaluation: the held-out set)."""
     if series == "train":
-        get = (lambda r: r.tokens, lambda r: r.ce)
-        ylabel, what = "training ce (nats/token)", "Training cross-entropy"
+        get = (lambda r: [t / 1e6 for t in r.tokens], lambda r: r.ce)
+        ylabel = "training ce (nats/token)"
+        what = "Training cross-entropy as logged (each point: the mean over one logging interval)"
     else:
-        get = (lambda r: [t for t, _ in r.domain_curves.get("overall", [])],
+        get = (lambda r: [t / 1e6 for t, _ in r.domain_curves.get("overall", [])],
                lambda r: [v for _, v in r.domain_curves.get("overall", [])])  # fmt: skip
-        ylabel, what = "held-out ce (nats/token)", "Held-out cross-entropy (the held-out set, in-loop evaluations)"
+        ylabel, what = "held-out ce (nats/token)", "Held-out cross-entropy on the held-out set (in-loop evaluations)"
         if not any(len(r.domain_curves.get("overall", [])) > 1 for rs in groups.values() for r in rs):
             return False
     others = [g for g in groups if g != base] or list(groups)
@@ -124,9 +125,9 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
             dax.grid(alpha=0.3)
     for row in axes:
         for ax in row:
-            ax.set_xlabel("training tokens", fontsize=8)
+            ax.set_xlabel("training tokens (millions)", fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.suptitle(f"{what}: each loss in its own row and scale; no smoothing", fontsize=10)
+    fig.suptitle(f"{what}; each loss in its own row and scale, no smoothing", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
@@ -149,6 +150,9 @@ def _forest(ax: Any, rows: list[Contrast], colour_of: str) -> None:
         ax.axvspan(-margin, margin, color="#2ca02c", alpha=0.08, linewidth=0)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), names, fontsize=7)
+    for label, c in zip(ax.get_yticklabels(), rows, strict=True):
+        if c.metric.primary:
+            label.set_fontweight("bold")
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.grid(axis="x", alpha=0.3)
     ax.margins(x=0.1)

@@ -226,8 +226,9 @@ def markdown(groups: dict[str, list[Run]], settings: dict[str, str], base: str |
                    "The effect a paper reports, in the same units (nats/token: the log of its perplexity ratio), "
                    "next to this study's difference and the power this study had to find the paper's effect "
                    "significant (two-sided, 5%). A paper's effect at another scale need not hold at this one.", "",
-                   "| contrast | metric | paper's Δ | this study's Δ [95%] | power to see the paper's Δ | source |",
-                   "|---|---|---|---|---|---|", *paper])  # fmt: skip
+                   "| contrast | metric | paper's Δ | this study's Δ [95%] | power to see the paper's Δ | source "
+                   "| notes |",
+                   "|---|---|---|---|---|---|---|", *paper])  # fmt: skip
     if secondary:
         md.extend(["", f"## Secondary metrics (Holm-adjusted over {len(secondary)} tests)", "",
                    "| contrast | metric | Δ | 95% interval | p | p (Holm) | verdict | MDE | notes |",
@@ -269,7 +270,7 @@ def paper_rows(found: list[M.Contrast], groups: dict[str, list[Run]]) -> list[st
         if c.metric.key in known and groups[c.b][0].cfg.loss.name == "ce":
             effect, source = known[c.metric.key]
             rows.append(f"| {c.label} | {c.metric.name} | {effect:+.4f} | {_num(c.est.diff)} {_interval(c.est)} | "
-                        f"{c.est.power(effect):.2f} | {source} |")  # fmt: skip
+                        f"{c.est.power(effect):.2f} | {source} | {'; '.join(c.notes)} |")  # fmt: skip
     return rows
 
 
