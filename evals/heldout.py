@@ -355,7 +355,10 @@ def sample_held_out(
     """The held-out set of ``files`` by the module's rule, and each sampled document's tokens (the piece it gives:
     its first tokens closed by EOS; records: the record and its loss mask) by key."""
     paths = resolve_files(files)
-    by_domain, _ = _read(paths, spec.seed, records)
+    by_domain, stats = _read(paths, spec.seed, records)
+    if stats.skipped or stats.corrupt_files:  # counted, and said: never dropped in silence
+        print(f"warning: held-out data {files}: skipped {stats.skipped} bad line(s) and {stats.corrupt_files} damaged "
+              f"file(s) ({stats.as_dict()})", file=sys.stderr)  # fmt: skip
     if not by_domain:
         raise DataError(f"held-out data {files} hold no readable document")
     tokens = {d: _Tokens(entries, tokenizer, seq_len, records) for d, entries in by_domain.items()}

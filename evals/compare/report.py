@@ -280,8 +280,8 @@ def run_tables(groups: dict[str, list[Run]], metrics: list[M.Metric], chance: di
     head = "| metric | " + " | ".join(f"{g} s{r.seed}" for g, r in runs) + " |"
     md = ["", "## Every run's numbers", "", head, "|---" * (len(runs) + 1) + "|"]
     rows = [("tokens", lambda r: f"{final(r.tokens):.0f}"),
-            ("final training ce", lambda r: f"{final(r.ce):.4f}"),
-            ("final training loss (its own scale)", lambda r: f"{final(r.loss):.4f}")]  # fmt: skip
+            ("training ce, last logged", lambda r: f"{final(r.ce):.4f}"),
+            ("training loss, last logged (its own scale)", lambda r: f"{final(r.loss):.4f}")]  # fmt: skip
     for m in metrics:
         rows.append((m.name, lambda r, k=m.key: _cell(M.per_run(r, k))))
     for name, get in rows:
