@@ -66,6 +66,7 @@ CASES: tuple[Case, ...] = (
     Case("12 domains x 8 documents, 3 seeds, stratified", 96, 3, domains=12, domain_sd=0.01),
     Case("23 lopsided documents, 2 seeds", 23, 2),
     Case("23 lopsided documents, 1 seed", 23, 1),
+    Case("23 lopsided documents, 1 seed, seed spread dominates", 23, 1, seed_sd=0.02, doc_sd=0.005),
     Case("23 documents, 3 seeds vs 3 other seeds (unpaired)", 23, 3, paired=False),
 )
 

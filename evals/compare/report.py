@@ -100,8 +100,8 @@ def coverage_notes(c: M.Contrast) -> list[str]:
     if "no per-document data" in e.method:
         notes.append("no per-document data: the documents' share of the noise is not in the interval")
     elif not e.seed_spread_included:
-        notes.append("one seed per group: the seed-to-seed spread is not in the interval (too narrow: 0.88 "
-                     "coverage simulated)")  # fmt: skip
+        notes.append("one seed per group: the seeds' spread is not in the interval, which covers only where the "
+                     "seeds matter little (docs/statistics.md)")  # fmt: skip
     elif min(e.seeds) < 3 and e.paired:
         notes.append("2 seeds: t with 1 degree of freedom, wide")
     if e.n_docs and e.n_eff < 30:
