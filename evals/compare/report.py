@@ -54,11 +54,15 @@ def rel(path: Path | str, out: Path) -> str:
 
 
 def _git_sha() -> str:
+    """This checkout's commit, ``-dirty`` when tracked files have uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"  # fmt: skip
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (sha or "unknown") + ("-dirty" if sha and dirty else "")
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -245,7 +249,8 @@ def markdown(groups: dict[str, list[Run]], settings: dict[str, str], base: str |
         md.extend(["", f"**Forced comparison of mismatched runs** (`--force`): {'; '.join(problems)}."])
     md.extend(["", "## Reproduce", ""])
     shas = sorted({r.info.get("git_sha", "unknown") or "unknown" for rs in groups.values() for r in rs})
-    md.append(f"Runs trained at commit(s) {', '.join(f'`{s[:10]}`' for s in shas)}; report made at commit "
+    short = [s[:10] + ("-dirty" if s.endswith("-dirty") else "") for s in shas]  # -dirty: uncommitted changes
+    md.append(f"Runs trained at commit(s) {', '.join(f'`{s}`' for s in short)}; report made at commit "
               f"`{_git_sha()}` by `{options.command or 'scripts/compare_runs.py'}`.")  # fmt: skip
     md.append("Runs: " + ", ".join(f"`{rel(r.dir, out)}`" for rs in groups.values() for r in rs) + ".")
     md.extend(["", "Every number is in `summary.csv` (per run, per group, per contrast); curves in `curves.csv`. "
