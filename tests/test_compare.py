@@ -186,6 +186,25 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
 
 
+def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, corpus, tmp_path):
+    """The model before fine-tuning (here: a copy of an early checkpoint, outside any run) is scored on a run's
+    held-out set by copying the run's held_out_set.json beside it, not on a set of its own."""
+    _, runs, _ = study
+    other = tmp_path / "before"
+    subprocess.run(["cp", "-r", str(runs[0] / "checkpoints/step_0000004"), str(other)], check=True)
+    for stale in ("eval_results.json", "eval_held_out.json", "eval_samples.json"):
+        (other / stale).unlink()
+    (other / "held_out_set.json").write_bytes((runs[0] / "held_out_set.json").read_bytes())
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
+                           corpus["val"]], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_set = json.loads((runs[0] / "held_out_set.json").read_text())
+    scored = json.loads((other / "eval_held_out.json").read_text())
+    assert scored["set"]["identity"] == run_set["identity"] and set(scored["sha"]) == {
+        d["sha"] for d in run_set["documents"]}  # fmt: skip
+
+
 def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):
     """An older run's per-document file (documents read in file order: no set, no domains) still compares."""
     _, runs, _ = study
