@@ -5,20 +5,17 @@ together cover the first 80% of occurrences, ``medium`` the next 15%, ``low`` th
 in the counts are ``low``). Each held-out target token falls in its bucket; per bucket we report the mean
 loss, its perplexity and the token count. The token-weighted mean of the bucket losses is the overall loss.
 ``document_losses`` keeps the same numbers per held-out document (summed loss and token count, overall and per
-bucket), the units over which ``evals/stats.py`` pairs two runs.
+bucket), the units over which ``evals/compare/stats.py`` pairs two runs. The held-out documents are the run's
+held-out set (``evals/heldout.py``), the one the per-domain losses during training are computed on.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from data.sft import FineTuningRecords
-from data.shards import ReadStats, iter_documents, resolve_files
-from data.tokenizer import Tokenizer
 from losslab.losses import paths
 from models import GPT
 
@@ -39,84 +36,6 @@ def frequency_buckets(counts: Tensor) -> Tensor:
     bucket = torch.empty_like(order)
     bucket[order] = sorted_bucket
     return bucket
-
-
-@dataclass
-class HeldOut:
-    windows: Tensor
-    """[n, seq_len + 1] int64 token windows of the held-out documents packed back to back (EOS after each); for
-    fine-tuning records ([n, longest record]) one record a row."""
-    document: Tensor
-    """[n, seq_len + 1] int64: the index (in file order) of the document each token belongs to; a document's
-    EOS is its own. A target token's document is ``document[:, 1:]``."""
-    scored: Tensor | None = None
-    """[n, seq_len + 1] bool: the tokens scored as targets (fine-tuning records: the responses); None: all."""
-
-
-def held_out_records(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> HeldOut:
-    """Held-out fine-tuning records (``data/sft.py``: prompt/response or chat), one per row as the trainer sees
-    one packed segment (tokens, then EOS, which carries the response's mask), right-padded; only the tokens
-    that carry loss in training (the response and its EOS) are scored — the response perplexity. Records are
-    read in file order until their scored tokens reach ``max_tokens``; longer than ``seq_len + 1`` are cut. Rows
-    are as wide as the longest record (padding is never scored, and a causal model never attends to it)."""
-    fmt = FineTuningRecords()
-    rows: list[tuple[list[int], list[bool]]] = []
-    scored = 0
-    for path in resolve_files(files):
-        for record in fmt.read(path, ReadStats()):
-            doc = fmt.encode([record], tokenizer)[0]
-            tokens = (doc["tokens"] + [tokenizer.eos_id])[: seq_len + 1]
-            mask = (doc["loss_mask"] + doc["loss_mask"][-1:])[: seq_len + 1]
-            rows.append((tokens, mask))
-            scored += sum(mask[1:])
-            if scored >= max_tokens:
-                break
-        if scored >= max_tokens:
-            break
-    if not scored:
-        raise ValueError(f"held-out records {files} hold no response tokens to score")
-    n = len(rows)
-    width = max(len(tokens) for tokens, _ in rows)  # the longest record, not the model's context (8192 for some)
-    windows = torch.full((n, width), tokenizer.eos_id, dtype=torch.long)  # [n, width], right-padded
-    mask = torch.zeros(n, width, dtype=torch.bool)
-    for i, (tokens, m) in enumerate(rows):
-        windows[i, : len(tokens)] = torch.tensor(tokens)
-        mask[i, : len(m)] = torch.tensor(m)
-    document = torch.arange(n)[:, None].expand(n, width).clone()
-    return HeldOut(windows=windows, document=document, scored=mask)
-
-
-def held_out_documents(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> HeldOut:
-    """The held-out documents (EOS between them) cut into windows, up to ``max_tokens``, with each token's
-    document, so losses can be summed per document for paired comparisons between runs."""
-    stream: list[int] = []
-    owner: list[int] = []
-    need = max_tokens + seq_len + 1
-    index = 0
-    for path in resolve_files(files):
-        for doc in iter_documents(path, ReadStats()):
-            ids = tokenizer.encode(doc.text)
-            stream.extend(ids)
-            stream.append(tokenizer.eos_id)
-            owner.extend([index] * (len(ids) + 1))
-            index += 1
-            if len(stream) >= need:
-                break
-        if len(stream) >= need:
-            break
-    n = min(len(stream), need) // (seq_len + 1)
-    if n == 0:
-        raise ValueError(f"held-out data {files} hold fewer than {seq_len + 1} tokens")
-    cut = n * (seq_len + 1)
-    return HeldOut(
-        windows=torch.tensor(stream[:cut]).view(n, seq_len + 1),
-        document=torch.tensor(owner[:cut]).view(n, seq_len + 1),
-    )
-
-
-def held_out_windows(files: list[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int) -> Tensor:
-    """[n, seq_len + 1] windows of the held-out documents (EOS between documents), up to ``max_tokens``."""
-    return held_out_documents(files, tokenizer, seq_len, max_tokens).windows
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """Held-out loss per domain (``meta.pile_set_name``) during training, as the MiLe code logs it on the Pile.
 
-The held-out set is fixed and built once per run: for each domain of ``data.val_files``, its documents in file
-order (EOS between them) cut into windows of ``seq_len + 1`` tokens, up to ``eval.val_tokens_per_domain``
-tokens. The same windows are scored at every validation, so curves compare across steps and runs. With several
-ranks the windows are split between them and the sums all-reduced (every rank takes part, as ZeRO-3 needs).
+The documents are the run's held-out set (``evals/heldout.py``: a fixed, seeded sample stratified by domain, the
+same set the frequency-bucket evaluation scores), built once per run; every validation scores the same windows,
+so curves compare across steps and runs. A domain's loss is the mean over every scored token of all its sampled
+documents. With several ranks the windows are split between them and the sums all-reduced (every rank takes part,
+as ZeRO-3 needs).
 
 Reported (``eval_domain/...``): ``<domain>/loss`` and ``<domain>/tokens`` per domain, ``overall`` (the mean over
 every held-out token, i.e. the domains' losses weighted by their token counts), ``average`` (the plain mean over
@@ -12,46 +13,35 @@ domains) and ``worst`` (the largest domain loss).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data.shards import ReadStats, iter_documents, resolve_files
-from data.tokenizer import Tokenizer
 from evals.buckets import per_token_loss
+from evals.heldout import HeldOut, HeldOutSet
 
 
 @dataclass
 class DomainSet:
     names: list[str]
     windows: Tensor
-    """[n, seq_len + 1] int64, grouped by domain."""
+    """[n, seq_len + 1] int64: the held-out set's windows."""
     domain: Tensor
-    """[n] index into ``names`` of each window."""
+    """[n, seq_len] int64: index into ``names`` of each target token's domain; -1 where nothing is scored."""
 
 
-def build_domain_set(files: list[str], tokenizer: Tokenizer, seq_len: int, tokens_per_domain: int) -> DomainSet:
-    streams: dict[str, list[int]] = defaultdict(list)
-    need = tokens_per_domain + seq_len + 1
-    for path in resolve_files(files):
-        for doc in iter_documents(path, ReadStats()):
-            name = doc.source or "unknown"
-            if len(streams[name]) < need:
-                streams[name].extend(tokenizer.encode(doc.text))
-                streams[name].append(tokenizer.eos_id)
-    window = seq_len + 1
-    names = sorted(n for n, s in streams.items() if len(s) >= window)
-    if not names:
-        raise ValueError(f"held-out data {files} hold no domain with {window} tokens")
-    rows, domain = [], []
-    for i, name in enumerate(names):
-        n = min(len(streams[name]), need) // window
-        rows.append(torch.tensor(streams[name][: n * window]).view(n, window))
-        domain.extend([i] * n)
-    return DomainSet(names=names, windows=torch.cat(rows), domain=torch.tensor(domain))
+def build_domain_set(held: HeldOutSet, inputs: HeldOut) -> DomainSet:
+    """The held-out set's windows with each target token's domain."""
+    names = sorted(held.domains)
+    index = {name: i for i, name in enumerate(names)}
+    of_document = torch.tensor([index[d.domain] for d in held.documents] + [-1])  # [D + 1]; -1: padding (doc -1)
+    target_doc = inputs.document[:, 1:]  # [n, seq_len]
+    domain = of_document[target_doc]  # document -1 picks the trailing -1
+    if inputs.scored is not None:
+        domain = torch.where(inputs.scored[:, 1:], domain, torch.full_like(domain, -1))
+    return DomainSet(names=names, windows=inputs.windows, domain=domain)
 
 
 @torch.no_grad()
@@ -69,10 +59,10 @@ def domain_losses(model: torch.nn.Module, held_out: DomainSet, batch_size: int =
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
             loss, _ = per_token_loss(model, held_out.windows[idx], batch_size=batch_size)  # [b * seq_len]
-            per_window = loss.double().view(len(idx), -1)  # [b, seq_len]
-            sums.index_add_(0, held_out.domain[idx], per_window.sum(1))
-            sums.index_add_(0, held_out.domain[idx] + k, torch.full((len(idx),), float(per_window.shape[1]),
-                                                                     dtype=torch.float64))  # fmt: skip
+            domain = held_out.domain[idx].reshape(-1)  # [b * seq_len]
+            keep = domain >= 0
+            sums.index_add_(0, domain[keep], loss[keep].double())
+            sums.index_add_(0, domain[keep] + k, torch.ones(int(keep.sum()), dtype=torch.float64))
     finally:
         model.train(was_training)
     if world > 1:

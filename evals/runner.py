@@ -9,15 +9,19 @@ from typing import Any
 
 import torch
 
-from evals.buckets import (
-    bucket_metrics,
-    document_losses,
-    frequency_buckets,
-    held_out_documents,
-    held_out_records,
-    per_token_loss,
-)
+from evals.buckets import bucket_metrics, document_losses, frequency_buckets, per_token_loss
 from evals.generation import rarity_metrics
+from evals.heldout import (
+    SET_FILE,
+    HeldOut,
+    HeldOutError,
+    HeldOutSet,
+    SampleSpec,
+    load_or_sample,
+    load_set,
+    pack,
+    read_pieces,
+)
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
 from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
@@ -27,7 +31,8 @@ RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "eval_samples.json"
 """Per-document scores of each task, beside ``eval_results.json`` (see ``document_scores``)."""
 HELD_OUT_FILE = "eval_held_out.json"
-"""Per held-out document summed loss and token count, overall and per frequency bucket (``document_losses``)."""
+"""Per held-out document summed loss and token count, overall and per frequency bucket (``document_losses``),
+with each document's key, text hash and domain, and the held-out set's summary (``held_out_record``)."""
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -66,24 +71,58 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
 
 
 def run_buckets(
-    model: Any, ckpt: Path, val_files: list[str], val_tokens: int, batch_size: int, records: bool = False
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses``). ``records``: the
-    files hold fine-tuning records, and the response tokens are scored (``held_out_records``)."""
+    model: Any, ckpt: Path, held: HeldOutSet, inputs: HeldOut, batch_size: int
+) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses`` with each document's
+    key, hash and domain) over the held-out set ``held`` (``inputs``: its windows)."""
     counts_file = ckpt / COUNTS_FILE
     if not counts_file.is_file():
         raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
     counts = load_safetensors(counts_file)["token_counts"]
-    read = held_out_records if records else held_out_documents
-    held_out = read(val_files, checkpoint_tokenizer(ckpt, model.cfg), model.cfg.max_seq_len, val_tokens)
-    loss, targets = per_token_loss(model, held_out.windows, batch_size=batch_size)  # [n * seq_len] each
-    document = held_out.document[:, 1:].reshape(-1)
-    if held_out.scored is not None:  # only the tokens that carry loss in training
-        keep = held_out.scored[:, 1:].reshape(-1)
+    loss, targets = per_token_loss(model, inputs.windows, batch_size=batch_size)  # [n * seq_len] each
+    document = inputs.document[:, 1:].reshape(-1)
+    if inputs.scored is not None:  # only the tokens that carry loss in training, never padding
+        keep = inputs.scored[:, 1:].reshape(-1)
         loss, targets, document = loss[keep], targets[keep], document[keep]
     buckets = frequency_buckets(counts)
-    per_doc = document_losses(loss, targets, document, buckets)
+    per_doc: dict[str, list[Any]] = dict(document_losses(loss, targets, document, buckets))
+    docs = [held.documents[i] for i in per_doc["doc_id"]]
+    per_doc.update(key=[d.key for d in docs], sha=[d.sha for d in docs], domain=[d.domain for d in docs])
     return bucket_metrics(loss, targets, buckets), per_doc
+
+
+def held_out_record(held: HeldOutSet) -> dict[str, Any]:
+    """The held-out set's summary as the per-document file records it (what a report states about the set)."""
+    return {"identity": held.identity, "n_documents": len(held.documents), "tokens": held.tokens,
+            "n_eff": held.n_eff, "domains": held.domains, "missing": held.missing,
+            "spec": held.to_json()["spec"]}  # fmt: skip
+
+
+def held_out_set(
+    ckpt: Path, files: list[str], tokenizer: Any, seq_len: int, spec: SampleSpec | None, val_tokens: int,
+    records: bool, path: str | Path | None,
+) -> tuple[HeldOutSet, HeldOut]:  # fmt: skip
+    """The held-out set to score: the one saved at ``path`` (a training run passes its own); else, when no sampling
+    settings are given, one saved beside the checkpoint or beside its run (``SET_FILE``: to score another model,
+    e.g. the one before fine-tuning, on a run's set, copy the run's file beside its checkpoint); else a sample by
+    ``spec`` (default: ``val_tokens`` with the default settings) written beside the checkpoint, in windows of
+    ``seq_len + 1``. A saved set must come from these files and this tokenizer; it is never overwritten here."""
+    saved_at = (
+        [Path(path)] if path is not None else [ckpt / SET_FILE, ckpt.parent.parent / SET_FILE] if spec is None else []
+    )
+    for own in saved_at:
+        try:
+            saved = load_set(own, files, tokenizer, records)
+        except HeldOutError:
+            if path is not None:
+                raise
+            continue  # a set of other held-out files: sample this evaluation's own
+        if saved is not None:
+            return saved, pack(saved, read_pieces(saved, tokenizer), tokenizer.eos_id)
+    target = Path(path) if path is not None else ckpt / SET_FILE
+    held, pieces = load_or_sample(target, files, tokenizer, seq_len, spec or SampleSpec(tokens=val_tokens),
+                                  records=records)  # fmt: skip
+    return held, pack(held, pieces, tokenizer.eos_id)
 
 
 def evaluate_checkpoint(
@@ -100,11 +139,15 @@ def evaluate_checkpoint(
     val_tokens: int = 200_000,
     val_records: bool = False,
     precision: str = "auto",
+    val_sample: SampleSpec | None = None,
+    held_out_set_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
     lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
     ``val_files``, held-out loss by token-frequency bucket (``bucket/...``); with ``val_records`` the files hold
-    fine-tuning records and the buckets are over their response tokens (response perplexity by frequency).
+    fine-tuning records and the buckets are over their response tokens (response perplexity by frequency). The
+    held-out documents are a held-out set (``evals/heldout.py``; see ``held_out_set`` for which one): the run's
+    own when evaluating a run's checkpoint, else a sample by ``val_sample`` (default: ``val_tokens``).
 
     With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
     imported, so nothing reaches for the hub. ``precision`` ``auto`` evaluates in bf16 on CUDA (weights as
@@ -140,9 +183,11 @@ def evaluate_checkpoint(
         per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
     held_out: dict[str, Any] | None = None
     if val_files:
-        aggregate, per_doc = run_buckets(model, ckpt, val_files, val_tokens, batch_size, records=val_records)
+        held, inputs = held_out_set(ckpt, val_files, tokenizer, model.cfg.max_seq_len, val_sample, val_tokens,
+                                    val_records, held_out_set_file)  # fmt: skip
+        aggregate, per_doc = run_buckets(model, ckpt, held, inputs, batch_size)
         metrics.update({f"bucket/{k}": v for k, v in aggregate.items()})
-        held_out = {"step": None, "files": list(val_files), "val_tokens": val_tokens,
+        held_out = {"step": None, "files": list(val_files), "set": held_out_record(held),
                     "scored": "responses" if val_records else "all tokens", **per_doc}  # fmt: skip
     meta = load_json(ckpt / META)
     summary = {
@@ -177,4 +222,6 @@ def document_scores(raw: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
         names = [k for k, v in samples[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[task] = {name: [float(s[name]) for s in samples] for name in names if name != "doc_id"}
         out[task]["doc_id"] = [s["doc_id"] for s in samples]
+        if isinstance(samples[0].get("distinct1"), str):  # a generation task: its outputs, for per-prompt intervals
+            out[task]["output"] = [s["distinct1"] for s in samples]
     return out

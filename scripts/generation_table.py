@@ -1,7 +1,18 @@
-"""Generation metrics of fine-tuned runs side by side, as a markdown table:
-``python scripts/generation_table.py OUT_DIR [--task shakespeare_dialogue]`` (every run in the directory that
-``scripts/finetune_demo.sh --out OUT_DIR`` wrote) or ``python scripts/generation_table.py RUN_DIR RUN_DIR ...``.
-Reads each run's newest ``eval_results.json`` (written by the in-loop evaluation or ``scripts/evaluate.py``)."""
+"""Generation metrics of fine-tuned runs side by side, with 95% intervals from a per-prompt bootstrap:
+``python scripts/generation_table.py runs/finetune/ce runs/finetune/pdl_a1 --baseline runs/smollm2-imported
+[--task shakespeare_dialogue] [--reference ce]``, or ``python scripts/generation_table.py OUT_DIR`` (every run in the
+directory that ``scripts/finetune_demo.sh --out OUT_DIR`` wrote).
+
+Reads each run's (or checkpoint's) newest ``eval_results.json`` and ``eval_samples.json`` (the in-loop evaluation or
+``scripts/evaluate.py``). ``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated
+with ``scripts/evaluate.py`` on the same task) as the first row. Every metric gets a 95% interval from resampling
+the prompts (2,000 times; ROUGE, length and the degenerate fraction are means over prompts; distinct-n and rarity
+are corpus-level, recomputed on each resample), and every row its difference to the reference row (``--reference``:
+a row's name; default the first run) with a *paired* interval — both rows on the same resampled prompts — a
+p-value, its Holm adjustment over the table and a verdict where the metric has a better direction. Rarity uses
+the reference run's tokenizer and training counts for every row, so the rows are comparable. The response
+perplexity by frequency bucket (``eval.buckets`` on held-out records) gets intervals from resampling records.
+"""
 
 from __future__ import annotations
 
@@ -12,55 +23,196 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkou
 
 import argparse
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
+DIRECTION = {"rouge1": 1, "rouge2": 1, "rougeL": 1, "distinct1": 1, "distinct2": 1, "degenerate": -1}
+"""+1: higher is better, -1: lower is better; length and rarity have no better direction (no verdict)."""
+N_BOOT = 2000
 
 
-def table(runs: list[str], task: str) -> str:
+@dataclass
+class Row:
+    name: str
+    loss: str
+    ckpt: Path
+    metrics: dict[str, float]
+    samples: dict[str, Any] | None
+    """The task's per-prompt values (``eval_samples.json``): scores, ``doc_id`` and, where saved, ``output``."""
+    held_out: dict[str, Any] | None
+
+
+def load_row(path: str, task: str, name: str = "") -> Row:
     from models.checkpoint import resolve_checkpoint
 
-    lines = ["| run | loss | " + " | ".join(COLUMNS) + " | documents |", "|---" * (len(COLUMNS) + 3) + "|"]
-    reference = None
-    for run in runs:
-        ckpt = resolve_checkpoint(run)
-        results = json.loads((ckpt / "eval_results.json").read_text())
-        metrics = results["metrics"]
-        loss = _loss_name(ckpt)
+    ckpt = resolve_checkpoint(path)
+    results = json.loads((ckpt / "eval_results.json").read_text())
+    samples = _json(ckpt / "eval_samples.json")
+    held = _json(ckpt / "eval_held_out.json")
+    return Row(name or Path(path).name, _loss_name(ckpt), ckpt, results["metrics"],
+               (samples or {}).get(task), held)  # fmt: skip
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _loss_name(ckpt: Path) -> str:
+    from omegaconf import OmegaConf
+
+    if not (ckpt / "config.yaml").is_file():
+        return "—"
+    loss = OmegaConf.load(ckpt / "config.yaml").loss
+    return f"{loss.name}" + (f" (alpha {loss.alpha})" if loss.name == "pdl" else "")
+
+
+def rarity_parts(outputs: list[str], tokenizer: Any, counts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per output: the summed -log p of its tokens and their number, with ``evals.generation``'s add-one smoothed
+    relative training frequency (their pooled ratio is ``mean_token_rarity``)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    log_p = np.log(counts + 1.0) - math.log(counts.sum() + len(counts))  # [V]
+    ids = tokenizer.encode_batch(list(outputs)) if outputs else []
+    return np.array([-log_p[i].sum() for i in ids]), np.array([float(len(i)) for i in ids])
+
+
+def statistics(row: Row, tokenizer: Any, counts: Any) -> dict[str, Callable[[np.ndarray], float]]:
+    """Each metric of a row as a function of the drawn prompts (only the metrics its samples allow)."""
+    from evals.generation_metrics import distinct_n
+
+    s = row.samples or {}
+    out: dict[str, Callable[[np.ndarray], float]] = {}
+    for c in ("rouge1", "rouge2", "rougeL", "length", "degenerate"):
+        if c in s:
+            values = np.asarray(s[c], dtype=np.float64)
+            out[c] = lambda idx, v=values: float(v[idx].mean())
+    outputs = s.get("output")
+    if outputs is not None:
+        out["distinct1"] = lambda idx, o=outputs: distinct_n([o[i] for i in idx], 1)
+        out["distinct2"] = lambda idx, o=outputs: distinct_n([o[i] for i in idx], 2)
+        if tokenizer is not None and counts is not None:
+            r, n = rarity_parts(outputs, tokenizer, counts)
+            out["rarity"] = lambda idx, r=r, n=n: float(r[idx].sum() / n[idx].sum()) if n[idx].sum() else math.nan
+    return out
+
+
+def table(rows: list[Row], reference: str, task: str) -> list[str]:
+    """The value of each metric per row with its 95% interval, then each row minus the reference row."""
+    from evals.compare.stats import holm, percentile_estimate, prompt_bootstrap, verdict
+    from models.checkpoint import COUNTS_FILE, checkpoint_tokenizer, saved_model_config
+    from models.checkpoint_files import load_safetensors
+
+    ref = next(r for r in rows if r.name == reference)
+    tokenizer = checkpoint_tokenizer(ref.ckpt, saved_model_config(ref.ckpt))
+    counts = load_safetensors(ref.ckpt / COUNTS_FILE)["token_counts"].numpy() if (
+        ref.ckpt / COUNTS_FILE).is_file() else None  # fmt: skip
+    ids = {json.dumps((r.samples or {}).get("doc_id")) for r in rows}
+    paired = len(ids) == 1 and ref.samples is not None
+    n = len(ref.samples["doc_id"]) if ref.samples else 0
+    stats = {r.name: statistics(r, tokenizer, counts) for r in rows}
+    keys = [(r.name, c) for r in rows for c in COLUMNS if c in stats[r.name]]
+    boot = prompt_bootstrap([stats[r][c] for r, c in keys], n, N_BOOT) if paired and keys else None
+    col = {k: i for i, k in enumerate(keys)}
+    everything = np.arange(n)
+
+    lines = [f"| run | loss | {' | '.join(COLUMNS)} | prompts |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for r in rows:
         cells = []
         for c in COLUMNS:
-            value = metrics.get(f"{task}/{c}")
-            stderr = metrics.get(f"{task}/{c}_stderr")
-            cells.append("—" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else ""))
-        docs = results.get("n_samples", {}).get(task, {}).get("effective", "?")
-        lines.append(f"| {Path(run).name} | {loss} | " + " | ".join(cells) + f" | {docs} |")
-        reference = reference or metrics.get(f"{task}/rarity_reference")
-    if reference is not None:
-        lines.append(f"\nRarity of the reference replies: {reference:.4f} (mean -log relative training frequency).")
-    lines.append("± is lm-eval's standard error over documents (none for the corpus-level distinct-n and rarity).")
-    buckets = bucket_table(runs)
-    return "\n".join(lines + (["", *buckets] if buckets else []))
+            if c in stats[r.name] and boot is not None:
+                value = stats[r.name][c](everything)
+                lo, hi = np.nanquantile(boot[:, col[(r.name, c)]], [0.025, 0.975])
+                cells.append(f"{value:.4f} [{lo:.4f}, {hi:.4f}]")
+            else:
+                value = r.metrics.get(f"{task}/{c}")
+                cells.append("—" if value is None else f"{value:.4f} (no per-prompt data)")
+        prompts = len(r.samples["doc_id"]) if r.samples else "?"
+        lines.append(f"| {r.name} | {r.loss} | " + " | ".join(cells) + f" | {prompts} |")
+    lines.append("\n[95% interval]: percentiles of 2,000 resamples of the prompts. A corpus-level number (distinct-n, "
+                 "rarity) recomputed on a resample counts a repeated prompt's n-grams again, so its interval sits a "
+                 "little below the value; the paired differences below cancel most of that.")  # fmt: skip
+    reference_rarity = ref.metrics.get(f"{task}/rarity_reference")
+    if reference_rarity is not None:
+        lines.append(f"Rarity of the reference replies: {reference_rarity:.4f} (mean -log relative training frequency "
+                     f"under `{ref.name}`'s counts).")  # fmt: skip
+    if boot is None:
+        lines.append("\nNo paired differences: the rows were not scored on the same prompts, or saved no per-prompt "
+                     "values.")  # fmt: skip
+        return lines
+    found = []
+    for r in rows:
+        if r.name == ref.name:
+            continue
+        for c in COLUMNS:
+            if (r.name, c) in col and (ref.name, c) in col:
+                value = stats[r.name][c](everything) - stats[ref.name][c](everything)
+                diff = boot[:, col[(r.name, c)]] - boot[:, col[(ref.name, c)]]
+                found.append((r.name, c, percentile_estimate(value, diff, "paired prompt bootstrap", n)))
+    adjusted = holm([e.p for *_, e in found])
+    lines += ["", f"Differences to `{ref.name}` (paired over the same {n} prompts; p-values Holm-adjusted over the "
+              f"{len(found)} differences of this table; verdicts where the metric has a better direction):", "",
+              "| run | metric | Δ | 95% interval | p | p (Holm) | verdict |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (name, c, e), p in zip(found, adjusted, strict=True):
+        word = "—"
+        if c in DIRECTION:
+            word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word
+        pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
+        lines.append(f"| {name} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
+    return lines
 
 
-BUCKET_COLUMNS = ("ppl", "high_ppl", "medium_ppl", "low_ppl", "tokens")
+BUCKET_COLUMNS = ("loss", "high_loss", "medium_loss", "low_loss")
 
 
-def bucket_table(runs: list[str]) -> list[str]:
-    """Response perplexity on held-out records by training-frequency bucket (``eval.buckets`` with records in
-    ``data.val_files``), where the runs have it."""
-    from models.checkpoint import resolve_checkpoint
+def bucket_table(rows: list[Row], reference: str) -> list[str]:
+    """Held-out perplexity (response perplexity on held-out records) by training-frequency bucket, each with a 95%
+    interval from resampling the documents or records, and each row's change against the reference row (paired
+    over the same documents)."""
+    from evals.compare.stats import Paired, two_level
 
-    rows = []
-    for run in runs:
-        metrics = json.loads((resolve_checkpoint(run) / "eval_results.json").read_text())["metrics"]
-        if f"bucket/{BUCKET_COLUMNS[0]}" in metrics:
-            cells = [metrics.get(f"bucket/{c}") for c in BUCKET_COLUMNS]
-            rows.append(f"| {Path(run).name} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in cells) + " |")
-    if not rows:
+    have = [r for r in rows if r.held_out is not None and "loss" in r.held_out]
+    if not have:
         return []
-    head = ["Response perplexity on held-out records, by frequency bucket of the training counts (high: the tokens of "
-            "the first 80% of occurrences, medium: the next 15%, low: the last 5%):", "",
-            "| run | " + " | ".join(BUCKET_COLUMNS) + " |", "|---" * (len(BUCKET_COLUMNS) + 1) + "|"]  # fmt: skip
-    return head + rows
+    ref = next((r for r in have if r.name == reference), have[0])
+    out = ["Held-out perplexity (of the responses, for fine-tuning records) by frequency bucket of the training "
+           "counts (high: the tokens of "
+           "the first 80% of occurrences, medium: the next 15%, low: the last 5%), with a 95% interval from resampling "
+           "the records; Δ: the change of the perplexity against "
+           f"`{ref.name}` (paired over the same records), 95% interval:", "",
+           "| run | " + " | ".join(c.replace("loss", "ppl") for c in BUCKET_COLUMNS) + " | records | "
+           + " | ".join(f"Δ {c.replace('loss', 'ppl')}" for c in BUCKET_COLUMNS) + " |",
+           "|---" * (2 * len(BUCKET_COLUMNS) + 2) + "|"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for r in have:
+        h = r.held_out
+        cells, deltas = [], []
+        for c in BUCKET_COLUMNS:
+            den_key = c.replace("loss", "tokens")
+            num, den = np.asarray(h[c], dtype=np.float64), np.asarray(h[den_key], dtype=np.float64)
+            if not den.sum():
+                cells.append("—")
+                deltas.append("—")
+                continue
+            counts = rng.multinomial(len(num), np.full(len(num), 1 / len(num)), size=N_BOOT).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                reps = np.exp((counts @ num) / (counts @ den))
+            lo, hi = np.nanquantile(reps, [0.025, 0.975])
+            cells.append(f"{math.exp(num.sum() / den.sum()):.4g} [{lo:.4g}, {hi:.4g}]")
+            same = r is not ref and ref.held_out.get("sha", ref.held_out["doc_id"]) == h.get("sha", h["doc_id"]) and (
+                ref.held_out[den_key] == h[den_key])  # fmt: skip
+            if same:
+                e = two_level(Paired.of(num, np.asarray(ref.held_out[c], dtype=np.float64), den))
+                deltas.append(f"{100 * math.expm1(e.diff):+.2f}% [{100 * math.expm1(e.lo):+.2f}, "
+                              f"{100 * math.expm1(e.hi):+.2f}]")  # fmt: skip
+            else:
+                deltas.append("—")
+        out.append(f"| {r.name} | " + " | ".join(cells) + f" | {len(h['doc_id'])} | " + " | ".join(deltas) + " |")
+    return out
 
 
 def run_dirs(paths: list[str]) -> list[str]:
@@ -74,25 +226,33 @@ def run_dirs(paths: list[str]) -> list[str]:
     return out
 
 
-def _loss_name(ckpt: Path) -> str:
-    from omegaconf import OmegaConf
-
-    loss = OmegaConf.load(ckpt / "config.yaml").loss
-    return f"{loss.name}" + (f" (alpha {loss.alpha})" if loss.name == "pdl" else "")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories, or a directory of runs")
     parser.add_argument("--task", default="shakespeare_dialogue")
+    parser.add_argument("--baseline", default="", help="the model before fine-tuning (a checkpoint or run), first row")
+    parser.add_argument("--reference", default="", help="the row the differences are against (default: first run)")
     args = parser.parse_args(argv)
     from models.checkpoint_files import CheckpointError
 
     try:
-        print(table(run_dirs(args.runs), args.task))
-    except (CheckpointError, FileNotFoundError) as e:
+        rows = [load_row(args.baseline, args.task, "before fine-tuning")] if args.baseline else []
+        runs = run_dirs(args.runs)
+        rows += [load_row(r, args.task) for r in runs]
+        names = [r.name for r in rows]
+        if len(set(names)) != len(names):
+            print(f"error: two rows share a name ({names}): give run directories with different names", file=sys.stderr)
+            return 2
+        reference = args.reference or Path(runs[0]).name
+        if reference not in names:
+            print(f"error: --reference {reference!r} is not one of the rows {names}", file=sys.stderr)
+            return 2
+        lines = table(rows, reference, args.task)
+        buckets = bucket_table(rows, reference)
+    except (CheckpointError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print("\n".join(lines + (["", *buckets] if buckets else [])))
     return 0
 
 

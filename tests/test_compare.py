@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from evals.stats import difference, seed_interval
+from evals.compare.stats import Paired, seeds_t
+from evals.generation import write_generation_task
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
@@ -34,127 +35,204 @@ def _md_tables(md: str) -> dict[str, dict[str, dict[str, str]]]:
     return tables
 
 
-def _shows(cell: str, *numbers: float) -> bool:
-    """A table cell ("1.2345" or "1.2345 ± 0.0100") shows these numbers, rounded to the digits it prints
-    (at least 4 significant ones)."""
-    parts = cell.split(" ± ")
-    if len(parts) != len(numbers):
-        return False
-    for text, value in zip(parts, numbers, strict=True):
-        decimals = len(text.partition(".")[2])
-        if decimals < 1 or abs(float(text) - value) > 0.5 * 10**-decimals or len(text.replace(".", "")) < 4:
-            return False
-    return True
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values)
-
-
-def test_compare_runs_plots_ce_and_its_tables_equal_the_runs_metrics(corpus, dist_env, tmp_path):
+@pytest.fixture(scope="module")
+def study(corpus, dist_env, tmp_path_factory):
+    """Three short runs (CE seeds 0 and 1, MiLe seed 0) with a downstream task, the in-loop per-domain
+    evaluation and a domain the held-out data lack, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("study")
     # two and three choices: chance is the mean of 1/choices over the task's documents
     docs = [{"context": "The king loves", "choices": [" the crown", " zzz", " qq"][: 2 + i % 2], "label": i % 2}
             for i in range(6)]  # fmt: skip
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    prompts = ["The king loves", "A fool fears", "My lord serves", "The duke betrays", "Her father", "The queen"]
+    write_generation_task(tmp_path / "tasks", "toy_gen", [{"prompt": p, "response": "the crown in the morning."}
+                          for p in prompts], until=["."], max_gen_toks=8)  # fmt: skip
     runs = []
     for loss, seed in (("ce", 0), ("ce", 1), ("mile", 0)):
         run_dir = tmp_path / f"{loss}-s{seed}"
         extra = {"loss.name": loss, "train.seed": seed, "train.max_steps": 8, "train.log_every": 2,
-                 "checkpoint.every": 4, "eval.every_checkpoint": "true", "eval.tasks": "[toy_mc]",
-                 "eval.task_dir": str(tmp_path / "tasks"), "eval.val_every": 4}  # fmt: skip
+                 "checkpoint.every": 4, "eval.every_checkpoint": "true", "eval.tasks": "[toy_mc,toy_gen]",
+                 "eval.task_dir": str(tmp_path / "tasks"), "eval.val_every": 4, "eval.val_tokens": 1500,
+                 "eval.val_tokens_per_domain": 300, "eval.val_domains": "[Plays,Poems,Letters]"}  # fmt: skip
         train(load_config(None, debug_overrides(corpus, run_dir, **extra)))
         runs.append(run_dir)
+    return tmp_path, runs, docs
+
+
+def _compare(runs: list[Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/compare_runs.py", *map(str, runs), "--out", str(out), *extra],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_every_run_scores_the_same_stratified_held_out_set(study):
+    _, runs, _ = study
+    sets = [json.loads((r / "held_out_set.json").read_text()) for r in runs]
+    assert all(s["documents"] == sets[0]["documents"] and s["identity"] == sets[0]["identity"] for s in sets)
+    assert set(sets[0]["domains"]) == {"Plays", "Poems"} and sets[0]["missing"] == ["Letters"]
+    held = [json.loads((r / "checkpoints/step_0000008/eval_held_out.json").read_text()) for r in runs]
+    assert all(h["sha"] == held[0]["sha"] and h["set"]["identity"] == sets[0]["identity"] for h in held)
+    # per-domain losses use every sampled document of the domain: the in-loop evaluation at the last step (the
+    # same set, the same windows) equals the checkpoint's per-document sums
+    rows = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines()]
+    inloop = [x for x in rows if "eval_domain/Plays/loss" in x][-1]
+    for domain in ("Plays", "Poems"):
+        mine = [i for i, d in enumerate(held[2]["domain"]) if d == domain]
+        assert {held[2]["sha"][i] for i in mine} == {d["sha"] for d in sets[2]["documents"] if d["domain"] == domain}
+        loss = sum(held[2]["loss"][i] for i in mine) / sum(held[2]["tokens"][i] for i in mine)
+        assert loss == pytest.approx(inloop[f"eval_domain/{domain}/loss"], rel=1e-5)
+
+
+def test_compare_runs_reports_every_number_with_intervals_and_verdicts(study):
+    tmp_path, runs, docs = study
     out = tmp_path / "report"
-    proc = subprocess.run(
-        [sys.executable, "scripts/compare_runs.py", *map(str, runs), "--out", str(out)],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for png in ("ce_vs_tokens.png", "bucket_ppl.png", "downstream.png", "differences.png"):
+    proc = _compare(runs, out, "--contrast", "ce:mile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for png in ("training_curves.png", "heldout_curves.png", "differences.png", "bucket_change.png", "downstream.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    md, table = (out / "summary.md").read_text(), (out / "summary.csv").read_text()
+    for text in (md, table, (out / "curves.csv").read_text()):
+        assert str(tmp_path) not in text and str(REPO) not in text  # no absolute path in any report file
 
     # the runs' own numbers, read here from their files
     rows = {r.name: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs}
-    train_rows = {name: [x for x in rs if "ce" in x] for name, rs in rows.items()}
-    evals = {
-        r.name: json.loads((r / "checkpoints/step_0000008/eval_results.json").read_text())["metrics"] for r in runs
-    }
-
-    # the curve plotted is ce, every logged value of every run
-    with open(out / "curves.csv") as fh:
-        plotted = {(c["run"], float(c["tokens"])): float(c["ce"]) for c in csv.DictReader(fh)}
-    for r in runs:
-        for x in train_rows[r.name]:
-            assert plotted[(str(r), float(x["tokens"]))] == pytest.approx(x["ce"], rel=1e-12)
-
-    # the CSV holds every run's numbers at full precision
-    with open(out / "summary.csv") as fh:
-        numbers = {(c["group"], c["seed"], c["metric"]): float(c["value"]) for c in csv.DictReader(fh)}
-    for r, (group, seed) in zip(runs, (("ce", "0"), ("ce", "1"), ("mile-g1", "0")), strict=True):
-        assert numbers[(group, seed, "final_train_ce")] == pytest.approx(train_rows[r.name][-1]["ce"], rel=1e-12)
-        assert numbers[(group, seed, "eval/toy_mc/acc")] == pytest.approx(evals[r.name]["toy_mc/acc"], rel=1e-12)
-        low = numbers[(group, seed, "eval_bucket/low_ppl")]
-        assert low == pytest.approx(evals[r.name]["bucket/low_ppl"], rel=1e-12)
-    chance = statistics.fmean(1 / len(d["choices"]) for d in docs)
-    assert numbers[("chance", "", "eval/toy_mc")] == pytest.approx(chance)
-
-    # the markdown rows: one seed -> the run's value; two seeds -> mean ± sd
-    tables = _md_tables((out / "summary.md").read_text())
-    loss_table = tables["Training and held-out loss"]
-    assert set(loss_table) == {"ce", "mile-g1"}
-    assert _shows(loss_table["mile-g1"]["final train ce"], train_rows["mile-s0"][-1]["ce"])
-    assert _shows(loss_table["mile-g1"]["final train loss (own scale)"], train_rows["mile-s0"][-1]["loss"])
-    assert _shows(loss_table["mile-g1"]["held-out ce"], evals["mile-s0"]["bucket/loss"])
-    assert loss_table["ce"]["seeds"] == "0,1"
-    assert _shows(loss_table["ce"]["final train ce"], *_mean_sd([train_rows[f"ce-s{s}"][-1]["ce"] for s in (0, 1)]))
-    ppl = tables["Held-out perplexity by token frequency"]
-    assert _shows(ppl["mile-g1"]["low_ppl"], evals["mile-s0"]["bucket/low_ppl"])
-    assert _shows(ppl["ce"]["high_ppl"], *_mean_sd([evals[f"ce-s{s}"]["bucket/high_ppl"] for s in (0, 1)]))
-    rel = evals["mile-s0"]["bucket/low_ppl"] / evals["ce-s0"]["bucket/low_ppl"] - 1  # paired with ce's seed 0
-    assert ppl["mile-g1"]["Δ low_ppl vs ce"] == f"{100 * rel:+.1f}%"
-    (downstream,) = [v for k, v in tables.items() if k.startswith("Downstream")]
-    acc, err = evals["mile-s0"]["toy_mc/acc"], evals["mile-s0"]["toy_mc/acc_stderr"]
-    assert _shows(downstream["mile-g1"]["toy_mc/acc"], acc, err)  # one seed: lm-eval's stderr
-    assert _shows(downstream["chance"]["toy_mc/acc"], chance)
-    # held-out loss at each of the two evaluations (steps 4 and 8) made it into the rows behind the curves
-    assert [x["step"] for x in rows["ce-s0"] if "eval_bucket/loss" in x] == [4, 8]
-
-    # differences against ce with 95% intervals: recomputed here from the files the evaluation saved
-    with open(out / "summary.csv") as fh:
-        diffs = {c["metric"]: c for c in csv.DictReader(fh) if c["seed"] == "diff"}
     ckpt = "checkpoints/step_0000008"
+    evals = {r.name: json.loads((r / ckpt / "eval_results.json").read_text())["metrics"] for r in runs}
     held = {r.name: json.loads((r / ckpt / "eval_held_out.json").read_text()) for r in runs}
-    samples = {r.name: json.loads((r / ckpt / "eval_samples.json").read_text()) for r in runs}
-    for key, num, den in (("eval_bucket/loss", "loss", "tokens"), ("eval_bucket/low_loss", "low_loss", "low_tokens")):
-        expect = difference([held["mile-s0"][num]], [held["ce-s0"][num], held["ce-s1"][num]], held["ce-s0"][den])
-        row = diffs[f"{key}/diff_vs_ce"]
-        name = key.replace("eval_bucket/", "bucket/")
-        point = evals["mile-s0"][name] - statistics.fmean(evals[f"ce-s{s}"][name] for s in (0, 1))
-        assert float(row["value"]) == pytest.approx(point, abs=1e-5)  # float64 sums vs the fp32 mean
-        assert (float(row["lo"]), float(row["hi"])) == pytest.approx((expect.lo, expect.hi), rel=1e-9)
-        assert row["verdict"] == expect.verdict and "paired bootstrap over" in row["note"]
-    acc = [samples[name]["toy_mc"]["acc"] for name in ("mile-s0", "ce-s0", "ce-s1")]
-    expect = difference([acc[0]], acc[1:], lower_is_better=False)
-    row = diffs["eval/toy_mc/acc/diff_vs_ce"]
-    assert (float(row["lo"]), float(row["hi"]), row["verdict"]) == pytest.approx((expect.lo, expect.hi, expect.verdict))
-    # per-domain: no per-document data, the seeds' spread alone
-    domain = [[x for x in rows[n] if "eval_domain/Plays/loss" in x][-1]["eval_domain/Plays/loss"]
-              for n in ("mile-s0", "ce-s0", "ce-s1")]  # fmt: skip
-    expect = seed_interval(domain[:1], domain[1:])
-    row = diffs["eval_domain/Plays/loss/diff_vs_ce"]
-    assert (float(row["lo"]), float(row["hi"])) == pytest.approx((expect.lo, expect.hi), rel=1e-9)
-    assert row["note"].startswith("seeds only")
-    table = tables["Differences against `ce` (95% intervals)"]
-    cell = table["mile-g1: held-out loss"]
-    lo, hi = (float(x) for x in cell["95% interval"].strip("[]").split(", "))
-    assert (lo, hi) == pytest.approx((float(diffs["eval_bucket/loss/diff_vs_ce"]["lo"]),
-                                      float(diffs["eval_bucket/loss/diff_vs_ce"]["hi"])), abs=6e-5)  # fmt: skip
+    with open(out / "summary.csv") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    per_run = {(c["group"], c["seed"], c["metric"]): float(c["value"]) for c in csv_rows if c["kind"] == "run"}
+    for r, (group, seed) in zip(runs, (("ce", "0"), ("ce", "1"), ("mile-g1", "0")), strict=True):
+        train_rows = [x for x in rows[r.name] if "ce" in x]
+        assert per_run[(group, seed, "train/final_ce")] == pytest.approx(train_rows[-1]["ce"], rel=1e-12)
+        assert per_run[(group, seed, "eval/toy_mc/acc")] == pytest.approx(evals[r.name]["toy_mc/acc"], rel=1e-12)
+        assert per_run[(group, seed, "heldout/ce")] == pytest.approx(evals[r.name]["bucket/loss"], rel=1e-12)
+        assert per_run[(group, seed, "heldout/low")] == pytest.approx(evals[r.name]["bucket/low_loss"], rel=1e-12)
+        h = held[r.name]
+        poems = [i for i, d in enumerate(h["domain"]) if d == "Poems"]
+        assert per_run[(group, seed, "domain/Poems")] == pytest.approx(
+            sum(h["loss"][i] for i in poems) / sum(h["tokens"][i] for i in poems), rel=1e-12)  # fmt: skip
+    chance = [c for c in csv_rows if c["kind"] == "chance"]
+    assert float(chance[0]["value"]) == pytest.approx(sum(1 / len(d["choices"]) for d in docs) / len(docs))
+
+    # differences: recomputed here from the per-document files with the interval's own function
+    diffs = {(c["contrast"], c["metric"]): c for c in csv_rows if c["kind"] == "diff"}
+    for metric, num, den in (("heldout/ce", "loss", "tokens"), ("heldout/low", "low_loss", "low_tokens")):
+        a, b = held["mile-s0"], [held["ce-s0"], held["ce-s1"]]
+        expect = seeds_t(Paired.of([a[num]], [x[num] for x in b], a[den], strata=a["domain"]))
+        row = diffs[("mile-g1 − ce", metric)]
+        assert (float(row["value"]), float(row["lo"]), float(row["hi"])) == pytest.approx(
+            (expect.diff, expect.lo, expect.hi), rel=1e-9)  # fmt: skip
+        assert row["method"].startswith("t over 1 vs 2 seeds")
+    # the requested contrast: the reverse, the same interval mirrored
+    fwd, back = diffs[("mile-g1 − ce", "heldout/ce")], diffs[("ce − mile-g1", "heldout/ce")]
+    assert float(back["value"]) == pytest.approx(-float(fwd["value"])) and back["requested"] == "True"
+    assert (float(back["lo"]), float(back["hi"])) == pytest.approx((-float(fwd["hi"]), -float(fwd["lo"])), rel=1e-6)
+    # secondary metrics: Holm-adjusted p never below the raw p, verdict words from the declared set
+    secondary = [c for c in csv_rows if c["kind"] == "diff" and c["primary"] == "False"]
+    assert secondary and all(float(c["p_holm"]) >= float(c["p"]) for c in secondary if c["p"] != "nan")
+    words = ("better", "worse", "inconclusive", "no information", "equivalent within ±0.01")
+    assert all(c["verdict"].startswith(words) for c in csv_rows if c["kind"] == "diff")
+
+    tables = _md_tables(md)
+    primary = tables["Primary: held-out ce"]["mile-g1 − ce"]
     assert (
-        cell["verdict"] in ("better", "worse", "no difference at this power")
-        and cell["interval"] == "documents + seeds"
+        primary["verdict"].strip("*") == fwd["verdict"] and primary["Δ (nats/token)"] == f"{float(fwd['value']):+.4f}"
     )
-    assert table["mile-g1: domain Plays loss"]["interval"] == "seeds"
+    assert "one seed per group" not in primary["notes"] and "effective documents" in primary["notes"]
+    assert "No held-out document for Letters" in md and "## Held-out set" in md
+    assert "## The paper's effects beside ours" in md  # MiLe against CE: the paper's bucket effects and our power
+    every = tables["Every run's numbers"]
+    assert every["held-out ce"]["mile-g1 s0"] == f"{evals['mile-s0']['bucket/loss']:.4f}"
+
+
+def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tuning(study):
+    from evals.compare.stats import prompt_bootstrap
+    from evals.generation_metrics import distinct_n
+
+    _, runs, _ = study
+    before = runs[0] / "checkpoints/step_0000004"  # stands for the model before fine-tuning: an earlier checkpoint
+    proc = subprocess.run([sys.executable, "scripts/generation_table.py", *map(str, runs), "--task", "toy_gen",
+                           "--baseline", str(before)], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = _md_tables("## t\n" + proc.stdout.split("\n\n")[0])["t"]
+    assert list(tables) == ["before fine-tuning", "ce-s0", "ce-s1", "mile-s0"]
+    ckpt = "checkpoints/step_0000008"
+    evals = {r.name: json.loads((r / ckpt / "eval_results.json").read_text())["metrics"] for r in runs}
+    samples = {r.name: json.loads((r / ckpt / "eval_samples.json").read_text())["toy_gen"] for r in runs}
+    for name in ("ce-s0", "mile-s0"):
+        cell = lambda c, name=name: float(tables[name][c].split(" [")[0])  # noqa: E731
+        lo, hi = (float(x) for x in tables[name]["rouge1"].split(" [")[1].rstrip("]").split(", "))
+        assert cell("rouge1") == pytest.approx(evals[name]["toy_gen/rouge1"], abs=6e-5) and lo <= cell("rouge1") <= hi
+        assert cell("distinct1") == pytest.approx(evals[name]["toy_gen/distinct1"], abs=6e-5)  # the saved outputs
+        assert cell("distinct2") == pytest.approx(distinct_n(samples[name]["output"], 2), abs=6e-5)
+    # rarity under the reference run's own counts is the evaluation's own number
+    assert float(tables["ce-s0"]["rarity"].split(" [")[0]) == pytest.approx(evals["ce-s0"]["toy_gen/rarity"], abs=6e-5)
+    # the paired difference to the reference (ce-s0) on the same resampled prompts, recomputed here
+    a, b = (np.array(samples[n]["rouge1"]) for n in ("mile-s0", "ce-s0"))
+    n = len(a)
+    boot = prompt_bootstrap([lambda i: a[i].mean(), lambda i: b[i].mean()], n, 2000)
+    # the script draws its resamples for every statistic of the table at once; the same seed gives the same prompts
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mile-s0 | rouge1 |"))
+    delta, interval = row.split(" | ")[2], row.split(" | ")[3]
+    assert float(delta) == pytest.approx(a.mean() - b.mean(), abs=6e-5)
+    lo, hi = (float(x) for x in interval.strip("[]").split(", "))
+    ref_lo, ref_hi = np.quantile(boot[:, 0] - boot[:, 1], [0.025, 0.975])
+    assert (lo, hi) == pytest.approx((ref_lo, ref_hi), abs=6e-5)
+    assert "| before fine-tuning | rouge1 |" in proc.stdout.split("Differences to")[1]
+    bucket_rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.split("Held-out perplexity")[1]
+                   .splitlines() if line.startswith("| ") and not line.startswith("| run")}  # fmt: skip
+    assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
+
+
+def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, corpus, tmp_path):
+    """The model before fine-tuning (here: a copy of an early checkpoint, outside any run) is scored on a run's
+    held-out set by copying the run's held_out_set.json beside it, not on a set of its own."""
+    _, runs, _ = study
+    other = tmp_path / "before"
+    subprocess.run(["cp", "-r", str(runs[0] / "checkpoints/step_0000004"), str(other)], check=True)
+    for stale in ("eval_results.json", "eval_held_out.json", "eval_samples.json"):
+        (other / stale).unlink()
+    (other / "held_out_set.json").write_bytes((runs[0] / "held_out_set.json").read_bytes())
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
+                           corpus["val"]], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_set = json.loads((runs[0] / "held_out_set.json").read_text())
+    scored = json.loads((other / "eval_held_out.json").read_text())
+    assert scored["set"]["identity"] == run_set["identity"] and set(scored["sha"]) == {
+        d["sha"] for d in run_set["documents"]}  # fmt: skip
+
+
+def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):
+    """An older run's per-document file (documents read in file order: no set, no domains) still compares."""
+    _, runs, _ = study
+    old = []
+    for r in runs:
+        copy = tmp_path / r.name
+        subprocess.run(["cp", "-r", str(r), str(copy)], check=True)
+        path = copy / "checkpoints/step_0000008/eval_held_out.json"
+        h = json.loads(path.read_text())
+        for key in ("set", "domain", "sha", "key"):
+            h.pop(key)
+        path.write_text(json.dumps(h))
+        (copy / "held_out_set.json").unlink()
+        old.append(copy)
+    proc = _compare(old, tmp_path / "report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "predate the stratified held-out set" in md and "Primary: held-out ce" in md
+    assert "no per-document data" in md  # per-domain losses of old runs: from the seeds alone
+
+
+def test_the_statistics_import_neither_matplotlib_nor_the_trainer():
+    code = ("import sys, evals.compare.stats, evals.compare.metrics, evals.compare.runs, evals.compare.coverage; "
+            "bad = [m for m in ('matplotlib', 'trainer', 'deepspeed') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
 def test_compare_runs_refuses_runs_of_other_budgets_tokenizers_or_data(corpus, dist_env, tmp_path):
@@ -236,13 +314,13 @@ def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, t
 def test_groups_that_differ_only_by_a_modifier_or_a_loss_option_stay_apart():
     """A grid with CE, CE + label smoothing and CE + z-loss (the CPU study's): three groups, none merged into or
     dropped under another's name, and the plain CE group is the baseline whatever the order given."""
-    from scripts.compare_runs import Run, baseline, group_runs
+    from evals.compare.runs import Run, baseline, group_runs
 
     def run(tag: str, seed: int, **loss) -> Run:
         cfg = load_config(None, [f"train.seed={seed}", f"run.dir=runs/{tag}-s{seed}",
                                  *(f"loss.{k}={v}" for k, v in loss.items())])  # fmt: skip
         return Run(dir=Path(f"runs/{tag}-s{seed}"), cfg=OmegaConf.structured(cfg), seed=seed, steps=[], tokens=[],
-                   ce=[], loss=[], val=[], eval={})  # fmt: skip
+                   ce=[], loss=[])  # fmt: skip
 
     runs = [run(n, s, **kw) for s in (0, 1) for n, kw in (("zloss", {"z_loss": 1e-4}),
             ("smooth", {"label_smoothing": 0.1}), ("ce", {}), ("pdl_eps", {"name": "pdl", "eps": 1e-3}),

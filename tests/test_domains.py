@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evals.domains import build_domain_set, domain_losses
+from evals.heldout import SampleSpec, pack, sample_held_out
 from models import GPT, GPTConfig
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
@@ -18,7 +19,10 @@ from tests.test_train import REPO, clean_env
 def test_domain_losses_equal_a_direct_computation(corpus):
     from data.tokenizer import Tokenizer
 
-    held_out = build_domain_set([corpus["val"]], Tokenizer(corpus["tokenizer"]), seq_len=32, tokens_per_domain=600)
+    tok = Tokenizer(corpus["tokenizer"])
+    held, pieces = sample_held_out([corpus["val"]], tok, 32, SampleSpec(tokens=1200, tokens_per_domain=300))
+    inputs = pack(held, pieces, tok.eos_id)
+    held_out = build_domain_set(held, inputs)
     assert held_out.names == ["Plays", "Poems"]  # the test corpus's two pile_set_names
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=384, n_layers=2, d_model=32, n_heads=4, d_mlp=64, max_seq_len=64)).double()
@@ -26,11 +30,18 @@ def test_domain_losses_equal_a_direct_computation(corpus):
     with torch.no_grad():
         logits = model(held_out.windows[:, :-1]) @ model.head.weight[:384].T  # [n, T, V]
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), held_out.windows[:, 1:], reduction="none")
-    for i, name in enumerate(held_out.names):
-        mine = ce[held_out.domain == i]
+    # each target token's domain, from its document in the set (padding after the last document: none)
+    target_doc = inputs.document[:, 1:]
+    of_doc = {i: d.domain for i, d in enumerate(held.documents)}
+    for name in held_out.names:
+        mine = ce[torch.tensor([[of_doc.get(int(j)) == name for j in row] for row in target_doc])]
         assert got[f"{name}/loss"] == pytest.approx(mine.mean().item(), rel=1e-9)
-        assert got[f"{name}/tokens"] == mine.numel()
-    assert got["overall"] == pytest.approx(ce.mean().item(), rel=1e-9)  # the domains weighted by their tokens
+        assert got[f"{name}/tokens"] == mine.numel() > 0
+        # every sampled document of the domain counts: its tokens (less the ones that open a window)
+        assert mine.numel() == sum(d.tokens for d in held.documents if d.domain == name) - sum(
+            of_doc[int(j)] == name for j in inputs.document[:, 0])  # fmt: skip
+    scored = target_doc >= 0
+    assert got["overall"] == pytest.approx(ce[scored].mean().item(), rel=1e-9)  # the domains weighted by tokens
     losses = [got[f"{n}/loss"] for n in held_out.names]
     assert got["average"] == pytest.approx(sum(losses) / 2) and got["worst"] == max(losses)
 

@@ -16,10 +16,9 @@ from evals.buckets import (
     bucket_metrics,
     document_losses,
     frequency_buckets,
-    held_out_documents,
-    held_out_windows,
     per_token_loss,
 )
+from evals.heldout import SampleSpec, pack, sample_held_out
 from evals.lm import LosslabLM
 from evals.offline_data import export_all
 from evals.task_sets import PAPER, resolve_tasks
@@ -195,14 +194,27 @@ def test_frequency_buckets_partition_the_vocabulary():
     assert (torch.diff(b[counts.argsort(descending=True)]) >= 0).all()  # monotone in frequency
 
 
+def _held_out(lm, corpus, tokens: int = 2000):
+    """The held-out set of the test corpus (two domains) as windows of 33 tokens, and which targets are scored."""
+    held, pieces = sample_held_out([corpus["val"]], lm.tok, 32, SampleSpec(tokens=tokens, tokens_per_domain=100))
+    inputs = pack(held, pieces, lm.tok.eos_id)
+    scored = inputs.scored[:, 1:].reshape(-1) if inputs.scored is not None else torch.ones(
+        inputs.document[:, 1:].numel(), dtype=torch.bool)  # fmt: skip
+    return held, pieces, inputs, scored
+
+
 def test_bucket_losses_are_the_mean_loss_of_their_tokens(lm, corpus):
-    windows = held_out_windows([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000)
+    _, _, inputs, scored = _held_out(lm, corpus)
+    windows = inputs.windows
     loss, targets = per_token_loss(lm.model, windows, batch_size=4)
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(
-            lm.model.logits(windows[:, :-1]).reshape(-1, lm.model.cfg.vocab_size), windows[:, 1:].reshape(-1)
+            lm.model.logits(windows[:, :-1]).reshape(-1, lm.model.cfg.vocab_size),
+            windows[:, 1:].reshape(-1),
+            reduction="none",
         )
-    assert abs(loss.mean().item() - ref.item()) < 1e-5  # the chunked path without materialised logits
+    assert abs(loss[scored].mean().item() - ref[scored].mean().item()) < 1e-5  # no materialised logits
+    loss, targets = loss[scored], targets[scored]
     counts = torch.bincount(targets, minlength=lm.model.cfg.vocab_size)
     buckets = frequency_buckets(counts)
     m = bucket_metrics(loss, targets, buckets)
@@ -213,6 +225,7 @@ def test_bucket_losses_are_the_mean_loss_of_their_tokens(lm, corpus):
         logits = lm.model.logits(windows[:, :-1]).double()
     y = windows[:, 1:].reshape(-1)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
+    ce, y = ce[scored], y[scored]
     for i, name in enumerate(names):
         mask = buckets[y] == i
         assert m[f"{name}_tokens"] == mask.sum().item()
@@ -223,32 +236,28 @@ def test_bucket_losses_are_the_mean_loss_of_their_tokens(lm, corpus):
 
 
 def test_per_document_losses_sum_to_the_bucket_numbers_on_the_same_tokens(lm, corpus):
-    from data.shards import ReadStats, iter_documents
-
-    held = held_out_documents([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000)
-    # the same token set as before: the documents encoded, EOS after each, cut into whole windows
-    stream, owner = [], []
-    for i, doc in enumerate(iter_documents(corpus["val"], ReadStats())):
-        ids = [*lm.tok.encode(doc.text), lm.tok.eos_id]
-        stream += ids
-        owner += [i] * len(ids)
-    n = held.windows.numel()
-    assert held.windows.reshape(-1).tolist() == stream[:n] and held.document.reshape(-1).tolist() == owner[:n]
-    assert torch.equal(held.windows, held_out_windows([corpus["val"]], lm.tok, seq_len=32, max_tokens=2000))
-    loss, targets = per_token_loss(lm.model, held.windows, batch_size=4)
+    held, pieces, inputs, scored = _held_out(lm, corpus)
+    # the sampled pieces packed back to back in the set's order, each token owned by its document, padding last
+    stream = [t for d in held.documents for t in pieces[d.key][0]]
+    owner = [i for i, d in enumerate(held.documents) for _ in pieces[d.key][0]]
+    n = len(stream)
+    assert inputs.windows.reshape(-1).tolist()[:n] == stream and inputs.document.reshape(-1).tolist()[:n] == owner
+    assert (inputs.document.reshape(-1)[n:] == -1).all() and inputs.windows.shape[1] == 33
+    loss, targets = per_token_loss(lm.model, inputs.windows, batch_size=4)
+    loss, targets = loss[scored], targets[scored]
+    document = inputs.document[:, 1:].reshape(-1)[scored]
     buckets = frequency_buckets(torch.bincount(targets, minlength=lm.model.cfg.vocab_size))
     m = bucket_metrics(loss, targets, buckets)
-    docs = document_losses(loss, targets, held.document[:, 1:].reshape(-1), buckets)
-    assert docs["doc_id"] == sorted(set(held.document[:, 1:].reshape(-1).tolist())) and len(docs["doc_id"]) > 3
+    docs = document_losses(loss, targets, document, buckets)
+    assert docs["doc_id"] == sorted(set(document.tolist())) and len(docs["doc_id"]) > 3
     assert sum(docs["tokens"]) == m["tokens"]
     assert sum(docs["loss"]) / sum(docs["tokens"]) == pytest.approx(m["loss"], rel=1e-6)
     for name, _ in BUCKETS:
         assert sum(docs[f"{name}_tokens"]) == m[f"{name}_tokens"]
         assert sum(docs[f"{name}_loss"]) / sum(docs[f"{name}_tokens"]) == pytest.approx(m[f"{name}_loss"], rel=1e-6)
     # one document by hand: the float64 sum of the losses of the targets it owns
-    owner = held.document[:, 1:].reshape(-1)
     j = 2
-    assert docs["loss"][j] == pytest.approx(loss[owner == docs["doc_id"][j]].double().sum().item(), rel=1e-12)
+    assert docs["loss"][j] == pytest.approx(loss[document == docs["doc_id"][j]].double().sum().item(), rel=1e-12)
 
 
 def _write_arrow(path, rows):

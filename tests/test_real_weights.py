@@ -132,8 +132,12 @@ def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     assert all(r["ce"] < 8 for r in rows if "ce" in r), rows
     # response perplexity by frequency bucket on the held-out records: the replies and their EOS, nothing else
     tok = Tokenizer(HF_DIR)
-    per_record = [len(tok.encode(r)) + 1 for _, r in pairs]
-    want = next(sum(per_record[: i + 1]) for i in range(len(per_record)) if sum(per_record[: i + 1]) >= 40)
+    per_record = {len(tok.encode(r)) + 1 for _, r in pairs}  # a reply's tokens and its EOS
+    # the held-out set: whole records in a seeded order until their response tokens reach eval.val_tokens
+    sampled = json.loads((run_dir / "held_out_set.json").read_text())["documents"]
+    tokens = [d["tokens"] for d in sampled]
+    assert sum(tokens) >= 40 > sum(tokens[:-1]) and set(tokens) <= per_record
+    want = sum(tokens)
     final = [r for r in rows if "eval_bucket/tokens" in r][-1]
     assert final["eval_bucket/tokens"] == want and final["eval_bucket/ppl"] < 1e3, final
     held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/eval_held_out.json")).read_text())

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from evals.heldout import SET_FILE, SampleSpec
+from evals.loss_tags import LOSS_NAME_PARAMS, loss_tag
 from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 
 Emit = Callable[[int, dict[str, float]], None]
@@ -101,11 +103,14 @@ class EvalCallback(Callback):
     """lm-eval on the saved checkpoint (the exact weights a user would evaluate later), on rank 0 while the
     other ranks wait at a barrier. Runs after the final checkpoint, and after each one if configured."""
 
-    def __init__(self, cfg: EvalSection, val_files: list[str], val_records: bool = False) -> None:
+    def __init__(self, cfg: EvalSection, val_files: list[str], val_records: bool = False,
+                 held_out_set: Path | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.val_files = val_files if cfg.buckets else []
         self.val_records = val_records
         """The held-out files are fine-tuning records (a fine-tuning run): the buckets score their responses."""
+        self.held_out_set = held_out_set
+        """The run's held-out set file (``evals/heldout.py``): every evaluation scores that set."""
         self.last: dict[str, Any] | None = None
 
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
@@ -126,51 +131,21 @@ class EvalCallback(Callback):
                 val_files=self.val_files,
                 val_tokens=self.cfg.val_tokens,
                 val_records=self.val_records,
+                val_sample=sample_spec(self.cfg),
+                held_out_set_file=self.held_out_set,
             )
             emit(step, {_namespaced(k): v for k, v in self.last["metrics"].items()})
         dist.barrier()
 
 
+def sample_spec(cfg: EvalSection) -> SampleSpec:
+    """The held-out sample's settings (``evals/heldout.py``) from the eval section."""
+    return SampleSpec(tokens=cfg.val_tokens, tokens_per_domain=cfg.val_tokens_per_domain, seed=cfg.val_seed,
+                      domains=tuple(cfg.val_domains))  # fmt: skip
+
+
 def _namespaced(key: str) -> str:
     return f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
-
-
-# The parameters of each loss that change its math, as (config key, short tag, always shown): the primary one is
-# always in the name (so "mile-g1" says which gamma), the others only when they differ from their default.
-LOSS_NAME_PARAMS: dict[str, list[tuple[str, str, bool]]] = {
-    "ce": [],
-    "focal": [("gamma", "g", True), ("count_ignored", "official", False)],
-    "focal_lin": [("gamma", "g", True), ("focal_alpha", "a", True)],
-    "mile": [("gamma", "g", True), ("count_ignored", "official", False)],
-    "pdl": [("alpha", "a", True), ("smoothing", "k", False), ("max_weight", "w", False)],
-}
-
-
-# Settings of every loss that change its math, in the name only when they differ from their default.
-MODIFIER_NAME_PARAMS: list[tuple[str, str]] = [("label_smoothing", "ls"), ("z_loss", "z"), ("entropy_clamp", "clamp")]
-
-
-def _short(value: float | bool) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value).lower()
-
-
-def loss_tag(loss: Any) -> str:
-    """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``, ``ce-ls0.1``, ``ce-z0.0001``: the loss and the
-    parameters that matter, modifiers included. ``loss``: a run's loss section (a ``LossConfig`` or the ``loss``
-    mapping of a saved config.yaml)."""
-    from losslab.losses.config import LossConfig
-
-    default = LossConfig()
-    parts = [loss.name]
-    params = LOSS_NAME_PARAMS.get(loss.name, []) + [(key, tag, False) for key, tag in MODIFIER_NAME_PARAMS]
-    for key, tag, always in params:
-        value = getattr(loss, key, getattr(default, key))
-        if isinstance(value, bool):
-            if value != getattr(default, key):
-                parts.append(tag)
-        elif always or value != getattr(default, key):
-            parts.append(f"{tag}{_short(value)}")
-    return "-".join(parts)
 
 
 def run_names(cfg: RunConfig, experiment: str = "") -> tuple[str, str, list[str]]:
@@ -314,5 +289,6 @@ def build_callbacks(
             callbacks.append(WandbLogger(cfg.wandb, run_dir, name, group, tags, config, job_type=config["loss/tag"]))
         # before the eval callback: a checkpoint's line comes before the evaluation that follows it
         callbacks.append(ConsoleProgress(cfg.train.max_steps, start_step))
-    callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files, val_records=bool(cfg.data.sft_files)))
+    callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files, val_records=bool(cfg.data.sft_files),
+                                  held_out_set=run_dir / SET_FILE))  # fmt: skip
     return callbacks

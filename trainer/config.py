@@ -171,12 +171,22 @@ class EvalSection:
     buckets: bool = True
     """Held-out loss by token-frequency bucket (80/15/5% of training occurrences) on data.val_files."""
     val_tokens: int = 200_000
-    """Fixed held-out token budget for the bucket evaluation (the same for every checkpoint and run)."""
+    """Token budget of the held-out set: one fixed, seeded sample of data.val_files stratified by domain
+    (``evals/heldout.py``), written beside the run (``held_out_set.json``) and scored by both the bucket
+    evaluation and ``val_every``; every run with the same held-out files, tokenizer and these settings draws the
+    identical set."""
     val_every: int = 0
-    """Held-out loss per domain of data.val_files (``eval_domain/...``) every N steps and at each checkpoint;
-    0: off. A fixed, cached token set (``evals/domains.py``)."""
+    """Held-out loss per domain of the held-out set (``eval_domain/...``) every N steps and at each checkpoint;
+    0: off (``evals/domains.py``)."""
     val_tokens_per_domain: int = 20_000
-    """Held-out tokens per domain for ``val_every``."""
+    """Each domain's floor in the held-out set (all its tokens when it has fewer); the rest of ``val_tokens`` is
+    shared equally among the domains that have more."""
+    val_seed: int = 0
+    """Seed of the held-out sample (a document's rank is a hash of this seed and its text)."""
+    val_domains: list[str] = field(default_factory=list)
+    """Domains the held-out set must cover (e.g. the training data's): one without a held-out document is a
+    warning naming it, recorded in the set. A ``manifest.json`` with a ``domains`` table beside the held-out
+    files (``scripts/split_corpus.py``) adds its domains."""
 
 
 @dataclass

@@ -97,7 +97,7 @@ KEY_CLASSES: dict[str, str] = {
         FREE,
         "eval",
         "tasks task_dir every_checkpoint num_fewshot limit batch_size buckets val_tokens "
-        "val_every val_tokens_per_domain",
+        "val_every val_tokens_per_domain val_seed val_domains",
     ),
     **_each(FREE, "wandb", "mode project entity group"),
     **_each(EXPERIMENT, "debug", "nan_at_step nan_at_steps"),  # a step made non-finite is skipped: another run

@@ -24,6 +24,7 @@ from data.shards import DataError, resolve_files
 from data.source import BatchSource, build_source, token_counts
 from data.tokenizer import Tokenizer
 from evals.domains import DomainSet, build_domain_set
+from evals.heldout import SET_FILE, load_or_sample, pack
 from evals.task_sets import check_tasks
 from losslab.losses import build_loss
 from losslab.losses.weighting import resolve_loss
@@ -40,7 +41,7 @@ from models.checkpoint import (
 )
 from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 from trainer import parallelize
-from trainer.callbacks import Callback, build_callbacks, require_wandb
+from trainer.callbacks import Callback, build_callbacks, require_wandb, sample_spec
 from trainer.checkpoint import choose_resume, restore, start_space_check
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
 from trainer.data_guard import check_data
@@ -102,7 +103,7 @@ class Run:
     """The loop clips gradients itself (``engine.loop_clips_gradients``); ``grad_norm`` is then its norm."""
     grad_norm: torch.Tensor | None = None
     held_out: DomainSet | None = None
-    """The fixed per-domain held-out windows (``eval.val_every``)."""
+    """The held-out set's windows with each token's domain (``eval.val_every``)."""
     logs_entropy: bool = True
     """The loss computes the entropy (it uses it, or ``loss.log_entropy``): else ``entropy`` is not logged."""
 
@@ -393,8 +394,20 @@ def build_run(cfg: RunConfig) -> Run:
         tokenizer=tokenizer,
         logs_entropy=objective.loss_fn.computes_entropy,
     )
-    if cfg.eval.val_every and cfg.data.val_files:
-        run.held_out = build_domain_set(cfg.data.val_files, tokenizer, cfg.data.seq_len, cfg.eval.val_tokens_per_domain)
+    if cfg.data.val_files and (cfg.eval.val_every or cfg.eval.buckets):
+        # one held-out set for the run, sampled now (rank 0 writes it beside the run; every rank draws the same)
+        held, pieces = load_or_sample(
+            run_dir / SET_FILE if rank == 0 else None,
+            list(cfg.data.val_files),
+            tokenizer,
+            cfg.data.seq_len,
+            sample_spec(cfg.eval),
+            records=bool(cfg.data.sft_files),
+        )
+        if rank == 0:
+            print(f"held-out set: {held.summary()}", flush=True)
+        if cfg.eval.val_every:
+            run.held_out = build_domain_set(held, pack(held, pieces, tokenizer.eos_id))
     for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
         setattr(run, name, getattr(run, name).to(device))
     n_interval = len(STEP_METRICS) + 1

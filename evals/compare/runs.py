@@ -1,0 +1,227 @@
+"""Loading run directories and grouping them: runs whose configs differ only by seed (and by bookkeeping) form a
+group; seeds are its repeats. No import of the trainer: the config schema's defaults, for runs saved before a key
+existed, are passed in by the command (``schema``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from evals.loss_tags import loss_tag
+from evals.runner import HELD_OUT_FILE, RESULTS_FILE, SAMPLES_FILE
+
+# Config keys that do not change what a run computes: runs differing only here (and by seed) are repeats.
+BOOKKEEPING_PREFIXES = ("run.", "wandb.", "checkpoint.", "debug.", "distributed.", "eval.")
+BOOKKEEPING_KEYS = {"train.seed", "train.resume", "train.log_every", "train.max_nonfinite_in_a_row",
+                    "data.num_workers", "model.compile", "model.activation_checkpointing"}  # fmt: skip
+
+
+@dataclass
+class Run:
+    dir: Path
+    cfg: Any
+    seed: int
+    steps: list[int]
+    tokens: list[float]
+    ce: list[float]
+    loss: list[float]
+    val: list[tuple[float, float]] = field(default_factory=list)
+    """(tokens, held-out loss by the bucket evaluation) at each evaluation."""
+    eval: dict[str, float] = field(default_factory=dict)
+    """The final evaluation: ``eval/TASK/METRIC`` and ``eval_bucket/...`` keys."""
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    """run_info.json (tokenizer_sha256, data_files, model, ...); empty for runs that predate it."""
+    held_out: dict[str, Any] | None = None
+    """Per held-out document losses of the final evaluation (``evals/runner.py`` HELD_OUT_FILE)."""
+    samples: dict[str, Any] = field(default_factory=dict)
+    """lm-eval's per-document scores of the final evaluation ({task[@kshot]: {metric: [...], "doc_id": [...]}})."""
+    domains: dict[str, float] = field(default_factory=dict)
+    """``eval_domain/<d>/loss`` (and overall/average/worst) at the last step that logged them."""
+    domain_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    """``eval_domain/...`` key -> (tokens, value) at each in-loop evaluation."""
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def stratified(self) -> bool:
+        """The held-out numbers come from a stratified held-out set (``evals/heldout.py``), not from the held-out
+        files read in order (runs made before it)."""
+        return bool(self.held_out and "set" in self.held_out and "domain" in self.held_out)
+
+
+def _json(path: Path | None) -> Any:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _eval_results(run_dir: Path, last_step: int) -> tuple[dict[str, Any] | None, Path | None]:
+    """The latest checkpoint's eval_results.json (also written by a later scripts/evaluate.py) and that
+    checkpoint, if it evaluated the last step."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    if not ckpts or not (ckpts[-1] / RESULTS_FILE).is_file():
+        return None, None
+    results = json.loads((ckpts[-1] / RESULTS_FILE).read_text())
+    return (results, ckpts[-1]) if results.get("step") == last_step else (None, None)
+
+
+def read_run(run_dir: Path, schema: Any = None) -> Run:
+    """A run from its directory. ``schema``: the config schema with its defaults (a run saved before a key existed
+    ran with that key's default), merged under the run's config.yaml."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.merge(schema, saved) if schema is not None else saved
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r and "tokens" in r]
+    # evaluations follow checkpoints, which need not fall on logging steps; tokens grow linearly with steps
+    tokens_per_step = train[-1]["tokens"] / train[-1]["step"] if train else math.nan
+    final_eval: dict[str, float] = {}
+    val: list[tuple[float, float]] = []
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:  # the last evaluation wins
+        evals = {k: v for k, v in r.items() if k.startswith(("eval/", "eval_bucket/"))}
+        if evals:
+            final_eval = evals
+            if "eval_bucket/loss" in evals:
+                val.append((r["step"] * tokens_per_step, evals["eval_bucket/loss"]))
+        for k, v in r.items():
+            if k.startswith("eval_domain/"):
+                curves.setdefault(k.removeprefix("eval_domain/"), []).append((r["step"] * tokens_per_step, v))
+    # one point per step, in step order (a line written out of order, e.g. by an interrupted process, is not a curve)
+    curves = {k: sorted(dict(pts).items()) for k, pts in curves.items()}
+    last_step = train[-1]["step"] if train else 0
+    results, ckpt = _eval_results(run_dir, last_step)
+    domains = {k: pts[-1][1] for k, pts in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))}
+    held_out = _json(ckpt / HELD_OUT_FILE) if ckpt else None
+    held_out = held_out if held_out and held_out.get("step") == last_step else None
+    tasks, limit = list(cfg.eval.tasks), int(cfg.eval.limit)
+    if results is not None:
+        for key, value in results["metrics"].items():
+            name = f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
+            final_eval[name] = value
+        tasks, limit = list(results.get("tasks") or tasks), int(results.get("limit") or 0)
+    return Run(
+        dir=run_dir,
+        cfg=cfg,
+        seed=int(cfg.train.seed),
+        steps=[r["step"] for r in train],
+        tokens=[r["tokens"] for r in train],
+        ce=[r.get("ce", math.nan) for r in train],
+        loss=[r["loss"] for r in train],
+        val=val,
+        eval=final_eval,
+        eval_tasks=tasks,
+        eval_limit=limit,
+        info=_json(run_dir / "run_info.json") or {},
+        held_out=held_out,
+        samples=(_json(ckpt / SAMPLES_FILE) or {}) if ckpt else {},
+        domains=domains,
+        domain_curves={k: v for k, v in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))},
+    )
+
+
+def _flat(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = json.dumps(node, sort_keys=True)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {k: v for k, v in out.items() if k not in BOOKKEEPING_KEYS and not k.startswith(BOOKKEEPING_PREFIXES)}
+
+
+def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, str]]:
+    """(label -> runs that differ only by seed, label -> the group's other differing settings). The label is the
+    loss tag (``evals/loss_tags.py``), plus the settings that differ between groups when they are short (a letter
+    otherwise, the settings then in the report); CE groups first (the baseline), then in the order given."""
+    flats = [_flat(r.cfg) for r in runs]
+    keyed: dict[tuple, list[int]] = {}
+    for i, f in enumerate(flats):
+        keyed.setdefault(tuple(sorted(f.items())), []).append(i)
+    varying = sorted({k for f in flats for k in f if len({g.get(k) for g in flats}) > 1 and not k.startswith("loss.")})
+    # loss settings that the tag does not show but that tell two groups apart (a plug-in's options, pdl's eps)
+    tags = [loss_tag(runs[m[0]].cfg.loss) for m in keyed.values()]
+    hidden: dict[str, list[str]] = {}
+    for tag in {t for t in tags if tags.count(t) > 1}:
+        same = [flats[m[0]] for m, t in zip(keyed.values(), tags, strict=True) if t == tag]
+        loss_keys = {k for f in same for k in f if k.startswith("loss.")}
+        hidden[tag] = sorted(k for k in loss_keys if len({g.get(k) for g in same}) > 1)
+    groups: dict[str, list[Run]] = {}
+    settings: dict[str, str] = {}
+    for n, (members, tag) in enumerate(zip(keyed.values(), tags, strict=True)):
+        keys = varying + hidden.get(tag, [])
+        extra = [f"{k}={json.loads(flats[members[0]][k])}" for k in keys if k in flats[members[0]]]
+        short = " ".join(e.split(".", 1)[-1] for e in extra)
+        label = tag + (f" {short}" if 0 < len(short) <= 40 else f" [{chr(65 + n)}]" if extra else "")
+        if label in groups:  # never merge or drop a group under another's name
+            label = f"{label} [{chr(65 + n)}]"
+        groups[label] = sorted((runs[i] for i in members), key=lambda r: r.seed)
+        settings[label] = ", ".join(extra)
+    # the baseline first: plain CE (no modifier) before CE with one, then the rest in the order given
+    order = sorted(groups, key=lambda label: (groups[label][0].cfg.loss.name != "ce", not label.startswith("ce ")
+                                              and label != "ce"))  # fmt: skip
+    return {label: groups[label] for label in order}, settings
+
+
+def baseline(groups: dict[str, list[Run]]) -> str | None:
+    return next((label for label, runs in groups.items() if runs[0].cfg.loss.name == "ce"), None)
+
+
+def final(values: list[float]) -> float:
+    return values[-1] if values else math.nan
+
+
+def diverged(run: Run) -> str:
+    """Why a run counts as diverged ("" if it does not): its final training ``ce`` is not finite, or is above the
+    loss of a uniform prediction (``ln V``), or is more than 1 nat/token above the lowest it reached."""
+    ce = [c for c in run.ce if c is not None]
+    if not ce:
+        return ""
+    last = ce[-1]
+    if not math.isfinite(last):
+        return "non-finite training loss"
+    vocab = (run.info.get("model") or {}).get("vocab_size")
+    if vocab and last > math.log(vocab):
+        return f"final training ce {last:.2f} above ln V = {math.log(vocab):.2f} (worse than a uniform guess)"
+    low = min(c for c in ce if math.isfinite(c))
+    if last > low + 1.0:
+        return f"final training ce {last:.2f}, more than 1 nat above its lowest ({low:.2f})"
+    return ""
+
+
+def mismatches(runs: list[Run]) -> list[str]:
+    """Why these runs cannot be compared on equal terms, one entry per property that differs (runs that predate
+    run_info.json or the held-out set are not checked on what only those record)."""
+    checks = {
+        "final tokens": lambda r: f"{final(r.tokens):.0f}",
+        "tokenizer (run_info.json tokenizer_sha256)": lambda r: (r.info.get("tokenizer_sha256") or "")[:12] or None,
+        "training data (run_info.json data_files)": lambda r: (
+            json.dumps(r.info["data_files"]) if "data_files" in r.info else None
+        ),
+        "held-out data (data.val_files)": lambda r: json.dumps(list(r.cfg.data.val_files)),
+        "held-out set (eval_held_out.json set identity)": lambda r: (
+            r.held_out["set"]["identity"] if r.stratified else None
+        ),
+    }
+    out = []
+    for what, get in checks.items():
+        seen: dict[str, list[str]] = {}
+        for r in runs:
+            if (value := get(r)) is not None:
+                seen.setdefault(value, []).append(r.dir.name)
+        if len(seen) > 1:
+            short = all(len(v) <= 16 for v in seen)  # show values when short, else only which runs differ
+            out.append(f"{what} differ: " + " vs ".join(
+                f"{v + ': ' if short else ''}{', '.join(names)}" for v, names in seen.items()
+            ))  # fmt: skip
+    return out
