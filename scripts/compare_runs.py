@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 
 from evals.stats import Interval, difference, seed_interval
 from evals.task_sets import resolve_tasks
-from trainer.callbacks import loss_tag
+from losslab.losses import LossConfig, loss_tag
 
 BUCKETS = ("high", "medium", "low")
 # Beside each evaluated checkpoint (the names of evals/runner.py, not imported: it loads DeepSpeed)
@@ -113,6 +113,9 @@ def _schema_defaults() -> Any:
 
 def read_run(run_dir: Path) -> Run:
     cfg = OmegaConf.merge(_schema_defaults(), OmegaConf.load(run_dir / "config.yaml"))
+    # the loss section as today's config writes it (flat; a section saved before losses declared their
+    # parameters keeps only what its loss read), so old and new runs compare key by key
+    cfg.loss = LossConfig.from_mapping(OmegaConf.to_container(cfg.loss)).to_mapping()  # type: ignore[arg-type]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r and "tokens" in r]
     # evaluations follow checkpoints, which need not fall on logging steps; tokens grow linearly with steps

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from losslab.losses import loss_columns, loss_tag
 from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 
 Emit = Callable[[int, dict[str, float]], None]
@@ -135,44 +136,6 @@ def _namespaced(key: str) -> str:
     return f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
 
 
-# The parameters of each loss that change its math, as (config key, short tag, always shown): the primary one is
-# always in the name (so "mile-g1" says which gamma), the others only when they differ from their default.
-LOSS_NAME_PARAMS: dict[str, list[tuple[str, str, bool]]] = {
-    "ce": [],
-    "focal": [("gamma", "g", True), ("count_ignored", "official", False)],
-    "focal_lin": [("gamma", "g", True), ("focal_alpha", "a", True)],
-    "mile": [("gamma", "g", True), ("count_ignored", "official", False)],
-    "pdl": [("alpha", "a", True), ("smoothing", "k", False), ("max_weight", "w", False)],
-}
-
-
-# Settings of every loss that change its math, in the name only when they differ from their default.
-MODIFIER_NAME_PARAMS: list[tuple[str, str]] = [("label_smoothing", "ls"), ("z_loss", "z"), ("entropy_clamp", "clamp")]
-
-
-def _short(value: float | bool) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value).lower()
-
-
-def loss_tag(loss: Any) -> str:
-    """``mile-g1``, ``focal_lin-g2-a0.25``, ``pdl-a0.5-k0``, ``ce-ls0.1``, ``ce-z0.0001``: the loss and the
-    parameters that matter, modifiers included. ``loss``: a run's loss section (a ``LossConfig`` or the ``loss``
-    mapping of a saved config.yaml)."""
-    from losslab.losses.config import LossConfig
-
-    default = LossConfig()
-    parts = [loss.name]
-    params = LOSS_NAME_PARAMS.get(loss.name, []) + [(key, tag, False) for key, tag in MODIFIER_NAME_PARAMS]
-    for key, tag, always in params:
-        value = getattr(loss, key, getattr(default, key))
-        if isinstance(value, bool):
-            if value != getattr(default, key):
-                parts.append(tag)
-        elif always or value != getattr(default, key):
-            parts.append(f"{tag}{_short(value)}")
-    return "-".join(parts)
-
-
 def run_names(cfg: RunConfig, experiment: str = "") -> tuple[str, str, list[str]]:
     """W&B (name, group, tags): runs of one model shape share a group, so a group's workspace compares losses.
     The name is derived from what the run is, never pinned by a config file that an override could contradict:
@@ -188,14 +151,9 @@ def wandb_config(cfg: RunConfig, config: dict[str, Any], group: str) -> dict[str
     """The run's config for W&B with flat columns on top, so a study's runs table and report panels can group
     and filter by them without digging into nested sections: ``experiment`` (the W&B group: one study),
     ``loss/name``, ``loss/tag`` (the loss with the parameters that change its math, as in run names and
-    scripts/compare_runs.py's groups), ``loss/<param>`` for each of those parameters, and ``seed``."""
-    from losslab.losses.config import LossConfig
-
-    default = LossConfig()
-    flat: dict[str, Any] = {"experiment": group, "loss/name": cfg.loss.name, "loss/tag": loss_tag(cfg.loss)}
-    for key, _, _ in LOSS_NAME_PARAMS.get(cfg.loss.name, []):
-        flat[f"loss/{key}"] = getattr(cfg.loss, key, getattr(default, key))
-    flat["seed"] = cfg.train.seed
+    scripts/compare_runs.py's groups), ``loss/<param>`` for each parameter the loss declares and each modifier
+    that changes its math (``losslab.losses.loss_columns``), and ``seed``."""
+    flat: dict[str, Any] = {"experiment": group, **loss_columns(cfg.loss), "seed": cfg.train.seed}
     return {**config, **flat}
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from data.files import write_atomic
 from data.shards import DataError, resolve_files
@@ -40,7 +39,7 @@ from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks, require_wandb
 from trainer.checkpoint import restore
-from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
+from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_dict, to_yaml
 from trainer.engine import (
     accelerator_device,
     build_engine,
@@ -347,7 +346,7 @@ def build_run(cfg: RunConfig) -> Run:
     if rank == 0:
         (run_dir / "config.yaml").write_text(config_yaml)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    config_dict = to_dict(cfg)
     device = engine.device
     run = Run(
         cfg=cfg,
