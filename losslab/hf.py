@@ -259,7 +259,7 @@ def _forward(model: nn.Module, state: _State, args: tuple, labels: Tensor | None
             if h.shape[0] != y.numel():
                 raise ValueError(f"the LM head saw {h.shape[0]} positions for {y.numel()} labels (logits_to_keep?)")
             out = loss_fn(h, weight, y.reshape(-1).to(h.device), denominator=denominator, token_inputs=inputs)
-            captured["metrics"] = out.metrics
+            captured["loss"], captured["metrics"] = out.loss.detach(), out.metrics
             return out.loss  # handed back as the "logits": through the head's hooks, so ZeRO-3 sees it
 
         kwargs.setdefault("use_cache", False)
@@ -268,10 +268,12 @@ def _forward(model: nn.Module, state: _State, args: tuple, labels: Tensor | None
             out = state.forward(*args, return_dict=True, **kwargs)
         finally:
             state.pending = None
-        loss = out.logits  # the head's output: our loss, a scalar (cast like logits at most)
-        if loss is None or loss.dim() != 0:
+        carried = out.logits  # the head's output: our loss, a scalar, at most cast (transformers 4.x: .float())
+        if carried is None or carried.dim() != 0 or "loss" not in captured:
             raise RuntimeError(f"{type(model).__name__}'s forward changed what its LM head returned: it cannot be "
                                "patched (see losslab.hf.declare)")  # fmt: skip
+        # the value as computed (no cast), the gradient through what the head returned (and its hooks)
+        loss = captured["loss"] + (carried - carried.detach())
         result = types.SimpleNamespace(loss=loss, metrics=captured["metrics"])
         logits = None
     state.metrics = {k: v.detach() for k, v in result.metrics.items()}
