@@ -178,3 +178,62 @@ def test_trl_sft_completion_only_loss_falls_on_completions(tmp_path):
         "Plain", (trl.SFTTrainer,), {"__init__": lambda self, **kw: trl.SFTTrainer.__init__(
             self, processing_class=tokenizer, **kw)}), **dict(args))  # fmt: skip
     assert plain[0] == pytest.approx(expected[0].item(), rel=1e-6)  # CE, not MiLe: hence losslab.hf.ModelLoss
+
+
+class Recording(torch.optim.SGD):
+    """SGD at learning rate 0 that keeps the gradients of each step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model.parameters(), lr=0.0)
+        self.names = {p: n for n, p in model.named_parameters()}
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.steps.append({self.names[p]: p.grad.clone() for g in self.param_groups for p in g["params"]
+                           if p.grad is not None})  # fmt: skip
+        return super().step(closure)
+
+
+def grouped(model, groups, loss: str) -> dict[str, torch.Tensor]:
+    """Gradients of the formula: ce, the token mean over every group's targets; mile (gamma 1), each group of rows
+    normalised by its own weights, the groups averaged."""
+    model.zero_grad()
+    total = 0.0
+    n = sum(int((r["labels"][1:] != IGNORE_INDEX).sum()) for g in groups for r in g)
+    for group in groups:
+        wl, ws = 0.0, 0.0
+        for row in group:
+            logits = model(input_ids=row["input_ids"][None], attention_mask=row["attention_mask"][None]).logits[0]
+            y = row["labels"][1:]
+            valid = y != IGNORE_INDEX
+            ce = F.cross_entropy(logits[:-1], y.clamp_min(0), reduction="none")[valid]
+            logp = torch.log_softmax(logits[:-1].detach(), -1)[valid]
+            w = torch.ones_like(ce) if loss == "ce" else 1.0 - (logp.exp() * logp).sum(-1)
+            wl, ws = wl + (w * ce).sum(), ws + w.sum()
+        total = total + (wl / n if loss == "ce" else wl / ws / len(groups))
+    total.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("loss", ["ce", "mile"])
+def test_the_plain_loop_recipe_of_the_docs(loss):
+    """docs/hf.md's plain PyTorch loop, run as written there on one step of three micro-batches (rows 0, 1, then
+    2 and 3 together): ce accumulates to the large batch, mile to the mean of the micro-batch losses."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
+    recipe = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "for micro_batches in loader" in b)
+    rows = records()
+    groups = [rows[:1], rows[1:2], rows[2:]]
+    model = tiny("llama")
+    expected = grouped(model, groups, loss)
+    loader = [[{k: torch.stack([r[k] for r in g]) for k in rows[0]} for g in groups]]
+    opt = Recording(model)
+    exec(recipe.replace('"mile", gamma=1.0', f'"{loss}"'), {"model": model, "loader": loader, "opt": opt})
+    (grads,) = opt.steps
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        assert rel_err(grads[name], expected[name]) < 1e-10, name
