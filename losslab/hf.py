@@ -70,14 +70,13 @@ class _State:
         return {BATCH_KEYS.get(k, k): k for k in self.loss_fn.weighting.token_inputs}
 
 
-def _head_forward(head: nn.Module, owner: _State, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def forward(self: nn.Module, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        pending = owner.pending
-        if pending is None:
-            return original(hidden, *args, **kwargs)
-        return pending(hidden, self.weight)
-
-    return types.MethodType(forward, head)
+def _head_forward(self: nn.Module, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The patched head's forward. What it needs is read from the module at each call (not closed over), so a
+    deep copy of a patched model is a patched model of its own."""
+    pending = self._losslab_state.pending
+    if pending is None:
+        return self._losslab_original(hidden, *args, **kwargs)
+    return pending(hidden, self.weight)
 
 
 def _install_head(model: nn.Module, state: _State) -> nn.Module:
@@ -88,7 +87,7 @@ def _install_head(model: nn.Module, state: _State) -> nn.Module:
         original = head.forward if getattr(head, "_losslab_state", None) is None else head._losslab_original
         head._losslab_original = original
         head._losslab_state = state
-        head.forward = _head_forward(head, state, original)
+        head.forward = types.MethodType(_head_forward, head)
     return head
 
 
@@ -190,7 +189,7 @@ def _patched_forward(model: nn.Module, state: _State) -> Callable[..., Any]:
     original = state.forward
 
     def forward(self: nn.Module, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
-        return _forward(self, state, args, labels, kwargs)
+        return _forward(self, self.losslab, args, labels, kwargs)  # read at each call: a deep copy has its own
 
     sig = inspect.signature(original)
     ours = ["labels", *state.batch_keys, "num_items_in_batch", "return_logits", "shift_labels"]

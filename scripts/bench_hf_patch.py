@@ -5,13 +5,16 @@ patched ``ce`` must equal transformers' own), the median time per step and the p
     python scripts/bench_hf_patch.py                               # SmolLM2-135M-Instruct on the CPU
     python scripts/bench_hf_patch.py --device cuda --random-init   # a GPU machine without the weights
 
-Variants run whole (warm-up step, timed steps, then one step measured for memory) in the order patched, plain,
-plain, patched, ... (``--rounds``), so that drift on a shared machine hits both; the time is the median over all
-their timed steps. Peak memory of a step: on the CPU the peak of live tensors allocated during the step, from
-torch's profiler memory timeline (as ``bench_loss.py --cpu-memory``); on a GPU ``max_memory_allocated`` above
-what was allocated when the step began. ``--random-init``: the model's shape from its config (or SmolLM2-135M's,
-written out here) with random weights: the same speed and memory, losses that mean nothing but still match
-(``--shape num_hidden_layers=1 ...`` makes a toy of it: scripts/gpu/validate.sh --toy).
+Time: every variant trains at once, each ``Trainer`` in a thread of its own, their steps taking turns (patched,
+plain, patched, ...: one step runs at a time), so that a busy machine hits all alike; the median of
+``--steps`` steps after a warm-up step. The rows are fed in order (no shuffling), the same to each. Peak memory
+of a step: afterwards, each variant alone, its second step (the first allocates the optimizer's state): on the
+CPU the peak of live tensors allocated during the step, from torch's profiler memory timeline (as
+``bench_loss.py --cpu-memory``); on a GPU ``max_memory_allocated`` above what was allocated when it began.
+
+``--random-init``: the model's shape from its config (or SmolLM2-135M's, written out here) with random weights:
+the same speed and memory, losses that mean nothing but still match (``--shape num_hidden_layers=1 ...`` makes
+a toy of it: scripts/gpu/validate.sh --toy).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import glob
 import json
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -84,11 +88,39 @@ def batches(tokenizer: Any, vocab: int, seq: int, n: int) -> tuple[list[dict[str
     return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in rows], what
 
 
-class StepProbe:
-    """Trainer callback: the time of every step, and the peak memory of the last one."""
+class Turns:
+    """Step-level alternation of Trainers running in threads: each waits for its turn at the start of a step and
+    passes it on at the end, so their steps interleave (A, B, A, B, ...) and a busy machine hits both alike."""
 
-    def __init__(self, device: str, measure_step: int) -> None:
-        self.device, self.measure_step = device, measure_step
+    def __init__(self, names: list[str]) -> None:
+        self.cond = threading.Condition()
+        self.names, self.turn, self.finished = names, 0, set()
+
+    def _current(self) -> str:
+        live = [n for n in self.names if n not in self.finished]
+        return live[self.turn % len(live)] if live else ""
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self._current() == name)
+
+    def done_step(self, name: str) -> None:
+        with self.cond:
+            self.turn += 1
+            self.cond.notify_all()
+
+    def finish(self, name: str) -> None:
+        with self.cond:
+            self.finished.add(name)
+            self.cond.notify_all()
+
+
+class StepProbe:
+    """Trainer callback: the time of every step (in turn with the other variants, when ``turns`` is given), and
+    the peak memory of step ``measure_step`` (0: none)."""
+
+    def __init__(self, name: str, device: str, measure_step: int = 0, turns: Turns | None = None) -> None:
+        self.name, self.device, self.measure_step, self.turns = name, device, measure_step, turns
         self.times: list[float] = []
         self.peak_mib = float("nan")
         self.t0 = 0.0
@@ -96,6 +128,8 @@ class StepProbe:
         self.base = 0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.turns is not None:
+            self.turns.wait(self.name)
         if state.global_step + 1 == self.measure_step:
             if self.device == "cuda":
                 torch.cuda.synchronize()
@@ -115,14 +149,16 @@ class StepProbe:
         if self.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self.t0
-        if state.global_step != self.measure_step:
-            self.times.append(elapsed)
-            return
-        if self.device == "cuda":
-            self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        if state.global_step == self.measure_step:
+            if self.device == "cuda":
+                self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+            else:
+                self.prof.stop()
+                self.peak_mib = timeline_peak_mib(self.prof)
         else:
-            self.prof.stop()
-            self.peak_mib = timeline_peak_mib(self.prof)
+            self.times.append(elapsed)
+        if self.turns is not None:
+            self.turns.done_step(self.name)
 
 
 def timeline_peak_mib(prof: Any) -> float:
@@ -136,17 +172,17 @@ def timeline_peak_mib(prof: Any) -> float:
     return max((sum(s) for s in sizes), default=0) / 2**20
 
 
-def run_variant(model0: Any, rows: list[dict], loss: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    """One Trainer run from the initial weights: warm-up step, timed steps, one step measured for memory."""
+def trainer_run(model0: Any, rows: list[dict], loss: str | None, steps: int, probe: StepProbe,
+                args: argparse.Namespace) -> list[float]:  # fmt: skip
+    """``steps`` Trainer steps from the initial weights, the rows in order -> the loss of each step."""
     import transformers
+    from torch.utils.data import SequentialSampler
 
     from losslab import hf
 
     model = copy.deepcopy(model0)
     if loss is not None:
         hf.patch(model, loss)
-    steps = 1 + args.steps + 1
-    probe = StepProbe(args.device, measure_step=steps)
     losses: list[float] = []
 
     class Trainer(transformers.Trainer):
@@ -154,6 +190,9 @@ def run_variant(model0: Any, rows: list[dict], loss: str | None, args: argparse.
             out = super().training_step(*a, **k)
             losses.append(out.item())
             return out
+
+        def _get_train_sampler(self, *a: Any, **k: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # the same rows in the same order for every variant
 
     class Callback(transformers.TrainerCallback):
         on_step_begin = staticmethod(probe.on_step_begin)
@@ -163,10 +202,45 @@ def run_variant(model0: Any, rows: list[dict], loss: str | None, args: argparse.
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=1e-4,
         report_to=[], save_strategy="no", logging_steps=1, seed=0, use_cpu=args.device == "cpu",
         bf16=args.precision == "bf16" and args.device == "cuda", disable_tqdm=True, dataloader_num_workers=0,
+        logging_strategy="no",
     )  # fmt: skip
-    Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Callback()]).train()
-    timed = probe.times[1:]  # the first step warms up
-    return {"losses": losses, "step_s": timed, "peak_mib": probe.peak_mib}
+    try:
+        Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Callback()]).train()
+    finally:
+        if probe.turns is not None:
+            probe.turns.finish(probe.name)
+    return losses
+
+
+def timed(model0: Any, rows: list[dict], variants: dict[str, str | None], args: argparse.Namespace) -> dict:
+    """Every variant trained at once, in threads, their steps alternating -> name: (losses, step times)."""
+    turns = Turns(list(variants))
+    probes = {name: StepProbe(name, args.device, turns=turns) for name in variants}
+    results: dict[str, Any] = {}
+
+    def work(name: str) -> None:
+        try:
+            results[name] = trainer_run(model0, rows, variants[name], args.steps + 1, probes[name], args)
+        except BaseException as e:  # reported by the main thread
+            results[name] = e
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in variants]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, r in results.items():
+        if isinstance(r, BaseException):
+            raise RuntimeError(f"{name}: {type(r).__name__}: {r}") from r
+    # the first step of each warms up (first use of every kernel, the optimizer's state)
+    return {name: (results[name], probes[name].times[1:]) for name in variants}
+
+
+def peak(model0: Any, rows: list[dict], loss: str | None, args: argparse.Namespace) -> float:
+    """The peak memory of a step (the second: the first allocates the optimizer's state), alone on the machine."""
+    probe = StepProbe("memory", args.device, measure_step=2)
+    trainer_run(model0, rows, loss, 2, probe, args)
+    return probe.peak_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: the model in bf16 (GPU)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after a warm-up step)")
-    parser.add_argument("--rounds", type=int, default=2, help="patched/plain runs each, alternating")
-    parser.add_argument("--extra", nargs="*", default=["mile"], help="other losses, patched only (one run each)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of each variant (after a warm-up step)")
+    parser.add_argument("--extra", nargs="*", default=["mile"], help="other losses, patched only")
     parser.add_argument("--json", default="", help="write the rows here (a list)")
     parser.add_argument("--append", action="store_true", help="add the rows to the list already in --json")
     args = parser.parse_args(argv)
@@ -191,28 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     model0, tokenizer = load_model(args)
     model0.to(args.device)
     vocab = model0.get_output_embeddings().out_features
-    n = args.batch * (args.steps + 2)
+    n = args.batch * (args.steps + 1)
     rows, data = batches(tokenizer, vocab, args.seq, n)
-    runs: dict[str, list[dict]] = {"patched ce": [], "plain ce": []}
-    for r in range(args.rounds):
-        order = [("patched ce", "ce"), ("plain ce", None)]
-        for name, loss in order if r % 2 == 0 else order[::-1]:
-            runs[name].append(run_variant(model0, rows, loss, args))
-            print(f"round {r + 1}: {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-    for loss in args.extra:
-        runs[f"patched {loss}"] = [run_variant(model0, rows, loss, args)]
-    plain = runs["plain ce"][0]["losses"]
+    variants: dict[str, str | None] = {"patched ce": "ce", "plain ce": None}
+    variants.update({f"patched {loss}": loss for loss in args.extra})
+    times = timed(model0, rows, variants, args)
+    for name, (losses, step_s) in times.items():
+        print(f"{name}: losses {losses}, step s {[round(t, 3) for t in step_s]}", file=sys.stderr, flush=True)
+    peaks = {name: peak(model0, rows, loss, args) for name, loss in variants.items()}
+    plain = times["plain ce"][0]
     meta = {"bench": "hf_patch", "model": "random init" if args.random_init else Path(args.model).name,
             "device": args.device, "precision": args.precision, "seq": args.seq, "batch": args.batch, "data": data,
             "params": sum(p.numel() for p in model0.parameters()), "vocab": vocab}  # fmt: skip
     out = []
-    for name, rs in runs.items():
-        times = [t for r in rs for t in r["step_s"]]
-        median = statistics.median(times)
+    for name, (losses, step_s) in times.items():
+        median = statistics.median(step_s)
         row = {**meta, "variant": name, "s_per_step": median, "tokens_per_s": args.batch * args.seq / median,
-               "step_s": times, "peak_mib": max(r["peak_mib"] for r in rs), "losses": rs[0]["losses"]}  # fmt: skip
+               "step_s": step_s, "peak_mib": peaks[name], "losses": losses}  # fmt: skip
         if name.endswith(" ce"):
-            pairs = zip(rs[0]["losses"], plain, strict=True)
+            pairs = zip(losses, plain, strict=True)
             row["max_rel_loss_diff_vs_plain"] = max(abs(a - b) / abs(b) for a, b in pairs)
         out.append(row)
     base = next(r for r in out if r["variant"] == "plain ce")

@@ -222,3 +222,24 @@ def test_a_model_whose_logits_are_scaled_is_refused():
         assert hf.patch(model, "ce") is model
     finally:
         hf.FAMILIES.discard("mystery")
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
+    """TRL and others deep-copy models (a reference model): the copy computes its loss with its own head."""
+    import copy
+
+    model = tiny("llama", tied=True)
+    ids, mask, labels = batch()
+    hf.patch(model, "mile")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.embed_tokens.weight.mul_(2.0)  # the copy's (tied) head changes; the original's does not
+    original = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    fused = clone(input_ids=ids, attention_mask=mask, labels=labels).loss
+    from_logits = clone(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True).loss
+    assert fused.item() == pytest.approx(from_logits.item(), rel=1e-12)  # the copy's own weights
+    assert abs(fused.item() - original.item()) > 1e-3
+    assert model.get_output_embeddings()._losslab_state is model.losslab
+    assert clone.get_output_embeddings()._losslab_state is clone.losslab is not model.losslab
+    hf.unpatch(clone)
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is None  # the original stays patched

@@ -156,7 +156,7 @@ model() {  # bench_model runs neox (losslab, HF) then llama (losslab, HF): a cut
 hf() {  # its rows are added to bench_model.json: 8 files is the most the device tool returns
   # shellcheck disable=SC2086  # HF_SHAPE is a list
   cut $PY scripts/bench_hf_patch.py --device $DEVICE --random-init --precision "$HF_PRECISION" --seq "$HF_SEQ" \
-    --batch "$HF_BATCH" --steps "$HF_STEPS" --rounds 2 ${HF_SHAPE:+--shape $HF_SHAPE} \
+    --batch "$HF_BATCH" --steps "$HF_STEPS" ${HF_SHAPE:+--shape $HF_SHAPE} \
     --json "$OUT/bench_model.json" --append
 }
 
