@@ -214,6 +214,9 @@ def _token_inputs(state: _State, kwargs: dict[str, Any], shifted: bool) -> dict[
 def _forward(model: nn.Module, state: _State, args: tuple, labels: Tensor | None, kwargs: dict[str, Any]) -> Any:
     """One call of the patched forward: the model's own without labels; with them, the fused loss from the
     head's input (or, asked for logits, the loss from the logits)."""
+    if kwargs.get("fused_lm_head"):  # TRL's own loss head called through this forward: it would bypass the patch
+        raise ValueError("losslab.hf: TRL's trainer computes a loss of its own (fused_lm_head=True); mix in "
+                         "losslab.hf.ModelLoss so that it trains the patched model's loss (docs/hf.md)")  # fmt: skip
     num_items = kwargs.pop("num_items_in_batch", None)
     return_logits = kwargs.pop("return_logits", None)
     shift_labels = kwargs.pop("shift_labels", None)
@@ -247,8 +250,7 @@ def _forward(model: nn.Module, state: _State, args: tuple, labels: Tensor | None
         logits = out.logits
         if logits.shape[:-1] != y.shape:
             raise ValueError(f"logits {tuple(logits.shape)} do not cover labels {tuple(y.shape)} (logits_to_keep?)")
-        result = loss_fn.forward_logits(logits, y.to(logits.device), token_inputs=inputs,
-                                        denominator=None if denominator is None else denominator)  # fmt: skip
+        result = loss_fn.forward_logits(logits, y.to(logits.device), denominator=denominator, token_inputs=inputs)
     else:
         _install_head(model, state)
         captured: dict[str, Any] = {}

@@ -178,6 +178,14 @@ def test_trl_sft_completion_only_loss_falls_on_completions(tmp_path):
         "Plain", (trl.SFTTrainer,), {"__init__": lambda self, **kw: trl.SFTTrainer.__init__(
             self, processing_class=tokenizer, **kw)}), **dict(args))  # fmt: skip
     assert plain[0] == pytest.approx(expected[0].item(), rel=1e-6)  # CE, not MiLe: hence losslab.hf.ModelLoss
+    # patched after TRL added its head, the patch sees TRL's call and says what to do instead of training CE
+    hf.unpatch(model)
+    targs = trl.SFTConfig(output_dir=str(tmp_path / "e"), max_steps=1, report_to=[], use_cpu=True, **{
+        k: v for k, v in args.items() if k != "config_cls"})  # fmt: skip
+    late = trl.SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(data), processing_class=tokenizer)
+    hf.patch(late.model, "mile")
+    with pytest.raises(ValueError, match=r"mix in losslab.hf.ModelLoss"):
+        late.train()
 
 
 class Recording(torch.optim.SGD):
