@@ -1,9 +1,10 @@
 """``losslab COMMAND [ARGS ...]``: one entry point that fronts the scripts in ``scripts/`` (each command runs
 that script's ``main(argv)``; ``losslab COMMAND --help`` shows its options).
 
-losslab is installed editable from a checkout (``pip install -e .``, as ``scripts/setup.sh`` does): the command
-finds the checkout through this file's location and runs its code. A copy of this package installed any other
-way has no checkout beside it and says so instead of importing unrelated ``data`` / ``trainer`` modules.
+The framework is installed editable from a checkout (``pip install -e '.[framework]'``, as ``scripts/setup.sh``
+does): the command finds the checkout through this file's location and runs its code. A copy of this package
+installed any other way (a wheel: the loss library alone, ``losslab.losses`` and ``losslab.hf``) has no checkout
+beside it and says so instead of importing unrelated ``data`` / ``trainer`` modules.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def checkout_root() -> Path:
     if missing:
         print(
             f"losslab: no source checkout at {root} (missing {', '.join(missing)}): losslab runs from a checkout; "
-            "clone it and install it editable with `pip install -e CHECKOUT`",
+            "clone it and install it editable with `pip install -e 'CHECKOUT[framework]'` (an installed wheel is "
+            "the loss library alone: from losslab.losses import build_loss)",
             file=sys.stderr,
         )
         raise SystemExit(2)

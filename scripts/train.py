@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (derived fields filled) and exit"
     )
-    parser.add_argument("--list", action="store_true", help="list presets, losses, task sets, DeepSpeed layouts")
+    parser.add_argument(
+        "--list", action="store_true", help="list presets, losses and their parameters, task sets, DeepSpeed layouts"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.list:
         print(choices_listing())
@@ -122,7 +124,7 @@ def print_config(cfg) -> str:
 
 def choices_listing() -> str:
     from evals.task_sets import TASK_SETS
-    from losslab.losses import LOSSES
+    from losslab.losses.settings import listing
     from models.config import BLOCKS
     from models.presets import PRESETS
     from trainer.config import CONFIG_ROOT
@@ -132,7 +134,7 @@ def choices_listing() -> str:
         mlp = f"MLP {p.d_mlp('neox')} (neox, GELU) / {p.d_mlp('llama')} (llama, SwiGLU)"
         lines.append(f"  {name:<6} {p.n_layers} x {p.d_model}, {p.n_heads} heads, {mlp}, {p.max_seq_len}")
     lines.append(f"model.block: {', '.join(BLOCKS)}")
-    lines.append(f"loss.name: {', '.join(sorted(LOSSES))}")
+    lines.extend(listing())  # each loss with its declared parameters, then the modifiers
     lines.append("eval.tasks sets: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in TASK_SETS.items()))
     layouts = sorted(p.stem for p in (CONFIG_ROOT / "deepspeed").glob("*.yaml"))
     lines.append(f"distributed.preset: {', '.join(layouts)}")

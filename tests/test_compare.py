@@ -329,5 +329,5 @@ def test_groups_that_differ_only_by_a_modifier_or_a_loss_option_stay_apart():
     assert len(groups) == 5 and sum(len(g) for g in groups.values()) == len(runs)
     assert {"ce", "ce-ls0.1", "ce-z0.0001"} <= set(groups) and baseline(groups) == "ce"
     assert all({r.seed for r in g} == {0, 1} for g in groups.values())
-    pdl = [label for label in groups if label.startswith("pdl")]  # eps is not in the tag: it tells them apart
-    assert len(pdl) == 2 and any("eps=0.001" in label for label in pdl), pdl
+    pdl = [label for label in groups if label.startswith("pdl")]  # every declared parameter is in the tag
+    assert sorted(pdl) == ["pdl-a1", "pdl-a1-eps0.001"], pdl

@@ -15,7 +15,7 @@ import pytest
 from scripts.gpu import report
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["setup", "kernels", "tests", "loss", "model", "big", "scale"]
+STAGES = ["setup", "kernels", "tests", "loss", "model", "hf", "big", "scale"]
 # what the device tool brings back: at most 8 files, named plainly, directly in OUTDIR
 FILES = {
     "validate.log",
@@ -90,8 +90,13 @@ def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
     # stage 2: Liger cannot run here, and says so in its row
     loss_rows = json.loads((out / "bench_loss.json").read_text())["losses"]
     assert [r["skipped"] for r in loss_rows if r["impl"] == "liger"] == ["Liger's kernels need CUDA"]
-    # stage 3 and 4
-    model = json.loads((out / "bench_model.json").read_text())
+    # stage 3 and 4 (and the hf stage's rows, added to bench_model.json)
+    rows = json.loads((out / "bench_model.json").read_text())
+    model = [r for r in rows if "bench" not in r]
+    hf_rows = {r["variant"]: r for r in rows if r.get("bench") == "hf_patch"}
+    assert set(hf_rows) == {"patched ce", "plain ce", "patched mile"}
+    assert hf_rows["patched ce"]["max_rel_loss_diff_vs_plain"] < 1e-5  # the patched ce is transformers' own loss
+    assert all(r["peak_mib"] > 0 and r["s_per_step"] > 0 for r in hf_rows.values())
     assert [(r["block"], r["impl"]) for r in model] == [
         ("neox", "losslab"),
         ("neox", "hf"),
@@ -126,6 +131,8 @@ def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
         "debug neox >= 1.3x HF eager (same run)",
         "debug neox >= 55% MFU",
         "6.7B ZeRO-3 offload",
+        "HF patch: ce loss = HF's, every step",
+        "HF patch: peak memory of a step < HF's",
     ):
         assert f"| {target}" in section, target
 

@@ -251,3 +251,63 @@ def test_export_refuses_a_tokenizer_that_is_not_the_models(corpus, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ckpt" / "model.safetensors"))
     _one_clean_line(_script("export_hf.py", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")),
                     tmp_path / "ckpt" / "tokenizer.model")  # fmt: skip
+
+
+# Run by each interpreter with this checkout first on the path: losslab.hf.patch on that transformers release.
+PATCH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, transformers
+from losslab import hf
+
+def tiny(cls, config, tied):
+    torch.manual_seed(0)
+    model = cls(config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, tie_word_embeddings=tied)).double().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+report = {"version": transformers.__version__}
+ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+labels = ids.clone()
+labels[0, :5] = -100
+for name, cls, config in (("llama", transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                          ("neox", transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig)):
+    for tied in (False, True):
+        model = tiny(cls, config, tied)
+        hidden = model.base_model(input_ids=ids)[0]  # float64 (4.x casts its logits to float32)
+        logits = torch.nn.functional.linear(hidden, model.get_output_embeddings().weight)
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1))
+        ref.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        model.eval()
+        generated = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        hf.patch(model, "ce")
+        model.train()
+        n = int((labels[:, 1:] != -100).sum())
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(2 * n))  # a step of 2 batches
+        (out.loss * 2).backward()  # (a power of two: 4.x casts the head's output, and its gradient, to float32)
+        err = max(((p.grad - want[k]).norm() / want[k].norm()).item() for k, p in model.named_parameters())
+        model.eval()
+        same = torch.equal(model.generate(ids[:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0), generated)
+        report[f"{name}-{'tied' if tied else 'untied'}"] = {
+            "loss": (out.loss * 2).item(), "ref": ref.item(), "grad_err": err, "logits": out.logits is None,
+            "generate": same}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("major", ["4", "5"])
+def test_the_hf_patch_works_in_transformers_4_and_5(major, request):
+    """losslab.hf.patch calls the model's own forward and intercepts only its LM head, so one implementation
+    serves transformers 4.44 (no num_items_in_batch, past_key_values) and 5.x (cache, can_return_tuple)."""
+    python = request.getfixturevalue("tf4_python") if major == "4" else sys.executable
+    got = _run(python, PATCH, str(REPO))
+    assert got.pop("version").split(".")[0] == major
+    assert len(got) == 4
+    for case, r in got.items():
+        assert r["loss"] == pytest.approx(r["ref"], rel=1e-12), case
+        assert r["grad_err"] < 1e-10 and r["logits"] and r["generate"], (case, r)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losslab.losses import IGNORE_INDEX, build_loss
+from losslab.losses import IGNORE_INDEX, LossConfig, build_loss, loss_tag
 from tests.test_losses import make_inputs, rel_err
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
@@ -39,7 +39,7 @@ def poly1_reference(hidden, weight, labels, epsilon, smoothing=0.0):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_documented_plugin_loss(plugin_module, fused, smoothing):
     hidden, weight, labels, _ = make_inputs(torch.float64, ignore=True)
-    cfg = {"name": f"{plugin_module}:Poly1", "options": {"epsilon": 2.0}, "fused": fused, "chunk_size": 17,
+    cfg = {"name": f"{plugin_module}:Poly1", "epsilon": 2.0, "fused": fused, "chunk_size": 17,
            "label_smoothing": smoothing}  # fmt: skip
     out = build_loss(cfg)(hidden, weight, labels)
     gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
@@ -58,3 +58,9 @@ def test_a_plugin_name_that_cannot_be_used_fails_clearly(plugin_module):
         build_loss({"name": f"{plugin_module}:Rows"})
     with pytest.raises(ValueError, match="unknown loss 'poly1'"):
         build_loss({"name": "poly1"})
+    # its declared parameter is checked like a built-in loss's, and named in runs
+    with pytest.raises(ValueError, match=r"loss.epsilon='x' is not a number"):
+        build_loss(f"{plugin_module}:Poly1", epsilon="x")
+    with pytest.raises(ValueError, match=rf"loss.gamma=2 is a parameter of .*not of loss.name={plugin_module}:Poly1"):
+        build_loss(f"{plugin_module}:Poly1", gamma=2)
+    assert loss_tag(LossConfig(f"{plugin_module}:Poly1", epsilon=0.5)) == f"{plugin_module}:Poly1-eps0.5"

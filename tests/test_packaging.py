@@ -3,6 +3,7 @@ the code of the checkout they sit in."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -62,15 +63,21 @@ def test_scripts_run_their_own_checkout_before_any_other_copy(elsewhere):
         assert proc.returncode == 0 and "decoy" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_wheel_holds_only_the_losslab_package_and_says_it_needs_a_checkout(tmp_path, elsewhere):
-    """The distribution's contents, from a copy of the source (building in place would write build/ here)."""
-    src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The distribution, built once from a copy of the source (building in place would write build/ here)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
     skip = (".git", ".venv*", "runs", "corpus", "eval_data", ".whl*", "__pycache__", "*.egg-info", ".*_cache", "build")
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*skip))
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                 str(tmp_path / "dist"), str(src)], elsewhere)  # fmt: skip
+                 str(tmp / "dist"), str(src)], tmp)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (tmp_path / "dist").glob("losslab-*.whl")
+    (path,) = (tmp / "dist").glob("losslab-*.whl")
+    return path
+
+
+def test_a_wheel_holds_only_the_losslab_package_and_says_it_needs_a_checkout(wheel, tmp_path, elsewhere):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"losslab"}, tops
     entry_points = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt"))
@@ -82,3 +89,115 @@ def test_a_wheel_holds_only_the_losslab_package_and_says_it_needs_a_checkout(tmp
                elsewhere, PYTHONPATH=str(site), PYTHONSAFEPATH="1")  # fmt: skip
     assert proc.returncode == 2 and "pip install -e" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert os.sep + "site" in proc.stderr  # names where it looked
+
+
+def closure(*names: str) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``names`` need (their requirements, recursively; extras left out)."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        dist = importlib.metadata.distribution(name)
+        seen[name] = dist
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return list(seen.values())
+
+
+def site_of(dists: list[importlib.metadata.Distribution], folder: Path) -> Path:
+    """A folder of links to these distributions' files in this venv (modules and metadata): what a .pth line
+    makes importable in another environment — those packages and nothing else."""
+    folder.mkdir()
+    for dist in dists:
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top.endswith((".pth", "__pycache__")) or top == ".." or (folder / top).exists():
+                continue
+            source = Path(dist.locate_file(top))
+            if source.exists():
+                (folder / top).symlink_to(source)
+    return folder
+
+
+FRESH_LOSSES = """
+import importlib.util, sys
+import torch
+import losslab, losslab.hf
+from losslab.losses import build_loss
+
+assert losslab.__file__.startswith(sys.prefix), losslab.__file__  # the installed copy, no checkout
+g = torch.Generator().manual_seed(0)
+h = torch.randn(64, 16, generator=g, dtype=torch.float64).requires_grad_()
+w = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+y = torch.randint(0, 50, (64,), generator=g)
+y[:9] = -100
+out = build_loss("mile", gamma=1.0, fused="true", chunk_size=16)(h, w, y)
+gh, gw = torch.autograd.grad(out.loss, (h, w))
+logp = (h @ w.T).log_softmax(-1)  # MiLe from its formula: sum (1 + H) CE / sum (1 + H), weights detached
+valid = y != -100
+ce = -logp[torch.arange(64), y.clamp(min=0)][valid]
+weight = 1 - (logp.detach().exp() * logp.detach()).sum(-1)[valid]
+ref = (weight * ce).sum() / weight.sum()
+rh, rw = torch.autograd.grad(ref, (h, w))
+assert abs(out.loss.item() - ref.item()) < 1e-12 and (gh - rh).abs().max() < 1e-12 and (gw - rw).abs().max() < 1e-12
+present = [m for m in ("deepspeed", "omegaconf", "wandb", "lm_eval", "transformers", "data", "trainer", "models",
+                       "evals", "scripts") if m in sys.modules or importlib.util.find_spec(m) is not None]
+assert not present, present
+print("losses ok")
+"""
+
+FRESH_HF = """
+import sys, tempfile
+import torch, transformers
+from losslab import hf
+
+folder = tempfile.mkdtemp()
+config = transformers.LlamaConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True)
+torch.manual_seed(0)
+transformers.LlamaForCausalLM(config).save_pretrained(folder)
+model = hf.from_pretrained(folder, loss="mile", gamma=1.0, dtype=torch.float64).train()
+ids = torch.randint(0, 80, (2, 12))
+fused = model(input_ids=ids, labels=ids)
+assert fused.logits is None
+fused.loss.backward()
+g = model.model.embed_tokens.weight.grad.clone()
+model.zero_grad()
+full = model(input_ids=ids, labels=ids, return_logits=True)  # the same loss from materialised logits
+full.loss.backward()
+assert abs(fused.loss.item() - full.loss.item()) < 1e-12, (fused.loss.item(), full.loss.item())
+assert (g - model.model.embed_tokens.weight.grad).abs().max() < 1e-12
+print("hf ok", transformers.__version__)
+"""
+
+
+def test_a_wheel_in_a_fresh_virtualenv_runs_the_losses_with_torch_alone(wheel, tmp_path, elsewhere):
+    """Acceptance of #28: the built wheel installed (not editable) in a fresh virtualenv with no checkout beside
+    it. torch (and what it requires) is reached through a .pth line to this venv's copies, nothing else: no
+    DeepSpeed, OmegaConf, W&B, lm-eval or transformers. Then transformers is added the same way and a patched tiny
+    Llama trains from the installed copy."""
+    venv = tmp_path / "fresh"
+    made = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], elsewhere)
+    assert made.returncode == 0, made.stderr
+    python = venv / "bin" / "python"
+    installed = run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                     str(wheel)], elsewhere)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    (purelib,) = (venv / "lib").glob("python3*/site-packages")
+    torch_site = site_of(closure("torch"), tmp_path / "torch_site")
+    (purelib / "torch_only.pth").write_text(f"{torch_site}\n")
+    env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": "", "PYTHONNOUSERSITE": "1"}
+    losses = run([str(python), "-c", FRESH_LOSSES], elsewhere, **env)
+    assert losses.returncode == 0 and "losses ok" in losses.stdout, losses.stderr[-3000:]
+    command = run([str(venv / "bin" / "losslab"), "train", "--help"], elsewhere, **env)
+    assert command.returncode == 2 and "pip install -e" in command.stderr and "Traceback" not in command.stderr
+    hf_site = site_of([d for d in closure("transformers") if d.metadata["Name"].lower() != "torch"], tmp_path / "hf")
+    (purelib / "transformers.pth").write_text(f"{hf_site}\n")
+    patched = run([str(python), "-c", FRESH_HF], elsewhere, **env)
+    assert patched.returncode == 0 and "hf ok" in patched.stdout, patched.stderr[-3000:]

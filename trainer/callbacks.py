@@ -15,7 +15,7 @@ from typing import Any
 import torch.distributed as dist
 
 from evals.heldout import SET_FILE, SampleSpec
-from evals.loss_tags import LOSS_NAME_PARAMS, loss_tag
+from losslab.losses import loss_columns, loss_tag
 from trainer.config import ConfigError, EvalSection, RunConfig, WandbSection
 
 Emit = Callable[[int, dict[str, float]], None]
@@ -163,14 +163,9 @@ def wandb_config(cfg: RunConfig, config: dict[str, Any], group: str) -> dict[str
     """The run's config for W&B with flat columns on top, so a study's runs table and report panels can group
     and filter by them without digging into nested sections: ``experiment`` (the W&B group: one study),
     ``loss/name``, ``loss/tag`` (the loss with the parameters that change its math, as in run names and
-    scripts/compare_runs.py's groups), ``loss/<param>`` for each of those parameters, and ``seed``."""
-    from losslab.losses.config import LossConfig
-
-    default = LossConfig()
-    flat: dict[str, Any] = {"experiment": group, "loss/name": cfg.loss.name, "loss/tag": loss_tag(cfg.loss)}
-    for key, _, _ in LOSS_NAME_PARAMS.get(cfg.loss.name, []):
-        flat[f"loss/{key}"] = getattr(cfg.loss, key, getattr(default, key))
-    flat["seed"] = cfg.train.seed
+    scripts/compare_runs.py's groups), ``loss/<param>`` for each parameter the loss declares and each modifier
+    that changes its math (``losslab.losses.loss_columns``), and ``seed``."""
+    flat: dict[str, Any] = {"experiment": group, **loss_columns(cfg.loss), "seed": cfg.train.seed}
     return {**config, **flat}
 
 

@@ -3,12 +3,17 @@
 Load order (later wins): the schema's defaults -> ``configs/base.yaml`` -> the files an experiment lists under
 ``includes:`` (relative to ``configs/``, e.g. ``model/tiny.yaml``, ``loss/mile.yaml``) -> the experiment file ->
 ``key=value`` overrides from the command line. Unknown keys and wrong types are errors naming the key.
+
+The ``loss`` section is written flat (``loss.gamma: 2``): ``name``, the selected loss's own parameters (declared
+with its class) and the modifiers of every loss. A layer that changes ``loss.name`` starts the loss from its
+declared defaults: the parameters set by the layers below it belonged to the loss it replaces and are dropped
+(so ``demo.yaml loss.name=pdl`` does not carry MiLe's ``gamma`` along). A parameter the selected loss does not
+declare, set in the same layer as the name or above it, is an error (``docs/losses.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import MIX_MISSING, DataConfig
-from losslab.losses.config import LossConfig
+from losslab.losses.config import (
+    AT_LEAST_ONE,
+    FRACTION,
+    MODIFIER_NAMES,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    Bound,
+    LossConfig,
+    SettingError,
+)
 from losslab.losses.kernels import resolve as resolve_kernel
+from losslab.losses.settings import resolve as resolve_loss_config
 from losslab.losses.weighting import LOSSES, resolve_loss
 from models.config import BLOCKS, GPTConfig
 from models.presets import BLOCK_DEFAULTS, PRESETS, get_preset
@@ -270,39 +286,95 @@ def _includes(exp: DictConfig, path: str | os.PathLike) -> list[str]:
     return names
 
 
-def _compose(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...], preset: str) -> DictConfig:
+def _loss_layer(layer: DictConfig, origin: str) -> DictConfig:
+    """The layer with its flat loss parameters (``loss.gamma``) moved under ``loss.params``, where the schema
+    keeps the selected loss's own settings (the modifiers and ``name`` are typed fields of their own)."""
+    loss = layer.get("loss")
+    if loss is None:
+        return layer
+    if not isinstance(loss, DictConfig):
+        raise ConfigError(f"{origin}: loss must be a mapping of settings, e.g. {{name: mile, gamma: 1.0}}")
+    flat = OmegaConf.to_container(loss)
+    assert isinstance(flat, dict)
+    if "params" in flat:
+        raise ConfigError(f"{origin}: write a loss's parameters flat (loss.gamma: 2.0), not under loss.params")
+    if "options" in flat:  # a config saved before losses declared their parameters
+        flat = LossConfig.from_mapping(flat).to_mapping()
+    own = {k: v for k, v in flat.items() if k != "name" and k not in MODIFIER_NAMES}
+    general = {k: v for k, v in flat.items() if k not in own}
+    out = layer.copy()
+    out.loss = {**general, **({"params": own} if own else {})}
+    return out
+
+
+Origins = dict[str, str]
+"""Loss key -> the layer that set it (a file, or ``override 'loss.gamma=3'``), for error messages."""
+
+
+def _merge_layer(cfg: DictConfig, layer: DictConfig, origin: str, origins: Origins, switch: bool = True) -> DictConfig:
+    """Merge one config layer; if it chooses another loss, the parameters below it are dropped first."""
+    name = OmegaConf.select(layer, "loss.name", default=None)
+    if switch and name is not None and name != cfg.loss.name:
+        _drop_params(cfg, origins)
+    layer = _loss_layer(layer, origin)
+    loss = layer.get("loss")
+    if isinstance(loss, DictConfig):
+        origins.update({k: origin for k in loss if k != "params"})
+        origins.update({k: origin for k in loss.get("params", {})})
+    return _merge(cfg, layer, origin)
+
+
+def _drop_params(cfg: DictConfig, origins: Origins) -> None:
+    for key in cfg.loss.params:
+        origins.pop(key, None)
+    cfg.loss.params = {}
+
+
+def _compose(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...], preset: str, origins: Origins
+) -> DictConfig:
     cfg = OmegaConf.structured(RunConfig)
-    cfg = _merge(cfg, _load_yaml(CONFIG_ROOT / "base.yaml"), "configs/base.yaml")
+    cfg = _merge_layer(cfg, _load_yaml(CONFIG_ROOT / "base.yaml"), "configs/base.yaml", origins)
     exp = _load_yaml(Path(path)) if path is not None else OmegaConf.create({})
     for inc in _includes(exp, path) if path is not None else []:
         inc_path = Path(inc) if os.path.isabs(inc) else CONFIG_ROOT / inc
-        cfg = _merge(cfg, _load_yaml(inc_path), str(inc_path))
+        cfg = _merge_layer(cfg, _load_yaml(inc_path), str(inc_path), origins)
     if preset:
         layer = CONFIG_ROOT / "deepspeed" / f"{preset}.yaml"
         if not layer.is_file():
             valid = sorted(p.stem for p in (CONFIG_ROOT / "deepspeed").glob("*.yaml"))
             raise ConfigError(f"distributed.preset={preset!r} is not valid; choose one of {valid}")
-        cfg = _merge(cfg, _load_yaml(layer), str(layer))
+        cfg = _merge_layer(cfg, _load_yaml(layer), str(layer), origins)
     if path is not None:
-        cfg = _merge(cfg, exp, str(path))
+        cfg = _merge_layer(cfg, exp, str(path), origins)
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        items.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+    # the command line is one layer: its loss.name (the last one) decides, wherever it stands among the overrides
+    names = [n for layer, _ in items if (n := OmegaConf.select(layer, "loss.name", default=None)) is not None]
+    if names and names[-1] != cfg.loss.name:
+        _drop_params(cfg, origins)
+    for layer, origin in items:
+        cfg = _merge_layer(cfg, layer, origin, origins, switch=False)
     return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Compose and validate a run config; raises ConfigError with the offending key."""
-    cfg = _compose(path, overrides, preset="")
+    origins: Origins = {}
+    cfg = _compose(path, overrides, preset="", origins=origins)
     preset = cfg.distributed.preset
     if preset:  # the chosen DeepSpeed layout is a layer of its own, below the experiment and the overrides
-        cfg = _compose(path, overrides, preset=preset)
+        origins.clear()
+        cfg = _compose(path, overrides, preset=preset, origins=origins)
     try:
         run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {e}") from None
-    validate(run_cfg)
+    validate(run_cfg, origins)
+    run_cfg.loss = resolve_loss_config(run_cfg.loss)  # the loss's parameters with their defaults, for the record
     return run_cfg
 
 
@@ -322,35 +394,6 @@ def _choice(key: str, value: str, valid: list[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {valid}")
 
 
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric key may take: ``lo`` < (or <=) value < (or <=) ``hi``; finite unless ``inf_ok``."""
-
-    lo: float = -math.inf
-    hi: float = math.inf
-    lo_open: bool = False
-    hi_open: bool = False
-    inf_ok: bool = False
-
-    def holds(self, v: float) -> bool:
-        if math.isnan(v) or (math.isinf(v) and not self.inf_ok):
-            return False
-        above = v > self.lo if self.lo_open else v >= self.lo
-        below = v < self.hi if self.hi_open else v <= self.hi
-        return above and below
-
-    def __str__(self) -> str:
-        lo = f"{'(' if self.lo_open else '['}{self.lo:g}"
-        hi = f"{self.hi:g}{')' if self.hi_open else ']'}"
-        return f"in {lo}, {hi}" + ("" if self.inf_ok else ", finite")
-
-
-NON_NEGATIVE = Bound(0.0)
-POSITIVE = Bound(0.0, lo_open=True)
-AT_LEAST_ONE = Bound(1.0)
-FRACTION = Bound(0.0, 1.0)
-OPEN_FRACTION = Bound(0.0, 1.0, hi_open=True)
-
 BOUNDS: dict[str, Bound] = {
     # One table for every numeric key with a range: validate() checks them all, before anything is built.
     "model.n_layers": AT_LEAST_ONE,
@@ -363,17 +406,7 @@ BOUNDS: dict[str, Bound] = {
     "model.n_kv_heads": NON_NEGATIVE,
     "model.rotary_base": POSITIVE,
     "model.norm_eps": POSITIVE,
-    "loss.gamma": NON_NEGATIVE,
-    "loss.focal_alpha": POSITIVE,
-    "loss.alpha": NON_NEGATIVE,
-    "loss.eps": NON_NEGATIVE,
-    "loss.smoothing": NON_NEGATIVE,
-    "loss.max_weight": NON_NEGATIVE,
-    "loss.chunk_size": NON_NEGATIVE,
-    "loss.keep_ratio": Bound(0.0, 1.0, lo_open=True),
-    "loss.label_smoothing": Bound(0.0, 1.0, hi_open=True),
-    "loss.z_loss": NON_NEGATIVE,
-    "loss.entropy_clamp": Bound(0.0, 1.0, hi_open=True),
+    # loss.*: declared with each loss (losslab/losses), checked by validate() through losslab.losses.resolve
     "data.seq_len": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
     "data.count_bytes": NON_NEGATIVE,
@@ -418,14 +451,21 @@ def _check_bounds(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cheap, pure checks of values (no I/O): choices, the ``BOUNDS`` table, and how keys fit together."""
+def validate(cfg: RunConfig, origins: Origins | None = None) -> None:
+    """Cheap, pure checks of values (no I/O): choices, the ``BOUNDS`` table, the loss's declared settings, and
+    how keys fit together. ``origins``: which layer set each loss key, named in the error."""
     _check_bounds(cfg)
     _choice("model.preset", cfg.model.preset, sorted(PRESETS))
     _choice("model.block", cfg.model.block, list(BLOCKS))
     _check_plugin("loss.name", cfg.loss.name, sorted(LOSSES), resolve_loss)
-    _choice("loss.fused", str(cfg.loss.fused).lower(), ["auto", "false", "true"])
     _check_plugin("loss.kernel", cfg.loss.kernel, ["auto", "torch", "triton"], resolve_kernel)
+    try:  # every loss setting against its declaration: bounds, types, and none that belongs to another loss
+        resolve_loss_config(cfg.loss)
+    except SettingError as e:
+        where = (origins or {}).get(e.key)
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _choice("train.precision", cfg.train.precision, ["auto", "bf16", "fp32"])
     _choice("wandb.mode", cfg.wandb.mode, ["disabled", "offline", "online"])
     _choice("data.count_over", cfg.data.count_over, ["all", "targets"])
@@ -533,5 +573,14 @@ def resolved(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     return out
 
 
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain nested dicts, its loss section flat as a user writes it (``loss.gamma``)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    container["loss"] = cfg.loss.to_mapping()
+    return container
+
+
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML that loads back to itself."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

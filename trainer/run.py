@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from data.files import write_atomic
 from data.mixture import describe as describe_mixture
@@ -43,7 +42,7 @@ from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks, require_wandb, sample_spec
 from trainer.checkpoint import choose_resume, restore, start_space_check
-from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_yaml
+from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_dict, to_yaml
 from trainer.data_guard import check_data
 from trainer.engine import (
     accelerator_device,
@@ -369,7 +368,7 @@ def build_run(cfg: RunConfig) -> Run:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if mixture is not None:
             (run_dir / "mixture.json").write_text(json.dumps(mixture.as_dict(), indent=2))
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    config_dict = to_dict(cfg)
     device = engine.device
     run = Run(
         cfg=cfg,

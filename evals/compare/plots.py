@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from evals.compare.metrics import Contrast
 from evals.compare.runs import Run
-from evals.loss_tags import loss_tag
+from losslab.losses import loss_tag
 
 # One colour per loss, the same in every report: by the loss tag's name, its modifier where it has one.
 LOSS_COLOURS = {"ce": "#333333", "mile": "#1f77b4", "focal": "#ff7f0e", "focal_lin": "#bcbd22", "pdl": "#2ca02c",

@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from evals.loss_tags import loss_tag
 from evals.runner import HELD_OUT_FILE, RESULTS_FILE, SAMPLES_FILE
+from losslab.losses import LossConfig, loss_tag
 
 # Config keys that do not change what a run computes: runs differing only here (and by seed) are repeats.
 BOOKKEEPING_PREFIXES = ("run.", "wandb.", "checkpoint.", "debug.", "distributed.", "eval.")
@@ -77,6 +77,9 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
     ran with that key's default), merged under the run's config.yaml."""
     saved = OmegaConf.load(run_dir / "config.yaml")
     cfg = OmegaConf.merge(schema, saved) if schema is not None else saved
+    # the loss section as today's config writes it (flat; a section saved before losses declared their
+    # parameters keeps only what its loss read), so old and new runs compare key by key
+    cfg.loss = LossConfig.from_mapping(OmegaConf.to_container(cfg.loss)).to_mapping()  # type: ignore[arg-type]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r and "tokens" in r]
     # evaluations follow checkpoints, which need not fall on logging steps; tokens grow linearly with steps
@@ -142,7 +145,7 @@ def _flat(cfg: Any) -> dict[str, Any]:
 
 def group_runs(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, str]]:
     """(label -> runs that differ only by seed, label -> the group's other differing settings). The label is the
-    loss tag (``evals/loss_tags.py``), plus the settings that differ between groups when they are short (a letter
+    loss tag (``losslab.losses.loss_tag``), plus the settings that differ between groups when they are short (a letter
     otherwise, the settings then in the report); CE groups first (the baseline), then in the order given."""
     flats = [_flat(r.cfg) for r in runs]
     keyed: dict[tuple, list[int]] = {}

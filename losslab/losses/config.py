@@ -1,7 +1,16 @@
-"""Typed config of the training loss (the ``loss`` node of a run config)."""
+"""Typed config of the training loss, and the declarations every setting is derived from.
+
+A loss class declares its own parameters (``TokenWeighting.params``: a tuple of ``Param``); the modifiers that
+apply to every loss (label smoothing, z-loss, ...) are declared here, on ``LossConfig``'s fields. Everything else
+— the run config's ``loss`` section, its bounds check, run names and W&B columns, ``scripts/train.py --list`` and
+the tables of ``docs/losses.md`` — is derived from those declarations (``losslab/losses/settings.py``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,50 +18,226 @@ IGNORE_INDEX = -100
 """Label value of positions that carry no loss (padding, masked prompts)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting may take: ``lo`` < (or <=) value < (or <=) ``hi``; finite unless ``inf_ok``."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    inf_ok: bool = False
+
+    def holds(self, v: float) -> bool:
+        if math.isnan(v) or (math.isinf(v) and not self.inf_ok):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        lo = f"{'(' if self.lo_open else '['}{self.lo:g}"
+        hi = f"{self.hi:g}{')' if self.hi_open else ']'}"
+        return f"in {lo}, {hi}" + ("" if self.inf_ok else ", finite")
+
+
+NON_NEGATIVE = Bound(0.0)
+POSITIVE = Bound(0.0, lo_open=True)
+AT_LEAST_ONE = Bound(1.0)
+FRACTION = Bound(0.0, 1.0)
+OPEN_FRACTION = Bound(0.0, 1.0, hi_open=True)
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class SettingError(ValueError):
+    """A loss setting that cannot be used; ``key`` names it (``gamma``), the message says why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting of a loss: declared once, with the loss class (or on ``LossConfig`` for a modifier).
+
+    ``tag``: its short name in run names, W&B job types and comparison labels (``mile-g1``; "" = the name
+    itself). A number is shown as ``tag + value``, a bool as ``tag`` when true; ``always``: shown even at its
+    default (a loss's primary parameter), else only when changed. ``in_name=False``: never shown, for a
+    setting that changes no number (a kernel choice, a block size). Every parameter of a loss changes its math
+    and is named, so two runs that differ in one never share a name.
+    """
+
+    name: str
+    default: float | int | bool | str
+    doc: str
+    bound: Bound | None = None
+    tag: str = ""
+    always: bool = False
+    in_name: bool = True
+    choices: tuple[str, ...] = ()
+    """For a string setting: the values it may take (empty: any string)."""
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def check(self, value: Any) -> float | int | bool | str:
+        """``value`` as this setting's type, within its bound; ValueError naming ``loss.<name>`` otherwise.
+        Strings that spell a number or a bool are read as one (a command line gives strings)."""
+        key = f"loss.{self.name}"
+        try:
+            return self._check(value, key)
+        except ValueError as e:
+            raise SettingError(self.name, str(e)) from None
+
+    def _check(self, value: Any, key: str) -> float | int | bool | str:
+        kind = self.kind
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+                return value.lower() in _TRUE
+            raise ValueError(f"{key}={value!r} is not a bool (true or false)")
+        if kind is str:
+            if isinstance(value, bool) and self.choices:  # YAML reads `fused: true` as a bool
+                value = str(value).lower()
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError(f"{key}={value!r} is not a string")
+            value = str(value)
+            if self.choices and value.lower() not in self.choices:
+                raise ValueError(f"{key}={value!r} is not valid; choose one of {list(self.choices)}")
+            return value.lower() if self.choices else value
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is not a number")
+        try:
+            number = kind(float(value)) if kind is float else _as_int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not {'a number' if kind is float else 'an integer'}") from None
+        if self.bound is not None and not self.bound.holds(float(number)):
+            raise ValueError(f"{key}={value} is out of range: it must be {self.bound}")
+        return number
+
+    def label(self, value: Any) -> str:
+        """This setting's part of a run name at ``value`` ("" when it is not shown)."""
+        if not self.in_name or (value == self.default and not self.always):
+            return ""
+        tag = self.tag or self.name
+        if isinstance(value, bool):
+            return tag if value else ""
+        return f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}"
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def setting(default: Any, doc: str, bound: Bound | None = None, tag: str = "", choices: tuple[str, ...] = ()) -> Any:
+    """A ``LossConfig`` field declared as a ``Param`` (its name is the field's); in run names only with a tag."""
+    param = Param("", default, doc, bound, tag, in_name=bool(tag), choices=choices)
+    return field(default=default, metadata={"param": param})
+
+
+@dataclass(init=False)
 class LossConfig:
+    """The loss of a run: ``name``, the loss's own parameters (``params``, declared by its class) and the
+    modifiers that apply to every loss. ``LossConfig("mile", gamma=2.0)`` and ``LossConfig(name="mile",
+    params={"gamma": 2.0})`` are the same; ``cfg.gamma`` reads a parameter (its declared default when unset)."""
+
     name: str = "ce"
-    """One of the registered losses: ce, dft, focal, focal_lin, mile, pdl, rho1, weighted (see
-    ``losslab.losses.LOSSES``), or "package.module:Class", a ``TokenWeighting`` subclass (a plug-in)."""
-    gamma: float = 1.0
-    """Exponent of the weight: (1 + H)^gamma for mile, (1 - p)^gamma for focal / focal_lin."""
-    focal_alpha: float = 1.0
-    """focal_lin only: Lin et al.'s constant class-balance factor (0.25 in the paper; 1.0 = no scaling)."""
-    alpha: float = 1.0
-    """pdl only: W[t] = (count[t] + smoothing + eps)^-alpha."""
-    eps: float = 1e-7
-    """pdl only: the official code's additive epsilon."""
-    smoothing: float = 1.0
-    """pdl only: add-k smoothing of counts, so a token never seen gets weight (k + eps)^-alpha, not eps^-alpha
-    (with the official k = 0 an unseen special token weighs 1e7 and swamps the batch)."""
-    max_weight: float = 0.0
-    """pdl only: if > 0, clip W at this multiple of its occurrence-weighted mean (W is rescaled to mean 1)."""
-    keep_ratio: float = 0.6
-    """rho1 only: the fraction of a call's valid tokens kept (those with the largest excess loss)."""
-    reference: str = ""
-    """rho1: a checkpoint (or run) directory of a frozen reference model scored online, each micro-batch, in
-    place of a ``ref_ce`` stream carried with the data (one extra forward of the reference per micro-batch;
-    ``scripts/score_reference.py`` pays it once, ahead of training)."""
-    label_smoothing: float = 0.0
-    """Any loss: the CE in the loss term becomes (1 - e) CE + e mean_v(-log p_v); weights are unchanged."""
-    z_loss: float = 0.0
-    """Any loss: adds z_loss * mean over valid tokens of logsumexp^2 (PaLM; OLMo-core uses 1e-4)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Plug-in losses only: their own settings, read by the plug-in's ``__init__`` from ``cfg.options``."""
-    entropy_clamp: float = 0.0
-    """mile (and the logged entropy): 0 = the exact entropy; > 0 = the official MiLe code's, every probability
-    clamped below at this value first (its code: 1e-8), which differs at peaked distributions (docs/losses.md)."""
-    log_entropy: bool = False
-    """Log the mean predictive entropy (``entropy``) for a loss that does not use it itself. Off by default: on a
-    CPU it is one more pass over every block of logits; mile computes (and logs) it anyway."""
-    count_ignored: bool = False
-    """mile / focal: reproduce the official code's counting, where ignored positions still add their weight
-    to the normaliser and count in the mean. False (default) masks them, which is what the formula means."""
-    fused: str = "auto"
-    """auto | true | false. Fused: logits are built chunk by chunk and never materialised as [N, V]."""
-    kernel: str = "auto"
-    """Row-wise part of the fused path: auto (Triton on CUDA when installed) | triton | torch |
-    "package.module:Class" (a plug-in ``RowKernel``). Any but torch is checked against torch on first use per
-    device and dtype and replaced by it, with one warning line, if it fails (``losslab/losses/kernels.py``)."""
-    chunk_size: int = 0
-    """Rows per chunk of the fused path; 0 picks a size that keeps a chunk's logits near 64 MiB."""
+    """One of the registered losses (``losslab.losses.LOSSES``: ce, dft, focal, focal_lin, mile, pdl, rho1,
+    weighted), or "package.module:Class", a ``TokenWeighting`` subclass (a plug-in)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The selected loss's own parameters (``TokenWeighting.params``); those left out take their defaults. In a
+    run config they are written flat, ``loss.gamma``, next to the modifiers."""
+    label_smoothing: float = setting(
+        0.0, "the CE in the loss term becomes (1 - e) CE + e mean_v(-log p_v); weights are unchanged", OPEN_FRACTION,
+        tag="ls")  # fmt: skip
+    z_loss: float = setting(
+        0.0, "adds z_loss * mean over valid tokens of logsumexp^2 (PaLM; OLMo-core uses 1e-4)", NON_NEGATIVE, tag="z"
+    )
+    entropy_clamp: float = setting(
+        0.0, "0 = the exact entropy; > 0 = the official MiLe code's, every probability clamped below at this value "
+        "first (its code: 1e-8); for a loss that reads the entropy (mile) or with log_entropy", OPEN_FRACTION,
+        tag="clamp")  # fmt: skip
+    count_ignored: bool = setting(
+        False, "the official MiLe code's counting: ignored positions add their weight to the normaliser and count "
+        "in the mean (mile, focal); false masks them, as the formula means",
+        tag="official")  # fmt: skip
+    log_entropy: bool = setting(
+        False, "log the mean predictive entropy (entropy) for a loss that does not read it (on a CPU one more "
+        "pass over every block of logits)")  # fmt: skip
+    fused: str = setting(
+        "auto", "fused: the [N, V] logits are built block by block, never materialised; false: the materialised "
+        "reference", choices=("auto", "true", "false"))  # fmt: skip
+    kernel: str = setting(
+        "auto",
+        "the row-wise part of the fused path: auto (Triton on CUDA when installed), triton, torch or "
+        "package.module:Class (a plug-in RowKernel); any but torch is checked against torch on first use",
+    )
+    chunk_size: int = setting(
+        0, "rows per block of the fused path; 0 picks a size that keeps a block's logits near 64 MiB (8 MiB on a "
+        "CPU)", NON_NEGATIVE)  # fmt: skip
+    reference: str = setting(
+        "", "rho1: a checkpoint (or run) directory of a frozen reference model scored online, each micro-batch, in "
+        "place of a ref_ce stream carried with the data (one extra forward per micro-batch)")  # fmt: skip
+
+    def __init__(self, name: str = "ce", params: Mapping[str, Any] | None = None, **settings: Any) -> None:
+        self.params = dict(params or {})
+        self.name = name
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "params"):
+                setattr(self, f.name, settings.pop(f.name, f.default))
+        overlap = sorted(set(settings) & set(self.params))
+        if overlap:
+            raise ValueError(f"loss parameters {overlap} given twice (flat and in params)")
+        self.params.update(settings)  # everything else is the loss's own: checked against its declaration
+
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: the selected loss's parameters
+        params = self.__dict__.get("params")
+        if params is None or key.startswith("__"):
+            raise AttributeError(key)
+        if key in params:
+            return params[key]
+        from losslab.losses.settings import declared
+
+        for p in declared(self.name):
+            if p.name == key:
+                return p.default
+        raise AttributeError(f"loss {self.name!r} has no parameter {key!r}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> LossConfig:
+        """From a flat mapping (``{"name": "mile", "gamma": 1.0, "z_loss": 1e-4}``), as a config file writes the
+        ``loss`` section. A section saved before losses declared their parameters (every loss's keys, and
+        ``options`` for a plug-in's) is read as that version ran it: the keys the selected loss does not declare
+        were ignored then, and are dropped."""
+        flat = dict(mapping)
+        if "options" in flat:  # the old flat union of every loss's keys
+            from losslab.losses.settings import declared
+
+            options = flat.pop("options") or {}
+            own = {p.name for p in declared(flat.get("name", "ce"), missing_ok=True)}
+            flat = {k: v for k, v in flat.items() if k in MODIFIER_NAMES or k in ("name", "params") or k in own}
+            flat.update(options)
+        return cls(**flat)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The flat mapping ``from_mapping`` reads: name, the loss's parameters, then the modifiers."""
+        out: dict[str, Any] = {"name": self.name, **self.params}
+        out.update({p.name: getattr(self, p.name) for p in MODIFIERS})
+        return out
+
+
+MODIFIERS: tuple[Param, ...] = tuple(
+    dataclasses.replace(f.metadata["param"], name=f.name) for f in dataclasses.fields(LossConfig) if f.metadata
+)
+"""The settings of every loss (``LossConfig``'s fields but ``name`` and ``params``), as declarations."""
+MODIFIER_NAMES = frozenset(p.name for p in MODIFIERS)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losslab.losses import kernels, paths
+from losslab.losses import paths
 from losslab.losses.config import IGNORE_INDEX, LossConfig
+from losslab.losses.settings import resolve
 from losslab.losses.weighting import Rows, TokenWeighting, build_weighting
 
 
@@ -57,20 +59,11 @@ class TokenLoss(nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, weighting: TokenWeighting) -> None:
+        """``cfg``: complete and checked (``settings.resolve``, as ``build_loss`` does)."""
         super().__init__()
-        fused = str(cfg.fused).lower()
-        if fused not in ("auto", "true", "false"):
-            raise ValueError(f"loss.fused must be auto, true or false, got {cfg.fused!r}")
-        kernels.resolve(cfg.kernel)  # a clear error now for a kernel name that cannot run
-        if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-        if not cfg.z_loss >= 0.0:
-            raise ValueError(f"loss.z_loss must be >= 0, got {cfg.z_loss}")
-        if not 0.0 <= cfg.entropy_clamp < 1.0:
-            raise ValueError(f"loss.entropy_clamp must be in [0, 1), got {cfg.entropy_clamp}")
         self.cfg = cfg
         self.weighting = weighting
-        self.fused = fused != "false"
+        self.fused = cfg.fused != "false"
         self.computes_entropy = weighting.needs_entropy or cfg.log_entropy
         """Whether the entropy is computed (and ``entropy`` is among the metrics)."""
 
@@ -130,10 +123,12 @@ class TokenLoss(nn.Module):
         hidden: Tensor,
         head_weight: Tensor,
         labels: Tensor,
-        denominator: Tensor | None = None,
+        denominator: Tensor | float | None = None,
         token_inputs: dict[str, Tensor] | None = None,
     ) -> LossOutput:
-        """``denominator`` (unnormalised losses and the z-loss): divide by it instead of this batch's token count
+        """``hidden`` [N, d] (or [..., d]) final hidden states, ``head_weight`` [V, d], ``labels`` [N] targets.
+
+        ``denominator`` (unnormalised losses and the z-loss): divide by it instead of this batch's token count
         — the trainer passes global valid tokens / (micro-steps x ranks), which makes gradient accumulation and
         data parallelism exact when batches hold different numbers of valid tokens. ``token_inputs``: optional
         [N] (or labels-shaped) tensors carried with the data — ``weight`` (loss ``weighted``), ``ref_ce``
@@ -142,19 +137,50 @@ class TokenLoss(nn.Module):
         y = labels.reshape(-1)  # [N]
         if h.shape[0] != y.shape[0]:
             raise ValueError(f"hidden has {h.shape[0]} rows but labels has {y.shape[0]}")
+        clamp = self.cfg.entropy_clamp
+        return self._loss(y, h, denominator, token_inputs, lambda: paths.reference(h, head_weight, y, clamp),
+                          head_weight if self.fused else None)  # fmt: skip
+
+    def forward_logits(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        denominator: Tensor | float | None = None,
+        token_inputs: dict[str, Tensor] | None = None,
+    ) -> LossOutput:
+        """The same loss from materialised ``logits`` [N, V] (or [..., V]), for a caller that has them anyway
+        (an evaluation, a model asked for its logits): the unfused path, autograd through the logits."""
+        z = logits.reshape(-1, logits.shape[-1])  # [N, V]
+        y = labels.reshape(-1)  # [N]
+        if z.shape[0] != y.shape[0]:
+            raise ValueError(f"logits has {z.shape[0]} rows but labels has {y.shape[0]}")
+        return self._loss(y, z, denominator, token_inputs, lambda: _from_logits(z, y, self.cfg.entropy_clamp), None)
+
+    def _loss(
+        self,
+        y: Tensor,
+        h: Tensor,
+        denominator: Tensor | float | None,
+        token_inputs: dict[str, Tensor] | None,
+        reference: Callable[[], paths.Reference],
+        head_weight: Tensor | None,
+    ) -> LossOutput:
+        """``h``: [N, d] hidden states (fused, with ``head_weight``) or [N, V] logits / hidden states (unfused,
+        ``reference`` computes the per-row statistics with autograd)."""
         inputs = self._token_inputs(token_inputs, y.numel(), h)
         acc = paths.accumulation_dtype(h.dtype)
         valid = y != IGNORE_INDEX
         num_valid = valid.sum().to(acc)
         n = torch.full_like(num_valid, y.numel()) if self.weighting.counts_ignored else num_valid
-        tokens = (n if denominator is None else denominator.to(acc)).clamp_min(1.0)
+        denom = None if denominator is None else torch.as_tensor(denominator, device=h.device).to(acc)
+        tokens = (n if denom is None else denom).clamp_min(1.0)
         norm = _Normaliser(self.weighting.normalised, n, tokens)
         c = self.cfg.z_loss
         # the z-loss is a mean over valid tokens (or over the trainer's denominator), whatever the loss divides by
-        z_tokens = (num_valid if denominator is None else denominator.to(acc)).clamp_min(1.0)
+        z_tokens = (num_valid if denom is None else denom).clamp_min(1.0)
         if not self.weighting.normalised:
             z_tokens = tokens  # the same divisor as the loss: the fused path folds both into one numerator
-        if self.fused:
+        if head_weight is not None:
             z_lambda: float | Callable[[Tensor], Tensor] = c
 
             def relative_z(w: Tensor) -> Tensor:  # the z-loss's factor over the loss's, once the weights are known
@@ -170,7 +196,7 @@ class TokenLoss(nn.Module):
             )
             loss = numerator * norm(w)
         else:
-            ref = paths.reference(h, head_weight, y, self.cfg.entropy_clamp)
+            ref = reference()
             rows = Rows(ref.ce, ref.entropy, ref.lse.detach(), y, valid, inputs)
             terms, w, _ = self._terms(self._smoothed(ref.ce, ref.lse, ref.mean_z), rows)
             loss = terms.sum() * norm(w)
@@ -190,11 +216,26 @@ class TokenLoss(nn.Module):
         return LossOutput(loss=loss, metrics=metrics)
 
 
-def build_loss(cfg: LossConfig | dict, token_counts: Tensor | None = None) -> TokenLoss:
-    """Build the loss named by ``cfg.name`` (a ``LossConfig`` or an equivalent dict)."""
-    if isinstance(cfg, dict):
-        unknown = set(cfg) - set(LossConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown loss keys {sorted(unknown)}; valid: {sorted(LossConfig.__dataclass_fields__)}")
-        cfg = LossConfig(**cfg)
+def _from_logits(z: Tensor, y: Tensor, entropy_clamp: float) -> paths.Reference:
+    """``paths.reference``'s per-row statistics from logits already materialised: z [N, V], y [N]."""
+    z = z.to(paths.accumulation_dtype(z.dtype))
+    ce = F.cross_entropy(z, y, ignore_index=IGNORE_INDEX, reduction="none")  # [N], 0 where ignored
+    return paths.Reference(
+        ce, torch.logsumexp(z, dim=-1), z.mean(-1), paths.entropy_from_logits(z.detach(), entropy_clamp)
+    )
+
+
+def build_loss(
+    loss: str | LossConfig | Mapping[str, Any] = "ce", token_counts: Tensor | None = None, **settings: Any
+) -> TokenLoss:
+    """The loss module: ``build_loss("mile", gamma=1.0)``, ``build_loss({"name": "mile", "gamma": 1.0})`` or
+    ``build_loss(LossConfig(...))``; keywords (the loss's parameters and the modifiers) add to or override what
+    ``loss`` gives. ``token_counts``: [V] corpus counts, for a loss that needs them (pdl). Every setting is
+    checked against its declaration first: a ValueError names the key."""
+    if isinstance(loss, str):
+        cfg = LossConfig(loss, **settings)
+    else:
+        flat = (loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss)).to_mapping()
+        cfg = LossConfig(**{**flat, **settings})
+    cfg = resolve(cfg)
     return TokenLoss(cfg, build_weighting(cfg, token_counts))

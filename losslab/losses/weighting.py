@@ -7,10 +7,11 @@ detached weights ``w_i`` (rank-averaged; see ``module.py``). Formulas and the of
 2310.19531, PDL arXiv 2505.16900, focal arXiv 1708.02002, DFT arXiv 2508.05629, Rho-1 arXiv 2404.07965; data-carried
 weights gpt-neox #865. ``docs/losses.md`` has them all, the modifiers and a worked plug-in.
 
-A loss is one ``TokenWeighting`` subclass with ``row_terms``; adding a loss is one registry entry, or, outside
-this package, ``loss.name: "package.module:Class"``. Both the reference path (autograd through materialised
-logits) and the fused path (``paths.fused``) call the same ``row_terms``, so the two paths can only differ in how
-the per-row statistics and their gradients are computed.
+A loss is one ``TokenWeighting`` subclass with ``row_terms`` and its declared ``params``; adding a loss is one
+registry entry, or, outside this package, ``loss.name: "package.module:Class"``. The class docstring's
+first paragraph is what ``docs/losses.md``'s table says the loss computes. Both the reference path (autograd
+through materialised logits) and the fused path (``paths.fused``) call the same ``row_terms``, so the two paths
+can only differ in how the per-row statistics and their gradients are computed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from losslab.losses.config import IGNORE_INDEX, LossConfig
+from losslab.losses.config import IGNORE_INDEX, NON_NEGATIVE, POSITIVE, Bound, LossConfig, Param
 from losslab.losses.plugins import import_plugin
 
 
@@ -50,11 +51,19 @@ class Rows:
 
 
 class TokenWeighting:
+    """The base class of every loss: subclass it, declare ``params`` and write ``row_terms``."""
+
+    params: tuple[Param, ...] = ()
+    """The loss's own settings (``loss.<name>`` in a run config), each with its default, bound, documentation
+    and run-name tag. ``TokenWeighting.__init__`` checks the values a config gives and sets each as an
+    attribute (``self.gamma``), defaults filled in."""
     normalised: bool = False
     """True: divide by the (rank-averaged) sum of weights, keeping the loss on CE's scale.
     False: divide by the number of tokens."""
+    official_counting: bool = False
+    """True: ``loss.count_ignored`` applies (the official MiLe/focal code's counting of ignored positions)."""
     counts_ignored: bool = False
-    """True: ignored positions count in the normaliser (the official MiLe/focal code's behaviour)."""
+    """True: ignored positions count in the normaliser (set from ``loss.count_ignored`` where it applies)."""
     needs_token_counts: bool = False
     """True: ``build_loss`` must be given corpus token counts (the trainer supplies them)."""
     token_inputs: tuple[str, ...] = ()
@@ -76,10 +85,16 @@ class TokenWeighting:
         raise NotImplementedError
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        pass
+        from losslab.losses.settings import check_params
+
+        for name, value in check_params(type(self), cfg.params, cfg.name).items():
+            setattr(self, name, value)
+        self.counts_ignored = bool(cfg.count_ignored) and self.official_counting
 
 
 class CrossEntropy(TokenWeighting):
+    """sum CE_i / n"""
+
     needs_entropy = False
 
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
@@ -87,13 +102,13 @@ class CrossEntropy(TokenWeighting):
 
 
 class MiLe(TokenWeighting):
-    """w = (1 + H)^gamma from detached logits; L = sum(w * ce) / sum(w)."""
+    """sum w_i CE_i / sum w_i, w_i = (1 + H_i)^gamma, detached (MiLe, arXiv 2310.19531)"""
 
+    params = (Param("gamma", 1.0, "exponent of the weight (1 + H)^gamma (1.0 in every official config)",
+                    NON_NEGATIVE, tag="g", always=True),)  # fmt: skip
     normalised = True
-
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        self.gamma = cfg.gamma
-        self.counts_ignored = cfg.count_ignored
+    official_counting = True
+    gamma: float
 
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         w = (1.0 + rows.entropy).pow(self.gamma)
@@ -101,14 +116,14 @@ class MiLe(TokenWeighting):
 
 
 class Focal(TokenWeighting):
-    """The MiLe paper's focal baseline: w = (1 - sg(p_target))^gamma, rescaled like MiLe."""
+    """sum w_i CE_i / sum w_i, w_i = (1 - sg(p_y))^gamma (the MiLe paper's focal baseline)"""
 
+    params = (Param("gamma", 1.0, "exponent of the weight (1 - p_y)^gamma (1.0 in the MiLe paper's configs)",
+                    NON_NEGATIVE, tag="g", always=True),)  # fmt: skip
     needs_entropy = False
     normalised = True
-
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        self.gamma = cfg.gamma
-        self.counts_ignored = cfg.count_ignored
+    official_counting = True
+    gamma: float
 
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         w = (-torch.expm1(-rows.ce.detach())).pow(self.gamma)  # 1 - p, accurate when p -> 1
@@ -116,28 +131,43 @@ class Focal(TokenWeighting):
 
 
 class FocalLin(TokenWeighting):
-    """Lin et al. 2017: l = -alpha (1 - p)^gamma log p, gradient through the weight, mean over tokens."""
+    """sum focal_alpha (1 - p_y)^gamma CE_i / n, gradient through the weight (Lin et al. 2017)"""
 
+    params = (
+        Param("gamma", 1.0, "exponent of (1 - p_y)^gamma (the paper: 2)", NON_NEGATIVE, tag="g", always=True),
+        Param("focal_alpha", 1.0, "constant class-balance factor (the paper: 0.25; 1 = no scaling)", POSITIVE,
+              tag="a", always=True),
+    )  # fmt: skip
     needs_entropy = False
     linear_in_ce = False
-
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        self.gamma, self.alpha = cfg.gamma, cfg.focal_alpha
+    gamma: float
+    focal_alpha: float
 
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         # clamp: (1 - p)^gamma has an infinite slope at p = 1 for gamma < 1; the clamp keeps it finite.
         one_minus_p = (-torch.expm1(-rows.ce)).clamp_min(1e-30)
-        return self.alpha * one_minus_p.pow(self.gamma) * ce, torch.ones_like(rows.entropy)
+        return self.focal_alpha * one_minus_p.pow(self.gamma) * ce, torch.ones_like(rows.entropy)
 
 
 class PowerLawDecay(TokenWeighting):
-    """PDL: static W[t] = (count[t] + k + eps)^-alpha; L = sum(W[y] ce) / sum(W[y])."""
+    """sum W[y_i] CE_i / sum W[y_i], W[t] = (count[t] + smoothing + eps)^-alpha (PDL, arXiv 2505.16900)"""
 
+    params = (
+        Param("alpha", 1.0, "exponent of the weight: W[t] = (count[t] + smoothing + eps)^-alpha", NON_NEGATIVE,
+              tag="a", always=True),
+        Param("eps", 1e-7, "the official code's additive epsilon", NON_NEGATIVE, tag="eps"),
+        Param("smoothing", 1.0, "add-k smoothing of the counts, so an unseen token weighs (k + eps)^-alpha, not "
+              "eps^-alpha (with the official k = 0 an unseen special token weighs 1e7 and swamps the batch)",
+              NON_NEGATIVE, tag="k"),
+        Param("max_weight", 0.0, "if > 0, clip W at this multiple of its occurrence-weighted mean (W is rescaled "
+              "to mean 1)", NON_NEGATIVE, tag="w"),
+    )  # fmt: skip
     needs_entropy = False
     normalised = True
     needs_token_counts = True
 
     def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
+        super().__init__(cfg, token_counts)
         if token_counts is None:
             raise ValueError("loss.name=pdl needs token_counts (a [V] tensor of corpus token counts)")
         self.table = pdl_weights(token_counts, cfg)  # [V] float64, on CPU until first use
@@ -150,7 +180,7 @@ class PowerLawDecay(TokenWeighting):
 
 
 class DFT(TokenWeighting):
-    """Dynamic fine-tuning (arXiv 2508.05629): l = sg(p_y) * CE, mean over tokens."""
+    """sum sg(p_y) CE_i / n (DFT, arXiv 2508.05629)"""
 
     needs_entropy = False
 
@@ -160,7 +190,7 @@ class DFT(TokenWeighting):
 
 
 class Weighted(TokenWeighting):
-    """Per-token weights carried with the data (gpt-neox #865): L = sum(w * CE) / sum(w)."""
+    """sum w_i CE_i / sum w_i, w_i = ``token_inputs["weight"]``, carried with the data (gpt-neox #865)"""
 
     needs_entropy = False
     normalised = True
@@ -172,19 +202,19 @@ class Weighted(TokenWeighting):
 
 
 class Rho1(TokenWeighting):
-    """Selective language modelling (Rho-1, arXiv 2404.07965): of the valid tokens of the call, the
-    ceil(keep_ratio * n_valid) with the largest excess loss sg(CE) - ref_ce are kept; L = sum_kept CE / n_kept.
-    Ties are broken towards the earlier token."""
+    """sum over kept CE_i / n_kept: the ceil(keep_ratio n) valid tokens with the largest excess sg(CE_i) -
+    ref_ce_i (Rho-1, arXiv 2404.07965; ties go to the earlier token)
 
+    Selective language modelling: ``ref_ce`` is a reference model's per-token CE, carried with the data or
+    scored online (``loss.reference``)."""
+
+    params = (Param("keep_ratio", 0.6, "the fraction of a call's valid tokens kept (those with the largest excess "
+                    "loss)", Bound(0.0, 1.0, lo_open=True), tag="keep", always=True),)  # fmt: skip
     needs_entropy = False
     normalised = True
     token_inputs = ("ref_ce",)
     needs_all_rows = True
-
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        if not 0.0 < cfg.keep_ratio <= 1.0:
-            raise ValueError(f"loss.keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
-        self.keep_ratio = cfg.keep_ratio
+    keep_ratio: float
 
     def row_terms(self, ce: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
         excess = rows.ce.detach() - rows.inputs["ref_ce"].to(ce.dtype)  # [n]
@@ -196,22 +226,26 @@ class Rho1(TokenWeighting):
         return kept * ce, kept
 
 
-def pdl_weights(token_counts: Tensor, cfg: LossConfig) -> Tensor:
+def pdl_weights(token_counts: Tensor, cfg: LossConfig | None = None, **params: float) -> Tensor:
     """[V] counts -> [V] weights, rescaled so the mean weight per corpus occurrence is 1, optionally clipped.
+    The parameters (alpha, eps, smoothing, max_weight) come from ``cfg`` or as keywords, PDL's defaults else.
 
     The rescale leaves the loss unchanged (it is a ratio) but makes ``max_weight`` and the logged mean weight
     comparable across corpora and alphas. Kept as a plain tensor, not a buffer: a bf16 engine casts buffers,
     and the weights span many orders of magnitude.
     """
+    from losslab.losses.settings import check_params
+
+    p = check_params(PowerLawDecay, {**(cfg.params if cfg is not None else {}), **params}, "pdl")
     counts = token_counts.detach().to(torch.float64).cpu()
     if counts.ndim != 1 or bool((counts < 0).any()):
         raise ValueError("token_counts must be a 1-D tensor of non-negative counts")
-    w = (counts + cfg.smoothing + cfg.eps).pow(-cfg.alpha)
+    w = (counts + p["smoothing"] + p["eps"]).pow(-p["alpha"])
     total = counts.sum()
     if total > 0:
         w = w / ((w * counts).sum() / total)
-    if cfg.max_weight > 0:
-        w = w.clamp_max(cfg.max_weight)
+    if p["max_weight"] > 0:
+        w = w.clamp_max(p["max_weight"])
     return w
 
 
@@ -230,7 +264,10 @@ def resolve_loss(name: str) -> type[TokenWeighting]:
 
 
 def build_weighting(cfg: LossConfig, token_counts: Tensor | None) -> TokenWeighting:
-    return resolve_loss(cfg.name)(cfg, token_counts)
+    weighting = resolve_loss(cfg.name)(cfg, token_counts)
+    # a plug-in with its own __init__ (not calling super's) still gets the official counting where it applies
+    weighting.counts_ignored = bool(cfg.count_ignored) and weighting.official_counting
+    return weighting
 
 
 LOSSES: dict[str, type[TokenWeighting]] = {

@@ -153,6 +153,7 @@ def loss_checks(bench: dict | None) -> tuple[list[Check], list[str]]:
 
 
 def model_checks(rows: list[dict] | None) -> tuple[list[Check], list[str]]:
+    rows = [r for r in rows or [] if "bench" not in r]  # the hf stage's rows are its own (hf_checks)
     if not rows:
         return [Check("468M >= 1.3x HF compiled, >= 55% MFU", "no bench_model.json", "not measured")], []
     lines = [
@@ -218,6 +219,50 @@ def model_checks(rows: list[dict] | None) -> tuple[list[Check], list[str]]:
             "the ceiling; the rest is overhead to cut):",
             *shares,
         ]
+    return checks, lines
+
+
+HF_LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}
+"""How far the patched ce may be from transformers' own loss, step by step (bf16: both round their logits)."""
+
+
+def hf_checks(rows: list[dict] | None) -> tuple[list[Check], list[str]]:
+    """The hf stage (bench_hf_patch.py, rows added to bench_model.json): losslab.hf's patch vs transformers'
+    own loss in a few Trainer steps."""
+    rows = [r for r in rows or [] if r.get("bench") == "hf_patch"]
+    target = "HF Trainer + losslab.hf patch: ce = HF's loss, less memory, no slower"
+    if not rows:
+        return [Check(target, "not run", "not measured")], []
+    plain = next((r for r in rows if r["variant"] == "plain ce"), None)
+    patched = next((r for r in rows if r["variant"] == "patched ce"), None)
+    if plain is None or patched is None:
+        return [Check(target, "incomplete rows", "not measured")], []
+    first = rows[0]
+    lines = [
+        f"HF Trainer steps ({first['model']}, {first['params'] / 1e6:.0f}M parameters, vocabulary {first['vocab']}, "
+        f"{first['precision']}, micro-batch {first['batch']} x {first['seq']}; `scripts/bench_hf_patch.py`), "
+        "with losslab.hf's patch and with transformers' own loss:",
+        "",
+        "| variant | s / step | tokens/s | peak MiB of a step | vs HF: time, memory | losses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, m = ratio(r["s_per_step"], plain["s_per_step"]), ratio(r["peak_mib"], plain["peak_mib"])
+        losses = ", ".join(f"{x:.4f}" for x in r["losses"])
+        vs = f"{fmt(t, '.2f', 'x')}, {fmt(m, '.2f', 'x')}"
+        lines.append(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{fmt(r['peak_mib'], '.0f')} | {vs} | {losses} |")  # fmt: skip
+    tolerance = HF_LOSS_TOLERANCE.get(first["precision"], 1e-5)
+    diff = patched.get("max_rel_loss_diff_vs_plain", math.nan)
+    checks = [
+        Check(f"HF patch: ce loss = HF's, every step (rel. diff <= {tolerance:g})", fmt(diff, ".1e"),
+              verdict(diff, tolerance)),
+        Check("HF patch: peak memory of a step < HF's", fmt(ratio(patched["peak_mib"], plain["peak_mib"]), ".2f", "x"),
+              verdict(ratio(patched["peak_mib"], plain["peak_mib"]), 0.999)),
+        Check("HF patch: time per step <= HF's (2% noise)",
+              fmt(ratio(patched["s_per_step"], plain["s_per_step"]), ".2f", "x"),
+              verdict(ratio(patched["s_per_step"], plain["s_per_step"]), 1.02)),
+    ]  # fmt: skip
     return checks, lines
 
 
@@ -332,6 +377,7 @@ def parts(data: dict) -> list[tuple[list[Check], list[str]]]:
         kernel_lines(data["kernels.json"], data["tests.jsonl"]),
         loss_checks(data["bench_loss.json"]),
         model_checks(data["bench_model.json"]),
+        hf_checks(data["bench_model.json"]),
         big_checks(data["bench_model_1.2b.json"]),
         scale_checks(data["scale_6.7b.json"]),
     ]

@@ -13,6 +13,8 @@
 #   tests    tests/test_cuda.py and the Triton / self-check tests, one line per test       -> tests.jsonl
 #   loss     bench_loss.py: every loss fused vs naive, next to Liger, N=16384 d=1024 V=50304 -> bench_loss.json
 #   model    bench_model.py: 468M, both blocks, seq 1024, micro-batch 32, vs HF, compiled  -> bench_model.json
+#   hf       bench_hf_patch.py: HF Trainer steps of a SmolLM2-135M-shaped Llama (random weights), losslab.hf's
+#            patch vs transformers' own loss: loss, time and peak memory of a step   -> added to bench_model.json
 #   big      if time is left: a 1.2B step (llama, micro-batch 16, compiled)                -> bench_model_1.2b.json
 #   scale    if time is left: 6.7B ZeRO-3 + optimizer offload, steps reached in the rest    -> scale_6.7b.json
 # Everything printed also goes to OUTDIR/validate.log: 8 files in all, the most the device tool returns.
@@ -21,7 +23,8 @@
 # is skipped when less than its minimum is left. Budgets BUDGET_<STAGE>, minima MIN_<STAGE> (seconds).
 # Sizes (defaults on the GPU / with --toy): CHECK_N CHECK_D CHECK_V (2048 256 50304 / 64 16 300), LOSS_N LOSS_D
 # LOSS_V (16384 1024 50304 / 64 16 300), MODEL_PRESET MODEL_SEQ MODEL_BATCH MODEL_MODES (468m 1024 32 compiled /
-# debug 32 2 eager), BIG_PRESET BIG_BATCH (1.2b 16 / debug 2), SCALE_OVERRIDES. Data for the scale stage:
+# debug 32 2 eager), HF_SEQ HF_BATCH HF_STEPS HF_PRECISION HF_SHAPE (1024 8 5 bf16 SmolLM2-135M / 16 2 1 fp32 a
+# one-layer toy), BIG_PRESET BIG_BATCH (1.2b 16 / debug 2), SCALE_OVERRIDES. Data for the scale stage:
 # VALIDATE_SHARD, VALIDATE_TOKENIZER (default: .carry/shared or ../shared). Wheels: VALIDATE_WHEELS (.whl; none
 # with --toy), installed into VALIDATE_SITE (/tmp/losslab-site); scratch run directories under VALIDATE_WORK.
 set -uo pipefail
@@ -36,7 +39,7 @@ PY=${PY:-python3}
 SITE=${VALIDATE_SITE:-/tmp/losslab-site}
 WHEELS=${VALIDATE_WHEELS-$([ "$TOY" = 1 ] || echo .whl)}  # --toy: none (.whl/ holds the GPU image's cp312 wheels)
 WORK=${VALIDATE_WORK:-/tmp/losslab-validate}
-STAGES=" ${VALIDATE_STAGES:-setup kernels tests loss model big scale} "
+STAGES=" ${VALIDATE_STAGES:-setup kernels tests loss model hf big scale} "
 TOTAL=${VALIDATE_BUDGET:-350}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -50,6 +53,8 @@ if [ "$TOY" = 1 ]; then  # every stage at toy sizes on the CPU: checks the scrip
   : "${CHECK_N:=64}" "${CHECK_D:=16}" "${CHECK_V:=300}" "${LOSS_N:=64}" "${LOSS_D:=16}" "${LOSS_V:=300}"
   : "${LOSS_WARMUP:=0}" "${LOSS_ITERS:=1}" "${MODEL_PRESET:=debug}" "${MODEL_SEQ:=32}" "${MODEL_BATCH:=2}"
   : "${MODEL_MODES:=eager}" "${MODEL_ITERS:=1}" "${BIG_PRESET:=debug}" "${BIG_SEQ:=32}" "${BIG_BATCH:=2}"
+  : "${HF_SEQ:=16}" "${HF_BATCH:=2}" "${HF_STEPS:=1}" "${HF_PRECISION:=fp32}" "${MIN_HF:=0}"
+  : "${HF_SHAPE:=vocab_size=300 hidden_size=16 intermediate_size=32 num_hidden_layers=1 num_attention_heads=2 num_key_value_heads=1 head_dim=8}"
   : "${BIG_MODES:=eager}" "${TEST_FILES:=tests/test_cuda.py}" "${MIN_BIG:=0}" "${MIN_SCALE:=0}"
   : "${SCALE_OVERRIDES:=model.preset=debug data.seq_len=32 train.micro_batch_size=2 train.global_batch_size=2 train.max_steps=3 train.precision=auto}"
 else
@@ -63,9 +68,11 @@ fi
 : "${SCALE_OVERRIDES:=train.global_batch_size=8 train.max_steps=1000}"
 : "${BUDGET_SETUP:=60}" "${BUDGET_KERNELS:=60}" "${BUDGET_TESTS:=90}" "${BUDGET_LOSS:=60}" "${BUDGET_MODEL:=170}"
 : "${BUDGET_BIG:=75}" "${BUDGET_SCALE:=600}" "${MIN_BIG:=45}" "${MIN_SCALE:=120}"
+: "${HF_SEQ:=1024}" "${HF_BATCH:=8}" "${HF_STEPS:=5}" "${HF_PRECISION:=bf16}" "${HF_SHAPE:=}" "${BUDGET_HF:=60}"
+: "${MIN_HF:=30}"
 
 export CHECK_N CHECK_D CHECK_V LOSS_N LOSS_D LOSS_V MODEL_PRESET MODEL_SEQ MODEL_BATCH MODEL_MODES BIG_PRESET BIG_BATCH \
-  SCALE_OVERRIDES  # recorded in stages.jsonl
+  SCALE_OVERRIDES HF_SEQ HF_BATCH HF_PRECISION  # recorded in stages.jsonl
 
 mkdir -p "$WORK"
 exec > >(tee -a "$OUT/validate.log") 2>&1
@@ -118,7 +125,8 @@ for pkg in ("torch", "triton", "deepspeed", "transformers", "liger-kernel", "ome
         versions[pkg] = None
 cuda = os.environ["DEVICE"] == "cuda" and torch.cuda.is_available()
 sizes = {k: os.environ.get(k) for k in ("CHECK_N", "CHECK_D", "CHECK_V", "LOSS_N", "LOSS_D", "LOSS_V", "MODEL_PRESET",
-         "MODEL_SEQ", "MODEL_BATCH", "MODEL_MODES", "BIG_PRESET", "BIG_BATCH", "SCALE_OVERRIDES")}
+         "MODEL_SEQ", "MODEL_BATCH", "MODEL_MODES", "BIG_PRESET", "BIG_BATCH", "SCALE_OVERRIDES", "HF_SEQ",
+         "HF_BATCH", "HF_PRECISION")}
 print(json.dumps({"stage": "env", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": os.environ["COMMAND"], "toy": os.environ["TOY"] == "1", "device": os.environ["DEVICE"],
                   "gpu": torch.cuda.get_device_name() if cuda else "none (CPU dry run)",
@@ -143,6 +151,13 @@ model() {  # bench_model runs neox (losslab, HF) then llama (losslab, HF): a cut
   # shellcheck disable=SC2086  # MODEL_MODES is a list
   cut $PY scripts/bench_model.py --device $DEVICE --preset "$MODEL_PRESET" --seq "$MODEL_SEQ" --blocks neox llama \
     --batches "$MODEL_BATCH" --modes $MODEL_MODES --iters "$MODEL_ITERS" --profile --json "$OUT/bench_model.json"
+}
+
+hf() {  # its rows are added to bench_model.json: 8 files is the most the device tool returns
+  # shellcheck disable=SC2086  # HF_SHAPE is a list
+  cut $PY scripts/bench_hf_patch.py --device $DEVICE --random-init --precision "$HF_PRECISION" --seq "$HF_SEQ" \
+    --batch "$HF_BATCH" --steps "$HF_STEPS" ${HF_SHAPE:+--shape $HF_SHAPE} \
+    --json "$OUT/bench_model.json" --append
 }
 
 big() {
@@ -187,6 +202,7 @@ run_stage kernels "$BUDGET_KERNELS" 0 kernels
 run_stage tests "$BUDGET_TESTS" 0 tests
 run_stage loss "$BUDGET_LOSS" 0 loss
 run_stage model "$BUDGET_MODEL" 0 model
+run_stage hf "$BUDGET_HF" "$MIN_HF" hf
 run_stage big "$BUDGET_BIG" "$MIN_BIG" big
 run_stage scale "$BUDGET_SCALE" "$MIN_SCALE" scale
 echo "=== done after $((SECONDS - START)) s: $(grep -c '"rc": 0' "$OUT/stages.jsonl") stage lines with exit 0" \

@@ -106,7 +106,7 @@ def one_step(loss: str, argv: list[str], rank: int, world: int) -> dict:
         "train.precision": "fp32",
         "train.grad_clip": 1e9,  # never bites: the optimizer sees the raw gradients, and their norm is logged
         "loss.name": loss,
-        "loss.gamma": 1.5,
+        **({"loss.gamma": 1.5} if loss == "mile" else {}),  # a parameter of mile only (ce has none)
         "wandb.mode": "disabled",
         "eval.tasks": "[]",
         "eval.buckets": False,

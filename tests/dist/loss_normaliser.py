@@ -44,7 +44,8 @@ def main() -> None:
         for fused in ("true", "false"):
             h = hidden_all[sl].clone().requires_grad_()
             w = weight0.clone().requires_grad_()
-            cfg = {"name": name, "fused": fused, "gamma": 1.5, "alpha": 0.8, "chunk_size": 7}
+            params = {"alpha": 0.8} if name == "pdl" else {"gamma": 1.5}  # each loss gets its own parameter
+            cfg = {"name": name, "fused": fused, "chunk_size": 7, **params}
             out = build_loss(cfg, token_counts=counts)(h, w, labels_all[sl])
             gh, gw = torch.autograd.grad(out.loss, (h, w))
 
