@@ -23,7 +23,7 @@ from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
 from trainer.config import RunConfig, load_config
 from trainer.optim import lr_factor
-from trainer.resume_check import DERIVED, EXPERIMENT, FREE, KEY_CLASSES, LAUNCH, flatten
+from trainer.resume_check import DERIVED, EXPERIMENT, FREE, KEY_CLASSES, LAUNCH, flatten, key_class
 
 LR, WARMUP = 3e-3, 5  # debug_overrides'
 ACCELERATOR_NOTICE = "Setting accelerator to CPU"
@@ -88,9 +88,13 @@ def test_every_config_key_is_classified():
     assert set(KEY_CLASSES) - keys == set(), "classified keys that are not in the schema"
     assert set(KEY_CLASSES.values()) == {EXPERIMENT, FREE, LAUNCH}
     # the experiment, as the issue lists it, is refused when changed
-    for key in ("model.d_model", "loss.name", "loss.gamma", "data.train_files", "train.lr", "train.max_steps",
+    for key in ("model.d_model", "loss.name", "data.train_files", "train.lr", "train.max_steps",
                 "train.warmup_steps", "train.seed", "train.beta2"):  # fmt: skip
         assert KEY_CLASSES[key] == EXPERIMENT, key
+    # a loss's own parameters (declared with its class) are flat keys of the experiment, whichever loss runs
+    assert "loss.gamma" in flatten(load_config(None, ["loss.name=mile"]))
+    for key in ("loss.gamma", "loss.alpha", "loss.keep_ratio"):
+        assert key_class(key) == EXPERIMENT, key
     for key in ("train.log_every", "eval.limit", "checkpoint.every", "data.num_workers", "wandb.mode"):
         assert KEY_CLASSES[key] == FREE, key
     assert DERIVED == ("train.global_batch_size (resolved)", "train.precision (resolved)")

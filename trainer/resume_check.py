@@ -37,6 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from losslab.losses.config import LossConfig
 from models.checkpoint import META
 from models.checkpoint_files import CheckpointError, load_json
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, resolved
@@ -62,12 +63,12 @@ KEY_CLASSES: dict[str, str] = {
     ),
     "model.activation_checkpointing": FREE,  # the same forward, recomputed
     "model.compile": FREE,
-    # every parameter of the loss, selected or not: whether one acts is the loss's business, not this table's
+    # the loss and its modifiers; the selected loss's own parameters (loss.gamma, ...: declared with its class,
+    # flattened out of loss.params by flatten()) are experiment keys too, as every key missing from this table is
     **_each(
         EXPERIMENT,
         "loss",
-        "name gamma focal_alpha alpha eps smoothing max_weight keep_ratio reference "
-        "label_smoothing z_loss options entropy_clamp count_ignored",
+        "name reference label_smoothing z_loss entropy_clamp count_ignored",
     ),
     "loss.log_entropy": FREE,  # logged, not trained on
     **_each(FREE, "loss", "fused kernel chunk_size"),  # the same loss by another route (tested against float64)
@@ -110,12 +111,16 @@ DERIVED = ("train.global_batch_size (resolved)", "train.precision (resolved)")
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """``section.key`` -> value for every key of the schema (lists and mappings as one value)."""
+    """``section.key`` -> value for every key of the schema (lists and mappings as one value); the selected loss's
+    own parameters (``loss.params``) as the flat keys a config writes (``loss.gamma``), each one experiment key."""
     out = {}
     for section in dataclasses.fields(cfg):
         node = getattr(cfg, section.name)
         for f in dataclasses.fields(node):
-            out[f"{section.name}.{f.name}"] = getattr(node, f.name)
+            if (section.name, f.name) == ("loss", "params"):
+                out.update({f"loss.{k}": v for k, v in node.params.items()})
+            else:
+                out[f"{section.name}.{f.name}"] = getattr(node, f.name)
     return out
 
 
@@ -175,6 +180,13 @@ def saved_config(path: Path) -> tuple[RunConfig, list[str]]:
         raise CheckpointError(f"{path}: cannot be read as a run config (not a mapping)")
     schema = OmegaConf.structured(RunConfig)
     unknown = []
+    # the loss section is flat (loss.gamma): its parameters go where the schema keeps them (loss.params)
+    loss = raw.pop("loss", None)
+    if isinstance(loss, dict):
+        try:
+            loss = LossConfig.from_mapping(loss)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its loss section cannot be read ({e})") from None
     for section, values in list(raw.items()):
         if section not in schema or not isinstance(values, dict):
             unknown.append(section)
@@ -188,6 +200,10 @@ def saved_config(path: Path) -> tuple[RunConfig, list[str]]:
         cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(schema, raw))  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise CheckpointError(f"{path}: cannot be read as a run config ({str(e).splitlines()[0]})") from None
+    if isinstance(loss, LossConfig):
+        cfg.loss = loss
+    elif loss is not None:
+        unknown.append("loss")
     return cfg, unknown
 
 
