@@ -166,7 +166,7 @@ def patch(
     model.forward = _patched_forward(model, state)
     # Trainer: token-mean losses take num_items_in_batch and are not divided again by the accumulation steps;
     # weight-normalised ones normalise each call and Trainer averages the micro-steps (losslab's own loop)
-    model.accepts_loss_kwargs = not loss_fn.weighting.normalised
+    model.accepts_loss_kwargs = not loss_fn.normalised
     return model
 
 
@@ -235,7 +235,7 @@ def _forward(model: nn.Module, state: _State, args: tuple, labels: Tensor | None
                          f"with labels{source}")  # fmt: skip
     loss_fn = state.loss_fn
     denominator = num_items
-    if num_items is not None and loss_fn.weighting.normalised:
+    if num_items is not None and loss_fn.normalised:
         # A Trainer that passes num_items_in_batch to a weight-normalised loss anyway (one that does not read
         # accepts_loss_kwargs) will not average the micro-steps: weigh each call by its share of the tokens.
         if "num_items" not in state.warned:

@@ -1,7 +1,8 @@
 """The patched model in ``transformers.Trainer`` and TRL's ``SFTTrainer`` (issue #28's acceptance): gradient
 accumulation against a hand computation in float64 — for ``ce`` the accumulated step is the large batch's; for
 ``mile`` each micro-batch is normalised by its own weights and the micro-steps averaged, as losslab's own loop
-and the official MiLe code do — and a completion-only SFT loss that falls on the completions alone."""
+and the official MiLe code do, and with ``loss.normalise=tokens`` the accumulated step is the large batch's — and
+a completion-only SFT loss that falls on the completions alone."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def train_one_step(model, rows, micro: int, accum: int, tmp_path, trainer_cls=No
     return sum(losses), recorder.grads
 
 
-def hand(model, rows, loss: str, per_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss written from its formula on the unpatched model's float64 logits, and its gradients."""
+def hand(model, rows, loss: str, per_micro: bool, tokens: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss written from its formula on the unpatched model's float64 logits, and its gradients. ``tokens``:
+    the weighted sum over the step's target tokens (``loss.normalise=tokens``)."""
     model.zero_grad()
     terms = []
     for row in rows:
@@ -80,7 +82,9 @@ def hand(model, rows, loss: str, per_micro: bool) -> tuple[torch.Tensor, dict[st
         entropy = -(logp.exp() * logp).sum(-1)
         w = torch.ones_like(ce) if loss == "ce" else 1.0 + entropy  # mile, gamma 1
         terms.append((w * ce, w))
-    if per_micro:  # each micro-batch normalised by its own weights, then the micro-steps averaged
+    if tokens:
+        value = sum(wl.sum() for wl, _ in terms) / sum(len(w) for _, w in terms)
+    elif per_micro:  # each micro-batch normalised by its own weights, then the micro-steps averaged
         value = sum(wl.sum() / w.sum() for wl, w in terms) / len(terms)
     else:
         value = sum(wl.sum() for wl, _ in terms) / sum(w.sum() for _, w in terms)
@@ -245,3 +249,15 @@ def test_the_plain_loop_recipe_of_the_docs(loss):
     assert grads.keys() == expected.keys()
     for name in grads:
         assert rel_err(grads[name], expected[name]) < 1e-10, name
+
+
+def test_trainer_accumulation_of_token_normalised_mile_equals_the_large_batch(tmp_path):
+    """loss.normalise=tokens: MiLe's weighted sum over the step's target tokens takes num_items_in_batch as CE
+    does, so micro-batch 1 x accumulation 4 gives the loss and gradients of micro-batch 4 x accumulation 1."""
+    rows = records()
+    model = tiny("llama")
+    expected = hand(model, rows, "mile", per_micro=False, tokens=True)
+    hf.patch(model, "mile", gamma=1.0, normalise="tokens")
+    assert model.accepts_loss_kwargs  # Trainer passes num_items_in_batch and does not average the micro-steps
+    assert_same(*train_one_step(model, rows, micro=1, accum=4, tmp_path=tmp_path / "a"), *expected)
+    assert_same(*train_one_step(model, rows, micro=4, accum=1, tmp_path=tmp_path / "b"), *expected)

@@ -21,6 +21,8 @@ def other_value(p: Param) -> object:
     """A valid value of ``p`` other than its default."""
     if p.kind is bool:
         return not p.default
+    if p.choices:
+        return next(c for c in p.choices if c != p.default)
     for candidate in (p.default * 0.5, p.default + 0.25, 0.5, 2.0, 1e-3, 3):
         try:
             value = p.check(candidate)

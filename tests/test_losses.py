@@ -40,13 +40,15 @@ def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None, inputs=None
         excess = (ce.detach() - inputs["ref_ce"].double()).tolist()
         k = math.ceil(cfg.keep_ratio * int(n_valid))
         ranked = sorted((i for i in range(len(y)) if valid[i]), key=lambda i: (-excess[i], i))  # ties: earlier
-        return ce_loss[ranked[:k]].sum() / k + z_loss
+        return ce_loss[ranked[:k]].sum() / (n_valid if cfg.normalise == "tokens" else k) + z_loss
     if cfg.name == "mile":
         w = (1 + entropy) ** cfg.gamma
     elif cfg.name == "focal":
         w = (1 - torch.exp(-ce.detach())) ** cfg.gamma
     elif cfg.name == "pdl":
         table = (counts.double() + cfg.smoothing + cfg.eps) ** (-cfg.alpha)
+        # mean 1 per corpus occurrence: no change to the ratio of the official form, the scale of the token-mean one
+        table = table / ((table * counts).sum() / counts.sum())
         w = table[y]
     elif cfg.name == "weighted":
         w = inputs["weight"].double()
@@ -54,6 +56,8 @@ def naive_loss(hidden, weight, labels, cfg: LossConfig, counts=None, inputs=None
         raise AssertionError(cfg.name)
     w = w * counted
     n = counted.sum()
+    if cfg.normalise == "tokens":  # the weighted sum over the target tokens, as CE divides
+        return (w * ce_loss).sum() / n_valid + z_loss
     return (w * ce_loss).sum() / n * (n / w.sum()) + z_loss  # official form: mean(a * w * ce), a = 1 / mean(w)
 
 
@@ -369,6 +373,42 @@ def test_fused_never_materialises_full_logits(name, modifiers):
         out = loss_fn(hidden, weight, labels, token_inputs=inputs)
     out.loss.backward()
     assert max(seen) <= max(8 * V, V * D, N * D)
+
+
+NORMALISED = sorted(name for name, cls in LOSSES.items() if cls.normalised)
+
+
+@pytest.mark.parametrize("name", NORMALISED)
+@pytest.mark.parametrize("fused", ["true", "false"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_token_normalisation_matches_naive_reference(name, fused, ignore):
+    cfg = LossConfig(name=name, fused=fused, chunk_size=17, normalise="tokens", **LOSS_PARAMS[name])
+    check_against_naive(cfg, ignore)
+    check_against_naive(LossConfig(name=name, normalise="tokens", z_loss=0.05, **LOSS_PARAMS[name]), ignore)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_token_normalised_mile_accumulates_to_the_large_batch(fused):
+    """With loss.normalise=tokens a weight-normalised loss divides by the step's token count, so two micro-batches
+    averaged with the global denominator give the large batch's loss and gradients; with the official per-call
+    normaliser they do not."""
+    hidden, weight, labels, _ = make_inputs(torch.float64, ignore=True)
+    halves = [slice(0, N // 3), slice(N // 3, N)]  # unequal halves, different entropies
+    valid = (labels != IGNORE_INDEX).sum().double()
+    for normalise, exact in (("tokens", True), ("weights", False)):
+        loss_fn = build_loss("mile", gamma=1.3, fused=fused, normalise=normalise)
+        accumulated = sum(loss_fn(hidden[s], weight, labels[s], denominator=valid / 2).loss for s in halves) / 2
+        full = loss_fn(hidden, weight, labels).loss
+        g_acc, g_full = (torch.autograd.grad(x, hidden)[0] for x in (accumulated, full))
+        if exact:
+            assert abs(accumulated.item() - full.item()) < 1e-12 and rel_err(g_acc, g_full) < 1e-10
+        else:
+            assert abs(accumulated.item() - full.item()) > 1e-4
+
+
+def test_token_normalisation_is_refused_for_a_token_mean_loss():
+    with pytest.raises(ValueError, match=r"loss\.normalise=tokens"):
+        build_loss("ce", normalise="tokens")
 
 
 @pytest.mark.parametrize("fused", ["true", "false"])

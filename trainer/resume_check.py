@@ -68,7 +68,7 @@ KEY_CLASSES: dict[str, str] = {
     **_each(
         EXPERIMENT,
         "loss",
-        "name reference label_smoothing z_loss entropy_clamp count_ignored",
+        "name reference label_smoothing z_loss entropy_clamp count_ignored normalise",
     ),
     "loss.log_entropy": FREE,  # logged, not trained on
     **_each(FREE, "loss", "fused kernel chunk_size"),  # the same loss by another route (tested against float64)

@@ -170,6 +170,12 @@ class LossConfig:
         False, "the official MiLe code's counting: ignored positions add their weight to the normaliser and count "
         "in the mean (mile, focal); false masks them, as the formula means",
         tag="official")  # fmt: skip
+    normalise: str = setting(
+        "weights", "weight-normalised losses (mile, focal, pdl, weighted, rho1): weights = each call (a micro-batch on "
+        "one rank) divided by the sum of its detached weights, rank-averaged, as the official code does; tokens = "
+        "the weighted sum divided by the step's count of target tokens, as CE is: gradient accumulation and data "
+        "parallelism then give the large batch's loss exactly, on another scale (the mean weight's)",
+        tag="norm", choices=("weights", "tokens"))  # fmt: skip
     log_entropy: bool = setting(
         False, "log the mean predictive entropy (entropy) for a loss that does not read it (on a CPU one more "
         "pass over every block of logits)")  # fmt: skip

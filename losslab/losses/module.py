@@ -65,6 +65,8 @@ class TokenLoss(nn.Module):
         self.weighting = weighting
         self.fused = cfg.fused != "false"
         self.computes_entropy = weighting.needs_entropy or cfg.log_entropy
+        self.normalised = weighting.normalised and cfg.normalise == "weights"
+        """Divided by the sum of its weights (the official normaliser), else by the token count (``loss.normalise``)."""
         """Whether the entropy is computed (and ``entropy`` is among the metrics)."""
 
     def _terms(self, ce_loss: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,11 +176,11 @@ class TokenLoss(nn.Module):
         n = torch.full_like(num_valid, y.numel()) if self.weighting.counts_ignored else num_valid
         denom = None if denominator is None else torch.as_tensor(denominator, device=h.device).to(acc)
         tokens = (n if denom is None else denom).clamp_min(1.0)
-        norm = _Normaliser(self.weighting.normalised, n, tokens)
+        norm = _Normaliser(self.normalised, n, tokens)
         c = self.cfg.z_loss
         # the z-loss is a mean over valid tokens (or over the trainer's denominator), whatever the loss divides by
         z_tokens = (num_valid if denom is None else denom).clamp_min(1.0)
-        if not self.weighting.normalised:
+        if not self.normalised:
             z_tokens = tokens  # the same divisor as the loss: the fused path folds both into one numerator
         if head_weight is not None:
             z_lambda: float | Callable[[Tensor], Tensor] = c
@@ -186,7 +188,7 @@ class TokenLoss(nn.Module):
             def relative_z(w: Tensor) -> Tensor:  # the z-loss's factor over the loss's, once the weights are known
                 return c / z_tokens / norm(w)
 
-            if c and self.weighting.normalised:
+            if c and self.normalised:
                 z_lambda = relative_z
             opts = paths.FusedOptions(mean_z=self.cfg.label_smoothing > 0, z_lambda=z_lambda, inputs=inputs,
                                       two_pass=self.weighting.needs_all_rows or callable(z_lambda),

@@ -63,6 +63,11 @@ def resolve(cfg: LossConfig | Mapping[str, Any]) -> LossConfig:
         applies = ", ".join(n for n, c in sorted(LOSSES.items()) if c.official_counting)
         why = f"loss.count_ignored=true (the official MiLe code's counting) applies to {applies}, not to {cfg.name}"
         raise SettingError("count_ignored", why)
+    if mods["normalise"] != "weights" and not cls.normalised:
+        applies = ", ".join(n for n, c in sorted(LOSSES.items()) if c.normalised)
+        why = (f"loss.normalise={mods['normalise']} chooses how a weight-normalised loss ({applies}) is divided; "
+               f"loss.name={cfg.name} is a token mean already")  # fmt: skip
+        raise SettingError("normalise", why)
     if mods["entropy_clamp"] and not (cls.needs_entropy or mods["log_entropy"]):
         why = (f"loss.entropy_clamp={mods['entropy_clamp']} changes an entropy that loss.name={cfg.name} does not "
                "compute: set it for mile (or with loss.log_entropy=true)")  # fmt: skip
