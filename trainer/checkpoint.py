@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -104,14 +103,15 @@ def save_checkpoint(
     keep: int,
     token_counts: torch.Tensor | None = None,
     portable: bool = False,
-    die_midway: bool = False,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Collective: every rank calls it. ``meta`` (the loop's state, with ``step``) goes into DeepSpeed's
     client state and ``meta.json``. Returns the checkpoint directory.
 
     Every file is checksummed as it is completed (``checkpoint_io``). A write that fails on any rank (a full
     disk) raises ``CheckpointWriteError`` on every rank, after the partial checkpoint is removed; the previous
-    one and ``latest`` are untouched."""
+    one and ``latest`` are untouched. ``before_commit(tmp)`` runs on every rank once its files are in ``tmp``,
+    before the checkpoint is committed (the loop's ``Callback.pre_checkpoint_commit``)."""
     rank = dist.get_rank()
     root = run_dir / CHECKPOINTS
     tag = step_tag(step)
@@ -156,8 +156,8 @@ def save_checkpoint(
     finally:
         engine.checkpoint_engine = deepspeed_writer
     _write(errors, digests, tmp / f"rng_rank{rank}.json", lambda p: p.write_text(json.dumps(rng_state())))
-    if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if before_commit is not None:
+        before_commit(tmp)
     every_rank = gathered(digests.result(errors))
     if rank == 0 and errors.first is None:
         # every file with its size and checksum, so that a loader names a missing, torn or corrupted file
