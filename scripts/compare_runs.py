@@ -25,20 +25,20 @@ data (``run_info.json`` ``data_files``, ``data.val_files``) are refused (exit 2)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import csv
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import matplotlib
+
+from losslab.log import fail
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -799,16 +799,13 @@ def main(argv: list[str] | None = None) -> int:
         r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file() or not (Path(r) / "config.yaml").is_file()
     ]
     if missing:
-        print(f"error: not run directories (no metrics.jsonl / config.yaml): {missing}", file=sys.stderr)
-        return 2
+        return fail(f"not run directories (no metrics.jsonl / config.yaml): {missing}")
     if not 0 <= args.smooth < 1:
-        print(f"error: --smooth={args.smooth} is not in [0, 1)", file=sys.stderr)
-        return 2
+        return fail(f"--smooth={args.smooth} is not in [0, 1)")
     try:
         summary = compare([Path(r) for r in args.runs], Path(args.out), args.smooth, args.force)
     except NotComparable as e:
-        print(f"error: runs not comparable: {e} (pass --force to compare them anyway)", file=sys.stderr)
-        return 2
+        return fail(f"runs not comparable: {e} (pass --force to compare them anyway)")
     print(summary.read_text())
     return 0
 

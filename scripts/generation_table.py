@@ -5,13 +5,14 @@ Reads each run's newest ``eval_results.json`` (written by the in-loop evaluation
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
-import argparse
-import json
+from losslab.log import fail
 
 COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
 
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(table(run_dirs(args.runs), args.task))
     except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

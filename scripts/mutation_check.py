@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -350,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unknown = sorted(set(args.only) - {mu.id for mu in MUTANTS})
     if unknown:
-        print(f"error: unknown mutant ids {unknown}; see --list", file=sys.stderr)
-        return 2
+        return fail(f"unknown mutant ids {unknown}; see --list")
     mutants = [mu for mu in MUTANTS if not args.only or mu.id in args.only]
     if args.list:
         for mu in mutants:

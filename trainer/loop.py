@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from data.batch import labels, model_inputs, to_device
 from data.files import write_atomic
 from evals.domains import domain_losses
+from losslab.log import get_logger
 from losslab.losses import IGNORE_INDEX
 from models import GPT
 from trainer.callbacks import EvalCallback
@@ -27,6 +27,8 @@ from trainer.perf import memory_metrics
 from trainer.run import STEP_METRICS, Run, build_run
 from trainer.run_dir import METRICS, RESULT
 from trainer.run_record import last_logged_loss
+
+log = get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,7 +89,7 @@ def _train(cfg: RunConfig) -> TrainResult:
                 for cb in run.callbacks:  # after ckpt is set: a failing evaluation still reports the checkpoint
                     cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
             if preempted:
-                print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
+                log.warning(f"pre-empted: stopped after step {step}, checkpoint {ckpt}")
                 break
     except BaseException as e:  # the run stops here: say so in result.json, whatever stopped it
         _write_result(run, complete=False, step=step, loss=last_loss, ckpt=ckpt, error=f"{type(e).__name__}: {e}")
@@ -126,7 +128,7 @@ def _write_result(
     try:
         write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     except OSError as e:  # a full disk: say so, and let the error that stopped the run be the one reported
-        print(f"warning: {run.run_dir / RESULT} could not be written: {e}", file=sys.stderr, flush=True)
+        log.warning(f"warning: {run.run_dir / RESULT} could not be written: {e}")
         if error is None:
             raise
 
@@ -138,7 +140,7 @@ def _end_callbacks(run: Run, *, failed: bool) -> None:
         except Exception as e:  # a logger that cannot close must not hide why the run stopped
             if not failed:
                 raise
-            print(f"warning: {type(cb).__name__} did not close: {e}", file=sys.stderr)
+            log.warning(f"warning: {type(cb).__name__} did not close: {e}")
 
 
 def _train_step(run: Run, step: int) -> None:
@@ -218,7 +220,7 @@ def _log(run: Run, step: int, clock: _Clock) -> float:
             f"(train.max_nonfinite_in_a_row={limit})"
         )
     if nonfinite_total and nonfinite_total > tally.nonfinite_reported:
-        print(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far", file=sys.stderr)
+        log.warning(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far")
         tally.nonfinite_reported = nonfinite_total
     tokens = step * shape.tokens_per_step
     tokens_per_s = clock.rate(tokens)
