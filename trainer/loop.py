@@ -252,6 +252,10 @@ def _validate(run: Run, step: int) -> None:
 
 
 def _checkpoint(run: Run, step: int) -> Path:
+    def before_commit(tmp: Path) -> None:
+        for cb in run.callbacks:
+            cb.pre_checkpoint_commit(step, tmp)
+
     meta = {
         "step": step,
         "tokens": step * run.shape.tokens_per_step,
@@ -275,6 +279,6 @@ def _checkpoint(run: Run, step: int) -> Path:
         keep=run.cfg.checkpoint.keep,
         token_counts=run.saved.token_counts,
         portable=run.cfg.checkpoint.portable_optimizer,
-        before_commit=lambda tmp: [cb.pre_checkpoint_commit(step, tmp) for cb in run.callbacks],
+        before_commit=before_commit,
     )
     return ckpt

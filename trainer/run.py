@@ -187,6 +187,8 @@ class Start:
 
 
 def build_run(cfg: RunConfig) -> Run:
+    """Check the inputs (the checkpoint to resume chosen first), prepare the run directory, build the data's
+    derived state, the model and its engine, restore the checkpoint, record the launch; the run the loop gets."""
     inputs = _check_inputs(cfg)
     run_dir = Path(inputs.cfg.run.dir)
     prepare_run_dir(run_dir, inputs.cfg, inputs.resume_ckpt)
