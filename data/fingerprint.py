@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,9 @@ from data.files import DIGEST, file_digest
 from data.memmap import STREAM_FILES, PreparedCorpus
 from data.prepare import MANIFEST
 from data.shards import resolve_files
+from losslab.log import get_logger
+
+log = get_logger(__name__)
 
 EDGE = 1 << 20
 """Bytes hashed at each end of a streamed file."""
@@ -80,7 +82,7 @@ def fingerprint(cfg: DataConfig, stream_files: list[str]) -> dict[str, Any]:
         whole = prepared_files(cfg.prepared)
         total = sum(p.stat().st_size for p in whole)
         if total > _REPORT_ABOVE:
-            print(f"hashing the prepared data ({total / 1e9:.1f} GB) to detect a change on resume", file=sys.stderr)
+            log.info(f"hashing the prepared data ({total / 1e9:.1f} GB) to detect a change on resume")
         records = [file_record(p, whole=True) for p in whole]
     else:
         records = [file_record(p, whole=False) for p in stream_files]

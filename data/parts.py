@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,9 @@ from data.sft import FineTuningRecords
 from data.shards import DataError
 from data.tokenise import MANIFEST, die_with_parent, fingerprint, source_dirname, write_prepared
 from data.tokenizer import Tokenizer
+from losslab.log import get_logger
+
+log = get_logger(__name__)
 
 PARTS_SUFFIX = ".parts"
 
@@ -138,7 +140,7 @@ def _job_main(part, tokenizer_path, workers, batch_bytes, by_source, records, co
     try:
         _prepare_part(part, tokenizer_path, workers, batch_bytes, by_source, records, _SharedCounter(counter))
     except BaseException as e:  # the parent names the shard; this line says why
-        print(f"error: {part.file}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        log.error(f"error: {part.file}: {type(e).__name__}: {e}")
         raise SystemExit(1) from None
 
 
@@ -180,8 +182,7 @@ def run_parts(
     todo = [p for p in parts if not p.done()]
     done_before = len(parts) - len(todo)
     if done_before and show_progress:
-        print(f"{done_before} of {len(parts)} shards already prepared in {root}; preparing the other {len(todo)}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        log.info(f"{done_before} of {len(parts)} shards already prepared in {root}; preparing the other {len(todo)}")
     if not todo:
         return
     compressed = {p.index: os.path.getsize(p.file) for p in todo}

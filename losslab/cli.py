@@ -13,6 +13,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from losslab.log import fail
+
 # command -> (module in scripts/, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a model: losslab train CONFIG [key=value ...]"),
@@ -37,13 +39,14 @@ def checkout_root() -> Path:
     root = Path(__file__).resolve().parents[1]
     missing = [p for p in PACKAGES if not (root / p).is_dir()]
     if missing:
-        print(
-            f"losslab: no source checkout at {root} (missing {', '.join(missing)}): losslab runs from a checkout; "
-            "clone it and install it editable with `pip install -e 'CHECKOUT[framework]'` (an installed wheel is "
-            "the loss library alone: from losslab.losses import build_loss)",
-            file=sys.stderr,
+        raise SystemExit(
+            fail(
+                f"no source checkout at {root} (missing {', '.join(missing)}): losslab runs from a checkout; "
+                "clone it and install it editable with `pip install -e 'CHECKOUT[framework]'` (an installed wheel is "
+                "the loss library alone: from losslab.losses import build_loss)",
+                prefix="losslab: ",
+            )
         )
-        raise SystemExit(2)
     return root
 
 
@@ -64,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"losslab: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return fail(f"unknown command {command!r}; one of: {', '.join(COMMANDS)}", prefix="losslab: ")
     root = str(checkout_root())
     if sys.path[:1] != [root]:
         sys.path.insert(0, root)

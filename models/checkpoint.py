@@ -16,7 +16,6 @@ garbage. A checkpoint written before checksums existed is read with a warning th
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,12 @@ import torch
 
 from data.files import DIGEST, file_digest, text_digest
 from data.tokenizer import Tokenizer
+from losslab.log import get_logger
 from models.checkpoint_files import CheckpointError, load_json, load_safetensors
 from models.config import GPTConfig
 from models.gpt import GPT
+
+log = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -127,10 +129,8 @@ def warn_unverified(ckpt: Path, meta: dict[str, Any]) -> None:
     if ckpt not in _warned_unverified:
         _warned_unverified.add(ckpt)
         checked = "only their sizes were checked" if meta.get("files") else "it lists none of them"
-        print(
-            f"warning: {ckpt} was written before checkpoints carried checksums: its files are unverified ({checked})",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            f"warning: {ckpt} was written before checkpoints carried checksums: its files are unverified ({checked})"
         )
 
 

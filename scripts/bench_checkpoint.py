@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import hashlib
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 import xxhash
 

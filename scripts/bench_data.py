@@ -11,11 +11,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import itertools
 import os
@@ -24,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.memmap import MemmapBatches, MemmapSource, PreparedCorpus
 from data.prepare import prepare

@@ -19,22 +19,24 @@ a toy of it: scripts/gpu/validate.sh --toy).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import copy
 import glob
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
+
+from losslab.log import fail, get_logger
+
+log = get_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / "corpus" / "smollm2-135m-instruct"
@@ -258,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true", help="add the rows to the list already in --json")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device", file=sys.stderr)
-        return 2
+        return fail("--device cuda but no CUDA device")
     torch.manual_seed(0)
     model0, tokenizer = load_model(args)
     model0.to(args.device)
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"patched {loss}": loss for loss in args.extra})
     times = timed(model0, rows, variants, args)
     for name, (losses, step_s) in times.items():
-        print(f"{name}: losses {losses}, step s {[round(t, 3) for t in step_s]}", file=sys.stderr, flush=True)
+        log.info(f"{name}: losses {losses}, step s {[round(t, 3) for t in step_s]}")
     peaks = {name: peak(model0, rows, loss, args) for name, loss in variants.items()}
     plain = times["plain ce"][0]
     meta = {"bench": "hf_patch", "model": "random init" if args.random_init else Path(args.model).name,

@@ -15,21 +15,22 @@ wall clock, no memory figures, no Liger row.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 
+from losslab.log import fail, get_logger
 from losslab.losses import LOSSES, build_loss
 from losslab.losses.kernels import kernel_name, select_rows, verdicts
+
+log = get_logger(__name__)
 
 LOSS_ARGS = {"mile": {"gamma": 1.0}, "focal": {"gamma": 1.0}, "focal_lin": {"gamma": 2.0}}  # the rest: defaults
 MODIFIERS = {"label_smoothing": 0.1, "z_loss": 1e-4}  # the memory comparison's "+modifiers" rows
@@ -139,7 +140,7 @@ def liger_rows(hidden, weight, labels, warmup: int, iters: int, device: str) -> 
     base = {"V": weight.shape[0], "loss": "ce"}
     cls, version = liger_loss_class(device)
     if cls is None:
-        print(f"no Liger rows: {version}", file=sys.stderr)
+        log.warning(f"no Liger rows: {version}")
         return [{**base, "impl": "liger", "skipped": version}]
     rows = []
     for impl, kwargs in (("liger", {}), ("liger-fp32-accum", {"accum_dtype": torch.float32})):
@@ -147,7 +148,7 @@ def liger_rows(hidden, weight, labels, warmup: int, iters: int, device: str) -> 
             liger = cls(**kwargs)
             ms, gib = timed(liger_step_fn(liger, hidden, weight, labels), warmup, iters, device)
         except Exception as e:
-            print(f"no {impl} row: {type(e).__name__}: {e}", file=sys.stderr)
+            log.warning(f"no {impl} row: {type(e).__name__}: {e}")
             rows.append({**base, "impl": impl, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
         rows.append({**base, "impl": impl, "ms": ms, "peak_gib": gib, "version": version})
@@ -383,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = cpu_memory(args.tokens, args.dim, args.vocab[0], emit_memory)
         return 0 if all(r["vs_ce"] <= 1.10 for r in rows) else 1
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_loss.py needs a CUDA GPU (--device cpu only checks the script)", file=sys.stderr)
-        return 2
+        return fail("bench_loss.py needs a CUDA GPU (--device cpu only checks the script)", prefix="")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, N={args.tokens}, d={args.dim}, bf16")
     result = {"device": name, "torch": torch.__version__, "N": args.tokens, "d": args.dim, "losses": []}

@@ -19,21 +19,20 @@ N operators by self CPU time of each row (torch.profiler), for finding what limi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import gc
 import itertools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 
+from losslab.log import fail
 from losslab.losses import build_loss
 from models import GPT
 from trainer import parallelize
@@ -245,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_model.py needs a CUDA GPU (--device cpu only checks the script)", file=sys.stderr)
-        return 2
+        return fail("bench_model.py needs a CUDA GPU (--device cpu only checks the script)", prefix="")
     assert flops_per_token  # the same convention as the trainer's MFU (trainer/perf.py)
     rows = []
 

@@ -13,18 +13,17 @@ scaling is not measured here).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import os
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.prepare import prepare
 from data.shards import ReadStats, iter_documents, resolve_files

@@ -11,17 +11,17 @@ Idempotent: an existing task of the same inputs and settings is reused.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import hashlib
 import json
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.shards import DataError, ReadStats, iter_documents, resolve_files
 from evals.tasks import write_multiple_choice_task
+from losslab.log import fail
 from scripts.build_default_corpus import cloze_docs
 
 
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = resolve_files(args.files)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     settings = {"files": {str(f): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files},
                 "docs": args.docs, "seed": args.seed}  # fmt: skip
     out = Path(args.out)
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [doc.text for f in files for doc in iter_documents(f, stats)]
     docs = cloze_docs(texts, args.docs, args.seed)
     if not docs:
-        print(f"error: {args.files}: no text to build cloze questions from", file=sys.stderr)
-        return 2
+        return fail(f"{args.files}: no text to build cloze questions from")
     task = write_multiple_choice_task(out, args.name, docs)
     stamp.write_text(json.dumps(settings, indent=2) + "\n")
     print(f"wrote {task}: {len(docs)} four-way cloze questions from {len(texts)} held-out documents")

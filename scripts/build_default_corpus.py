@@ -17,11 +17,6 @@ Idempotent: an existing complete build with the same settings is reused.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import hashlib
 import json
@@ -31,6 +26,8 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.shards import write_shard
 from data.tokenizer import train_tokenizer

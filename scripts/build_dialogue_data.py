@@ -61,20 +61,19 @@ Idempotent: an existing complete build with the same settings and source is reus
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import hashlib
 import itertools
 import json
 import random
 import re
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals import generation_metrics
 from evals.generation import write_generation_task

@@ -10,18 +10,17 @@ and needs no GPU. Exit 2, with one line naming the key or file, when the run wou
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
+import sys
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.mixture import describe
 from data.shards import DataError, resolve_files
 from data.source import build_source
 from data.tokenizer import Tokenizer
+from losslab.log import fail
 from trainer.config import ConfigError, load_config
 
 
@@ -45,11 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         resolve_files(cfg.data.val_files)
         report = describe(cfg.data, planned_tokens=planned_tokens(cfg))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, prefix="config error: ")
     except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if report is None:
         print("fine-tuning records: no domains to mix")
     elif args.json:

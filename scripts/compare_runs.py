@@ -12,13 +12,14 @@ Writes ``summary.md``, ``summary.csv`` (every number), ``curves.csv`` and the fi
 
 from __future__ import annotations
 
+import argparse
+import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
-import argparse
-import shlex
+from losslab.log import fail
 
 
 def _schema():
@@ -62,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file() or not (Path(r) / "config.yaml").is_file()
     ]
     if missing:
-        print(f"error: not run directories (no metrics.jsonl / config.yaml): {missing}", file=sys.stderr)
-        return 2
+        return fail(f"not run directories (no metrics.jsonl / config.yaml): {missing}")
     if args.margin < 0 or args.score_margin < 0:
-        print("error: --margin and --score-margin must be >= 0", file=sys.stderr)
-        return 2
+        return fail("--margin and --score-margin must be >= 0")
     from evals.compare.report import ContrastError, NotComparable, Options, compare, rel
 
     given = argv if argv is not None else sys.argv[1:]  # paths in the recorded command: relative, never absolute
@@ -79,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = compare([Path(r) for r in args.runs], Path(args.out), options, schema=_schema())
     except NotComparable as e:
-        print(f"error: runs not comparable: {e} (pass --force to compare them anyway)", file=sys.stderr)
-        return 2
+        return fail(f"runs not comparable: {e} (pass --force to compare them anyway)")
     except ContrastError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(summary.read_text())
     return 0
 

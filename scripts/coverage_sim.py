@@ -5,16 +5,18 @@ About 20 minutes on one core at the defaults; ``--studies 200`` for a quick look
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
-import argparse
-import time
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals.compare.coverage import CASES, Coverage, coverage
 from evals.compare.stats import METHODS
+from losslab.log import fail, get_logger
+
+log = get_logger(__name__)
 
 BEGIN, END = "<!-- coverage table: scripts/coverage_sim.py -->", "<!-- end of coverage table -->"
 
@@ -47,20 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.studies < 10 or args.boot < 50:
-        print("error: --studies must be >= 10 and --boot >= 50", file=sys.stderr)
-        return 2
+        return fail("--studies must be >= 10 and --boot >= 50")
     out = Path(args.out)
     if not args.print and (not out.is_file() or BEGIN not in out.read_text() or END not in out.read_text()):
-        print(f"error: {out} has no coverage table markers ({BEGIN} ... {END})", file=sys.stderr)
-        return 2
+        return fail(f"{out} has no coverage table markers ({BEGIN} ... {END})")
     results = []
     start = time.perf_counter()
     for i, case in enumerate(CASES):
         for name, method in METHODS.items():
             r = coverage(case, method, studies=args.studies, n_boot=args.boot, seed=args.seed, name=name)
             results.append(r)
-            print(f"[{i + 1}/{len(CASES)}] {case.name:55s} {name:10s} {r.covered:.3f} ± {r.error:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            log.info(f"[{i + 1}/{len(CASES)}] {case.name:55s} {name:10s} {r.covered:.3f} ± {r.error:.3f} "
+                     f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
              else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
     command = " ".join(["python scripts/coverage_sim.py", *(f for f in flags if f)])

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import sys
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
         )
     except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(json.dumps(summary["metrics"], indent=2))
     print(f"results: {summary['checkpoint']}/{RESULTS_FILE}")
     return 0

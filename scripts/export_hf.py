@@ -4,17 +4,17 @@ safetensors, config, tokenizer), e.g. for ``lm_eval --model hf --model_args pret
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
-import argparse
-import shutil
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.files import follow_umask
 from data.hf_tokenizer import to_hf_tokenizer
 from data.tokenizer import Tokenizer
+from losslab.log import fail
 from models.checkpoint import CheckpointError, load_model
 from models.hf import make_portable, to_hf_model
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export(args.checkpoint, args.out)
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"wrote {out}")
     return 0
 

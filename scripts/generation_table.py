@@ -16,19 +16,19 @@ perplexity by frequency bucket (``eval.buckets`` on held-out records) gets inter
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import numpy as np
+
+from losslab.log import fail
 
 COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
 DIRECTION = {"rouge1": 1, "rouge2": 1, "rougeL": 1, "distinct1": 1, "distinct2": 1, "degenerate": -1}
@@ -241,17 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += [load_row(r, args.task) for r in runs]
         names = [r.name for r in rows]
         if len(set(names)) != len(names):
-            print(f"error: two rows share a name ({names}): give run directories with different names", file=sys.stderr)
-            return 2
+            return fail(f"two rows share a name ({names}): give run directories with different names")
         reference = args.reference or Path(runs[0]).name
         if reference not in names:
-            print(f"error: --reference {reference!r} is not one of the rows {names}", file=sys.stderr)
-            return 2
+            return fail(f"--reference {reference!r} is not one of the rows {names}")
         lines = table(rows, reference, args.task)
         buckets = bucket_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print("\n".join(lines + (["", *buckets] if buckets else [])))
     return 0
 

@@ -4,21 +4,20 @@ by evaluate.py, export_hf.py and ``model.init_from``):
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import shutil
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 from safetensors.torch import save_file
 
 from data.files import follow_umask
 from data.shards import DataError
 from data.tokenizer import Tokenizer
+from losslab.log import fail
 from models.checkpoint import META, describe_files, seal
 from models.checkpoint_files import CheckpointError
 from models.hf import load_hf_folder
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = import_hf(args.hf, args.out, args.tokenizer)
     except (CheckpointError, FileNotFoundError, ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"wrote {out}")
     return 0
 

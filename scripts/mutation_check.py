@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -65,10 +69,10 @@ MUTANTS: list[Mutant] = [
       "labels = windows[:, 1:]", "labels = windows[:, :-1]",
       "tests/test_truth_objective.py", "labels equal to the inputs (the model learns to copy)"),
     m("loop-denominator-no-factor", "trainer/loop.py",
-      "denominator = valid / (run.grad_accum * run.world_size)", "denominator = valid",
+      "denominator = valid / (shape.grad_accum * shape.world_size)", "denominator = valid",
       TRUTH_DIST, "the global-token denominator loses its grad_accum * world_size factor"),
     m("nonfinite-run-never-resets", "trainer/loop.py",
-      "run.nonfinite_run = (run.nonfinite_run + 1) * bad", "run.nonfinite_run = run.nonfinite_run + bad",
+      "tally.nonfinite_run = (tally.nonfinite_run + 1) * bad", "tally.nonfinite_run = tally.nonfinite_run + bad",
       NONFINITE, "the non-finite counter counts in total, not in a row"),
     m("is-greedy-any", "evals/lm.py",
       "all(token_greedy[s : s + len(c)])", "any(token_greedy[s : s + len(c)])",
@@ -108,17 +112,17 @@ MUTANTS: list[Mutant] = [
       "torch.distributed.all_reduce(valid)", "valid = valid",
       TRUTH_DIST, "each rank divides by its own valid-token count"),
     m("loop-denominator-no-world", "trainer/loop.py",
-      "denominator = valid / (run.grad_accum * run.world_size)", "denominator = valid / run.grad_accum",
+      "denominator = valid / (shape.grad_accum * shape.world_size)", "denominator = valid / shape.grad_accum",
       TRUTH_DIST, "the denominator forgets the world size"),
     m("loop-metrics-not-averaged-over-micro", "trainer/loop.py",
-      "torch.nan_to_num(sums / run.grad_accum)", "torch.nan_to_num(sums)",
+      "torch.nan_to_num(sums / shape.grad_accum)", "torch.nan_to_num(sums)",
       TRUTH_DIST, "logged step metrics summed, not averaged, over micro-steps"),
     m("nonfinite-limit-off-by-one", "trainer/loop.py",
       "if limit and max_run >= limit:", "if limit and max_run > limit:",
       NONFINITE, "the run stops one non-finite step too late"),
     m("nonfinite-last-step-wrong", "trainer/loop.py",
-      "torch.where(bad.bool(), step, run.last_nonfinite_step)",
-      "torch.where(bad.bool(), step - 1, run.last_nonfinite_step)",
+      "torch.where(bad.bool(), step, tally.last_nonfinite_step)",
+      "torch.where(bad.bool(), step - 1, tally.last_nonfinite_step)",
       NONFINITE, "the error names the wrong step"),
     m("nonfinite-step-not-skipped", "trainer/loop.py",
       "optimizer.found_inf = bad.float()", "optimizer.found_inf = None",
@@ -351,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unknown = sorted(set(args.only) - {mu.id for mu in MUTANTS})
     if unknown:
-        print(f"error: unknown mutant ids {unknown}; see --list", file=sys.stderr)
-        return 2
+        return fail(f"unknown mutant ids {unknown}; see --list")
     mutants = [mu for mu in MUTANTS if not args.only or mu.id in args.only]
     if args.list:
         for mu in mutants:

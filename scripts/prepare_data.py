@@ -8,21 +8,22 @@ then ``--merge`` (same --files, --tokenizer, --out) on one node builds OUT — t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
 import os
 import sys
 import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.parts import parse_part
 from data.prepare import merge_parts, prepare, prepare_shards
 from data.sft import FineTuningRecords
 from data.shards import DataError
+from losslab.log import fail, get_logger
+
+log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             manifest = prepare(args.files, args.tokenizer, args.out, workers=args.workers, records=records,
                                keep_parts=args.keep_parts, **common)  # fmt: skip
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except OSError as e:  # e.g. --out in a folder that cannot be created or written
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return fail(f"{e.filename or args.out}: {e.strerror or e}")
     except KeyboardInterrupt:
-        print(f"interrupted: the shards done are kept in {args.out}.parts; run the same command to continue",
-              file=sys.stderr)  # fmt: skip
+        log.warning(f"interrupted: the shards done are kept in {args.out}.parts; run the same command to continue")
         return 130
     tokens = sum(s["tokens"] for s in manifest["sources"].values())
     print(json.dumps({"sources": manifest["sources"], "read_stats": manifest["read_stats"]}, indent=2))

@@ -5,13 +5,10 @@ run the same file from a checkout of the earlier commit too (it runs the code of
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
+import sys
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 from torch.profiler import profile
 

@@ -5,13 +5,13 @@ Batched, with a progress bar, and resumable: run the same command again after an
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import json
+import sys
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prepared, args.checkpoint, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device
         )
     except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(json.dumps({"ref_ce": info}, indent=2))
     return 0
 

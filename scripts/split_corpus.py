@@ -14,20 +14,19 @@ reused.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import hashlib
 import io
 import json
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import zstandard
 
 from data.shards import DataError, resolve_files
+from losslab.log import fail
 
 SPLIT_VERSION = 1
 
@@ -75,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-docs", type=int, default=1, help="held-out documents per domain at least")
     args = parser.parse_args(argv)
     if not 0.0 < args.fraction < 1.0 or args.min_docs < 1:
-        print("error: --fraction must be in (0, 1) and --min-docs >= 1", file=sys.stderr)
-        return 2
+        return fail("--fraction must be in (0, 1) and --min-docs >= 1")
     try:
         files = resolve_files(args.files)
         inputs = {str(f): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
     except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     out = Path(args.out)
     settings = {"version": SPLIT_VERSION, "fraction": args.fraction, "min_docs": args.min_docs, "inputs": inputs}
     manifest_path = out / "manifest.json"
@@ -96,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             records = read_records(Path(f), skipped)
         except (OSError, zstandard.ZstdError, UnicodeDecodeError) as e:
-            print(f"error: {f}: cannot be read as zstd-compressed JSON lines ({e})", file=sys.stderr)
-            return 2
+            return fail(f"{f}: cannot be read as zstd-compressed JSON lines ({e})")
         for record in records:
             by_domain[domain(record)].append((doc_hash(record["text"]), record))
     train, val, stats = [], [], {}

@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import errno
 import os
+import sys
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.shards import DataError
+from losslab.log import fail, get_logger
 from models.checkpoint_files import CheckpointError
 from trainer.config import ConfigError, load_config
+
+log = get_logger(__name__)
 
 # Failures of the inputs, reported in one line (exit 2): everything that can be checked is checked before the
 # first step, and what can only fail later (an unreadable checkpoint at resume) is reported the same way.
@@ -54,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(done)
             return 0
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, prefix="config error: ")
     # imported only to train: deepspeed writes to stdout when imported, and --print-config's output is YAML
     from trainer.engine import shutdown_distributed
 
@@ -75,19 +75,15 @@ def _train(cfg) -> int:
     try:
         result = train(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, prefix="config error: ")
     except (*INPUT_ERRORS, EngineSetupError, RunDirBusy, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise
-        print(f"error: {e}", file=sys.stderr)  # storage failing outside a checkpoint (metrics.jsonl, result.json)
-        return 2
+        return fail(e)  # storage failing outside a checkpoint (metrics.jsonl, result.json)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return fail(e, code=3)
     import torch.distributed as dist
 
     if dist.get_rank() == 0 and result.preempted:
@@ -108,7 +104,7 @@ def _warn_about_schedule(cfg) -> None:
     from trainer.optim import schedule_warning
 
     if (warning := schedule_warning(cfg.train)) and os.environ.get("RANK", "0") == "0":
-        print(warning, file=sys.stderr)
+        log.warning(warning)
 
 
 def print_config(cfg) -> str:

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
-
 import argparse
 import sys
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
 from data.shards import DataError, resolve_files
 from data.tokenizer import Tokenizer, sample_texts, train_tokenizer
+from losslab.log import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = resolve_files(args.files)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     path = train_tokenizer(
         sample_texts(files, args.byte_budget, args.seed),
         args.out,

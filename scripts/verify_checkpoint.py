@@ -7,15 +7,17 @@ its files' sizes checked); 2: a file is damaged, or there is no checkpoint at th
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
-import argparse
-
+from losslab.log import fail, get_logger
 from models.checkpoint import CHECKPOINTS, META, complete_checkpoints, file_problems, read_meta, verified
 from models.checkpoint_files import CheckpointError
+
+log = get_logger(__name__)
 
 
 def checkpoints(path: Path) -> list[Path]:
@@ -29,11 +31,11 @@ def verify(ckpt: Path) -> bool:
     try:
         meta = read_meta(ckpt)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return False
     problems = file_problems(ckpt, meta)
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        log.error(f"error: {problem}")
     files = meta.get("files") or {}
     size = f"{len(files)} files, {sum(files.values()) / 1e6:.1f} MB"
     if problems:
@@ -53,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     found = checkpoints(Path(args.path))
     if not found:
-        print(f"error: no complete checkpoint at {args.path!r} ({META} in a step_* directory)", file=sys.stderr)
-        return 2
+        return fail(f"no complete checkpoint at {args.path!r} ({META} in a step_* directory)")
     intact = [verify(ckpt) for ckpt in found]
     return 0 if all(intact) else 2
 

@@ -21,6 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
+
 BUCKET_PPL = ["eval_bucket/high_ppl", "eval_bucket/medium_ppl", "eval_bucket/low_ppl", "eval_bucket/ppl"]
 DOMAIN_SUMMARY = ["eval_domain/overall", "eval_domain/average", "eval_domain/worst"]
 GROUP_BY = "loss/tag"  # a flat config column every run of a study has (trainer/callbacks.py wandb_config)
@@ -114,20 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("entity", "project", "group"):
         value = getattr(args, name)
         if not value.strip() or "'" in value:
-            print(f"error: --{name}={value!r} is not a W&B {name} name", file=sys.stderr)
-            return 2
+            return fail(f"--{name}={value!r} is not a W&B {name} name")
     summary = ""
     if args.summary:
         if not Path(args.summary).is_file():
-            print(f"error: --summary {args.summary}: no such file", file=sys.stderr)
-            return 2
+            return fail(f"--summary {args.summary}: no such file")
         summary = Path(args.summary).read_text()
     try:
         import wandb_workspaces.reports.v2  # noqa: F401  (optional: only this script needs it)
     except ImportError:
-        print("error: scripts/wandb_report.py needs the wandb-workspaces package: "
-              "pip install 'losslab[wandb-report]' (or pip install wandb-workspaces)", file=sys.stderr)  # fmt: skip
-        return 2
+        return fail(
+            "scripts/wandb_report.py needs the wandb-workspaces package: "
+            "pip install 'losslab[wandb-report]' (or pip install wandb-workspaces)"
+        )
     report = build_report(args.entity, args.project, args.group, title=args.title or f"losslab: {args.group}",
                           tasks=list(args.tasks), summary=summary)  # fmt: skip
     if args.dry_run:
@@ -137,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         report.save()
     except Exception as e:  # no network, no API key, no such entity: the service's own words, on one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"error: could not save the report to W&B ({type(e).__name__}: {first}); check the network, "
-              "`wandb login` and --entity/--project", file=sys.stderr)  # fmt: skip
-        return 2
+        return fail(
+            f"could not save the report to W&B ({type(e).__name__}: {first}); check the network, "
+            "`wandb login` and --entity/--project"
+        )
     print(report.url)
     return 0
 

@@ -98,6 +98,10 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "garbage tokenizer": (lambda t: [f"data.tokenizer={write(t / 'tok.model', 'no model here')}"], ("tok.model",)),
     "missing train file": (lambda t: [f"data.train_files=[{t}/nothing.jsonl.zst]"], ("nothing.jsonl.zst",)),
     "missing val file": (lambda t: [f"data.val_files=[{t}/held_out.jsonl.zst]"], ("held_out.jsonl.zst",)),
+    "plug-in callback's argument misspelt": (
+        lambda t: ["run.callbacks.fault.target=tests.faults:SigtermAt", "run.callbacks.fault.steps=[3]"],
+        ("run.callbacks.fault", "steps"),
+    ),
 }
 
 

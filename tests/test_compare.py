@@ -14,6 +14,7 @@ from evals.compare.stats import Paired, seeds_t
 from evals.generation import write_generation_task
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
+from tests.faults import as_args, sigterm_at
 from tests.test_train import REPO, clean_env
 from trainer.callbacks import run_names
 from trainer.config import load_config
@@ -298,7 +299,7 @@ def test_grid_runs_resume_after_an_interruption_and_skip_finished_runs(corpus, t
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
     run_dir = tmp_path / "runs" / "toy" / "mile-s0"
-    first = grid_run("debug.sigterm_at_step=3")  # pre-empted: a checkpoint, not finished
+    first = grid_run(*as_args(sigterm_at(3)))  # pre-empted: a checkpoint, not finished
     assert first.returncode == 75, first.stdout[-2000:] + first.stderr[-2000:]
     assert '"complete": false' in (run_dir / "result.json").read_text()
     second = grid_run()

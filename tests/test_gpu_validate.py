@@ -85,7 +85,7 @@ def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
     }
     assert all(r["ok"] and r["grad_w_rel"] < 2e-2 for r in kernels["rows"])
     assert {r["ran"] for r in kernels["rows"] if r["kernel"] == "triton"} == {"losslab.losses.rows:TritonRows"}
-    tests = [json.loads(x) for x in (out / "tests.jsonl").read_text().splitlines()]
+    tests = report.test_results([json.loads(x) for x in (out / "tests.jsonl").read_text().splitlines()])
     assert tests and all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests)  # no GPU here
     # stage 2: Liger cannot run here, and says so in its row
     loss_rows = json.loads((out / "bench_loss.json").read_text())["losses"]

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import debug_overrides
+from tests.faults import nan_at
 from tests.test_train import REPO, clean_env
 
 LAYOUTS = {
@@ -37,7 +38,7 @@ def weights(run_dir: Path, step: int) -> dict:
 def test_a_nonfinite_step_changes_no_parameter(layout, corpus, tmp_path):
     run_dir = tmp_path / layout
     steps = {"train.max_steps": 5, "train.log_every": 1, "checkpoint.every": 1, "checkpoint.keep": 0}
-    proc = train(debug_overrides(corpus, run_dir, **steps, **LAYOUTS[layout], **{"debug.nan_at_steps": "[3]"}))
+    proc = train(debug_overrides(corpus, run_dir, **steps, **LAYOUTS[layout], **nan_at(3)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, skipped, after = weights(run_dir, 2), weights(run_dir, 3), weights(run_dir, 4)
     assert all((before[k] == skipped[k]).all() for k in before)  # step 3 was skipped

@@ -1,7 +1,7 @@
 """The operator's side, driven from outside the trainer: processes killed by another process at moments it
 watches for (before the first checkpoint, while it is written, after it), the whole process group of a
 ``deepspeed``-launched job sent SIGTERM, torn and corrupted files left behind, a second launch on a run in
-progress, a full disk, and data changed under a run. No ``debug.*`` fault injection here."""
+progress, a full disk, and data changed under a run. No injected faults (``tests/faults.py``) here."""
 
 from __future__ import annotations
 

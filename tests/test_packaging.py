@@ -3,6 +3,7 @@ the code of the checkout they sit in."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import os
 import shutil
@@ -58,9 +59,40 @@ def test_scripts_run_their_own_checkout_before_any_other_copy(elsewhere):
     for name in GENERIC[:-1]:  # another checkout's (or a user's) modules of the same names, first on the path
         (decoy / name).mkdir(parents=True)
         (decoy / name / "__init__.py").write_text(f"raise ImportError('the decoy {name} was imported')\n")
-    for cmd in ([sys.executable, str(REPO / "scripts" / "export_hf.py"), "--help"], [str(LOSSLAB), "eval", "--help"]):
+    for cmd in (
+        [sys.executable, str(REPO / "scripts" / "export_hf.py"), "--help"],
+        [sys.executable, str(REPO / "scripts" / "gpu" / "check_losses.py"), "--help"],  # one folder down
+        [str(LOSSLAB), "eval", "--help"],
+    ):
         proc = run(cmd, elsewhere, PYTHONPATH=str(decoy))
         assert proc.returncode == 0 and "decoy" not in proc.stderr, proc.stderr[-2000:]
+
+
+CHECKOUT = ("data", "models", "evals", "trainer", "losslab", "tests", "scripts")
+
+
+def test_every_script_puts_its_checkout_first_before_importing_from_it():
+    """One mechanism: ``import _bootstrap`` (scripts/_bootstrap.py) comes before the first import of the checkout's
+    code in every script that uses it, and no script edits sys.path itself."""
+    checked = 0
+    for path in sorted((REPO / "scripts").rglob("*.py")):
+        if path.name in ("__init__.py", "_bootstrap.py"):
+            continue
+        source = path.read_text()
+        assert "sys.path.insert" not in source, path
+        tree = ast.parse(source)
+        every = [_module(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if not any(m.split(".")[0] in CHECKOUT for m in every):
+            continue
+        top = [_module(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        first = min(i for i, m in enumerate([*top, "data"]) if m.split(".")[0] in CHECKOUT)
+        assert "_bootstrap" in top[:first], f"{path.relative_to(REPO)}: import _bootstrap before {top[first:][:1]}"
+        checked += 1
+    assert checked >= 25
+
+
+def _module(node: ast.Import | ast.ImportFrom) -> str:
+    return node.names[0].name if isinstance(node, ast.Import) else node.module or ""
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import debug_overrides, relist
+from tests.faults import kill_in_checkpoint_at, nan_at, sigterm_at
 from tests.test_train import REPO, clean_env
 
 
@@ -44,7 +45,7 @@ def run_a(corpus, tmp_path_factory):
 def test_sigterm_then_resume_is_bit_exact(run_a, corpus, tmp_path):
     run_dir = tmp_path / "B"
     common = {"train.max_steps": 40, "train.log_every": 1, "wandb.mode": "offline"}
-    first = run_train(debug_overrides(corpus, run_dir, **common, **{"debug.sigterm_at_step": 20}))
+    first = run_train(debug_overrides(corpus, run_dir, **common, **sigterm_at(20)))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pre-empted after step 20" in first.stdout and "SIGTERM" in first.stderr
     assert max(losses(run_dir)) == 20
@@ -62,7 +63,7 @@ def test_sigterm_then_resume_is_bit_exact(run_a, corpus, tmp_path):
 def test_sigkill_while_checkpointing_leaves_previous_checkpoint_usable(run_a, corpus, tmp_path):
     run_dir = tmp_path / "C"
     common = {"train.max_steps": 40, "train.log_every": 1, "checkpoint.every": 10, "checkpoint.keep": 3}
-    killed = run_train(debug_overrides(corpus, run_dir, **common, **{"debug.kill_in_checkpoint_at_step": 20}))
+    killed = run_train(debug_overrides(corpus, run_dir, **common, **kill_in_checkpoint_at(20)))
     assert killed.returncode == -9
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000010"
@@ -76,9 +77,7 @@ def test_sigkill_while_checkpointing_leaves_previous_checkpoint_usable(run_a, co
 
 def test_nan_step_is_skipped_and_reported(corpus, tmp_path):
     run_dir = tmp_path / "nan"
-    proc = run_train(
-        debug_overrides(corpus, run_dir, **{"train.max_steps": 12, "train.log_every": 1, "debug.nan_at_step": 5})
-    )
+    proc = run_train(debug_overrides(corpus, run_dir, **{"train.max_steps": 12, "train.log_every": 1}, **nan_at(5)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "non-finite loss at step 5" in proc.stderr
     rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
@@ -90,7 +89,7 @@ def test_nan_step_is_skipped_and_reported(corpus, tmp_path):
 
 def test_nonfinite_steps_in_a_row_stop_the_run(corpus, tmp_path):
     overrides = debug_overrides(
-        corpus, tmp_path / "stop", **{"train.max_steps": 12, "debug.nan_at_step": 5, "train.max_nonfinite_in_a_row": 1}
+        corpus, tmp_path / "stop", **{"train.max_steps": 12, "train.max_nonfinite_in_a_row": 1}, **nan_at(5)
     )
     proc = run_train(overrides)
     assert proc.returncode == 3

@@ -20,6 +20,7 @@ import pytest
 
 from models.presets import PRESETS
 from tests.conftest import debug_overrides
+from tests.faults import nan_at, sigterm_at
 from tests.test_train import REPO, clean_env
 from trainer.config import RunConfig, load_config
 from trainer.optim import lr_factor
@@ -67,7 +68,7 @@ def finished(corpus, tmp_path_factory) -> Path:
     """A debug run pre-empted at step 10, then continued to its end (20 steps) with settings that change no math
     changed: the relaunch a pre-empted job gets."""
     run_dir = tmp_path_factory.mktemp("records") / "run"
-    first = ok(train(corpus, run_dir, **{"debug.sigterm_at_step": 10}))
+    first = ok(train(corpus, run_dir, **sigterm_at(10)))
     assert "pre-empted after step 10" in first.stdout
     second = ok(train(corpus, run_dir, **{"train.resume": "auto", "train.log_every": 2, "checkpoint.keep": 3}))
     assert "resumed from" in second.stdout
@@ -97,14 +98,16 @@ def test_every_config_key_is_classified():
         assert key_class(key) == EXPERIMENT, key
     for key in ("train.log_every", "eval.limit", "checkpoint.every", "data.num_workers", "wandb.mode"):
         assert KEY_CLASSES[key] == FREE, key
-    assert DERIVED == ("train.global_batch_size (resolved)", "train.precision (resolved)")
+    assert DERIVED == ("train.global_batch_size (resolved)", "train.precision (resolved)",
+                       "run.callbacks (those that change training)")  # fmt: skip
 
 
 def test_a_resume_records_what_changed(finished):
     first, second = launches(finished)
     assert (first["start_step"], first["resumed_from"], first["changed"]) == (1, None, {})
     assert second["start_step"] == 11 and second["resumed_from"].endswith("step_0000010")
-    changed = {"train.log_every": [5, 2], "checkpoint.keep": [0, 3], "debug.sigterm_at_step": [10, 0]}
+    fault = {"sigterm_at": {"target": "tests.faults:SigtermAt", "step": 10}}  # a pre-emption changes no step
+    changed = {"train.log_every": [5, 2], "checkpoint.keep": [0, 3], "run.callbacks": [fault, {}]}
     assert second["changed"] == changed
     assert "extended" not in second and second["precision"] == "fp32" and second["max_steps"] == 20
     result = json.loads((finished / "result.json").read_text())
@@ -116,11 +119,12 @@ def test_a_relaunch_that_changes_the_experiment_is_refused_and_touches_nothing(f
     run_dir = copy(finished, tmp_path)
     before = snapshot(run_dir)
     proc = train(corpus, run_dir, **{"train.resume": "auto", "loss.name": "pdl", "train.max_steps": 30,
-                                     "train.seed": 1, "train.micro_batch_size": 4})  # fmt: skip
+                                     "train.seed": 1, "train.micro_batch_size": 4, **nan_at(25)})  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("config error:")]
+    nan = """run.callbacks (those that change training): [] -> ['{"steps": [25], "target": "tests.faults:NanAt"}']"""
     for part in ("loss.name: 'mile' -> 'pdl'", "train.max_steps: 20 -> 30", "train.seed: 0 -> 1",
-                 "train.global_batch_size (resolved): 8 -> 4", "train.extend_to=30"):  # fmt: skip
+                 "train.global_batch_size (resolved): 8 -> 4", "train.extend_to=30", nan):  # fmt: skip
         assert part in line, (part, line)
     assert "train.micro_batch_size" not in line  # how the batch is split is free; the batch itself is not
     assert snapshot(run_dir) == before
@@ -142,7 +146,7 @@ def test_extending_a_run_is_recorded_and_survives_a_preemption(finished, corpus,
     run_dir = copy(finished, tmp_path)
     extend = {"train.resume": "auto", "train.extend_to": 30, "wandb.mode": "offline"}
     # pre-empted at the first new step, before it logs: result.json keeps the run's last loss
-    first = ok(train(corpus, run_dir, **extend, **{"debug.sigterm_at_step": 21}))
+    first = ok(train(corpus, run_dir, **extend, **sigterm_at(21)))
     new_lr = LR * lr_factor(20, warmup=WARMUP, total=30, min_ratio=0.0)
     said = "extending the run: train.max_steps 20 -> 30 from step 21; the LR schedule is now that of a 30-step run"
     assert said in first.stdout and f"0.000e+00 under the old schedule -> {new_lr:.3e}" in first.stdout

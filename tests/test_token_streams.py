@@ -17,6 +17,7 @@ import torch
 from data.memmap import MemmapBatches, PreparedCorpus
 from data.prepare import prepare
 from tests.conftest import debug_overrides
+from tests.faults import sigterm_at
 from tests.test_train import REPO, clean_env
 
 SEQ = 32
@@ -104,7 +105,7 @@ def test_rho1_trains_on_scored_data_and_resumes_exactly(scored, corpus, tmp_path
     common = {"data.prepared": scored, "loss.name": "rho1", "train.max_steps": 12, "train.log_every": 1}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert train(debug_overrides(corpus, straight, **common)).returncode == 0
-    first = train(debug_overrides(corpus, interrupted, **common, **{"debug.sigterm_at_step": 6}))
+    first = train(debug_overrides(corpus, interrupted, **common, **sigterm_at(6)))
     assert first.returncode == 0 and "pre-empted after step 6" in first.stdout, first.stderr[-3000:]
     again = train(debug_overrides(corpus, interrupted, **common, **{"train.resume": "auto"}))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -18,6 +18,7 @@ import torch
 
 from models.checkpoint import seal
 from tests.conftest import debug_overrides
+from tests.faults import nan_at
 from tests.test_train import REPO, clean_env
 from trainer import loop
 from trainer.config import load_config
@@ -31,16 +32,16 @@ def run_train(overrides: list[str], timeout: int = 300) -> subprocess.CompletedP
     )  # fmt: skip
 
 
-def nonfinite_overrides(corpus, run_dir: Path, steps: str) -> list[str]:
+def nonfinite_overrides(corpus, run_dir: Path, *steps: int) -> list[str]:
     extra = {"train.max_steps": 8, "train.log_every": 4, "train.max_nonfinite_in_a_row": 2,
-             "debug.nan_at_steps": steps, "eval.buckets": False, "checkpoint.at_end": False}  # fmt: skip
+             **nan_at(*steps), "eval.buckets": False, "checkpoint.at_end": False}  # fmt: skip
     return debug_overrides(corpus, run_dir, **extra)
 
 
 def test_nonfinite_steps_between_finite_ones_do_not_stop_the_run(corpus, tmp_path):
     """Limit 2 in a row; NaN at steps 3, 5 and 7 is never two in a row (3 and 5 fall in different logging
     intervals, 5 and 7 in the same one): the run completes, with 3 steps skipped."""
-    proc = run_train(nonfinite_overrides(corpus, tmp_path / "run", "[3,5,7]"))
+    proc = run_train(nonfinite_overrides(corpus, tmp_path / "run", 3, 5, 7))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
     assert rows[4]["skipped_nonfinite_steps"] == 1 and rows[8]["skipped_nonfinite_steps"] == 3
@@ -48,7 +49,7 @@ def test_nonfinite_steps_between_finite_ones_do_not_stop_the_run(corpus, tmp_pat
 
 
 def test_two_nonfinite_steps_in_a_row_stop_the_run(corpus, tmp_path):
-    proc = run_train(nonfinite_overrides(corpus, tmp_path / "run", "[3,4]"))
+    proc = run_train(nonfinite_overrides(corpus, tmp_path / "run", 3, 4))
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "not finite for 2 steps in a row (the last at step 4)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -132,7 +133,7 @@ def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state(
     from trainer.run import build_run
 
     overrides = {"train.max_steps": 3, "train.log_every": 1, "distributed.zero_stage": stage,
-                 "train.precision": "fp32", "eval.buckets": False, "debug.nan_at_steps": "[2]",
+                 "train.precision": "fp32", "eval.buckets": False, **nan_at(2),
                  "checkpoint.every": 1, "checkpoint.keep": 0, "distributed.offload_optimizer": offload}  # fmt: skip
     runs = []
     monkeypatch.setattr(loop, "build_run", lambda cfg: runs.append(build_run(cfg)) or runs[-1])

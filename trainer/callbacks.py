@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from evals.heldout import SET_FILE, SampleSpec
@@ -25,8 +26,32 @@ WANDB_NAMESPACE = {"eval", "eval_bucket", "eval_domain", "data", "perf", "launch
 
 
 class Callback:
+    """A side concern of the training loop, which calls each hook of every callback in turn (OLMo-core's
+    pattern). The built-in callbacks below; plug-ins from ``run.callbacks`` (``trainer/plugins.py``), built on
+    every rank, come last."""
+
+    changes_training: bool = False
+    """True for a callback that changes what a step computes (``micro_loss`` returning another loss): a
+    relaunch that adds, removes or changes one is refused like a change of the experiment
+    (``trainer/resume_check.py``). Callbacks that only observe, or stop the process, leave it False."""
+
+    def pre_step(self, step: int) -> None:
+        """Before step ``step`` draws its micro-batches."""
+
+    def micro_loss(self, step: int, micro: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of micro-batch ``micro`` of ``step``, before its backward pass: returns the loss that is
+        back-propagated and logged."""
+        return loss
+
+    def post_step(self, step: int) -> None:
+        """After the optimizer step, before logging, evaluation and checkpointing."""
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         pass
+
+    def pre_checkpoint_commit(self, step: int, tmp: Path) -> None:
+        """This rank's files of the checkpoint of ``step`` are written into ``tmp``, which is not yet committed
+        (checksums gathered, ``meta.json`` written, renamed into place)."""
 
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
         pass

@@ -24,8 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from data.files import DIGEST, file_digest, follow_umask, write_atomic
+from losslab.log import get_logger
 from models.checkpoint import (
     CHECKPOINTS,
     COUNTS_FILE,
@@ -68,6 +67,8 @@ from trainer.checkpoint_io import (
 from trainer.collectives import first_failure, from_rank0, gathered
 from trainer.engine import consolidated_state_dict, gather_portable_state, scatter_portable_state
 from trainer.run_info import git_sha
+
+log = get_logger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,14 +105,15 @@ def save_checkpoint(
     keep: int,
     token_counts: torch.Tensor | None = None,
     portable: bool = False,
-    die_midway: bool = False,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Collective: every rank calls it. ``meta`` (the loop's state, with ``step``) goes into DeepSpeed's
     client state and ``meta.json``. Returns the checkpoint directory.
 
     Every file is checksummed as it is completed (``checkpoint_io``). A write that fails on any rank (a full
     disk) raises ``CheckpointWriteError`` on every rank, after the partial checkpoint is removed; the previous
-    one and ``latest`` are untouched."""
+    one and ``latest`` are untouched. ``before_commit(tmp)`` runs on every rank once its files are in ``tmp``,
+    before the checkpoint is committed (the loop's ``Callback.pre_checkpoint_commit``)."""
     rank = dist.get_rank()
     root = run_dir / CHECKPOINTS
     tag = step_tag(step)
@@ -120,7 +122,7 @@ def save_checkpoint(
     if rank == 0:
         warning = space_warning(root, f"the checkpoint at step {step}")
         if warning:
-            print(warning, file=sys.stderr, flush=True)
+            log.warning(warning)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
         errors.attempt(tmp, lambda: tmp.mkdir(parents=True))
     _agree(errors, step, tmp, root)
@@ -156,8 +158,8 @@ def save_checkpoint(
     finally:
         engine.checkpoint_engine = deepspeed_writer
     _write(errors, digests, tmp / f"rng_rank{rank}.json", lambda p: p.write_text(json.dumps(rng_state())))
-    if die_midway:  # fault injection (debug.kill_in_checkpoint_at_step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if before_commit is not None:
+        before_commit(tmp)
     every_rank = gathered(digests.result(errors))
     if rank == 0 and errors.first is None:
         # every file with its size and checksum, so that a loader names a missing, torn or corrupted file
@@ -187,7 +189,7 @@ def start_space_check(run_dir: Path) -> None:
     if dist.get_rank() == 0:
         warning = space_warning(run_dir / CHECKPOINTS, "this run's next checkpoint")
         if warning:
-            print(warning, file=sys.stderr, flush=True)
+            log.warning(warning)
 
 
 def _write(errors: WriteErrors, digests: FileDigests, path: Path, write: Callable[[Path], Any]) -> None:
@@ -333,10 +335,8 @@ def _set_aside(damaged: list[tuple[Path, str]], intact: Path) -> None:
                 n += 1
                 aside = ckpt.with_name(f"damaged{n}-{ckpt.name}")
             os.replace(ckpt, aside)
-            print(
+            log.warning(
                 f"warning: {problem}: checkpoint {ckpt.name} skipped (moved to {aside.name}); resuming from the "
-                f"newest intact one, {intact}",
-                file=sys.stderr,
-                flush=True,
+                f"newest intact one, {intact}"
             )
     dist.barrier()

@@ -57,6 +57,9 @@ class RunSection:
     """Run name in W&B; default ``<preset>-<block>-<loss>-s<seed>``."""
     overwrite: bool = False
     """Allow training into a run directory that already holds metrics or checkpoints (they are replaced)."""
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Plug-in callbacks of the loop: name -> {target: package.module:Class, and its keyword arguments}, built
+    on every rank (``trainer/plugins.py``; the tests' fault injection is ``tests/faults.py``)."""
 
 
 @dataclass
@@ -216,20 +219,6 @@ class WandbSection:
 
 
 @dataclass
-class DebugSection:
-    """Fault injection, for testing the failure paths as a user would meet them. All 0 (off) by default."""
-
-    nan_at_step: int = 0
-    """Make the loss of this step NaN."""
-    nan_at_steps: list[int] = field(default_factory=list)
-    """Make the loss of each of these steps NaN (e.g. [3, 5, 7]: non-finite steps between finite ones)."""
-    sigterm_at_step: int = 0
-    """Send this process SIGTERM during this step (pre-emption)."""
-    kill_in_checkpoint_at_step: int = 0
-    """SIGKILL this process halfway through writing the checkpoint of this step."""
-
-
-@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -240,7 +229,6 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     wandb: WandbSection = field(default_factory=WandbSection)
-    debug: DebugSection = field(default_factory=DebugSection)
 
 
 def _merge(base: DictConfig, layer: DictConfig | dict, origin: str) -> DictConfig:
@@ -437,9 +425,6 @@ BOUNDS: dict[str, Bound] = {
     "eval.val_tokens": AT_LEAST_ONE,
     "eval.val_every": NON_NEGATIVE,
     "eval.val_tokens_per_domain": AT_LEAST_ONE,
-    "debug.nan_at_step": NON_NEGATIVE,
-    "debug.sigterm_at_step": NON_NEGATIVE,
-    "debug.kill_in_checkpoint_at_step": NON_NEGATIVE,
 }
 
 

@@ -7,7 +7,6 @@ with the step they appeared at, in ``run_info.json``, on W&B (the run's config) 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,10 @@ import torch.distributed as dist
 from data.config import DataConfig
 from data.fingerprint import differences, fingerprint
 from data.shards import DataError
+from losslab.log import get_logger
 from trainer.collectives import from_rank0
+
+log = get_logger(__name__)
 
 FINGERPRINT = "data_fingerprint"
 CHANGES = "data_changes"
@@ -37,7 +39,7 @@ def check_data(
         changes = list(meta.get(CHANGES, [])) if meta else []
         before = meta.get(FINGERPRINT) if meta else None
         if meta is not None and before is None:
-            print(f"warning: {ckpt} predates data fingerprints: the data are not checked for changes", file=sys.stderr)
+            log.warning(f"warning: {ckpt} predates data fingerprints: the data are not checked for changes")
         found = differences(before, now) if before and not error else []
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         if error:
@@ -48,10 +50,9 @@ def check_data(
                 "trained on, or set data.allow_changed=true to go on with these"
             )
         elif found:
-            print(
+            log.warning(
                 f"warning: the training data changed since {ckpt} was written: {found[0]}{more}; going on "
-                "(data.allow_changed=true), recorded in run_info.json",
-                file=sys.stderr,
+                "(data.allow_changed=true), recorded in run_info.json"
             )
             changes.append({"step": meta["step"], "changes": found})
         record = {FINGERPRINT: now, CHANGES: changes}

@@ -12,6 +12,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
@@ -65,13 +66,6 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def loop_clips_gradients(train: TrainSection, distributed: DistributedSection) -> bool:
     """True where DeepSpeed keeps no gradient norm (ZeRO-0 in fp32): the loop then clips (or, with
     ``grad_clip=0``, only measures) and logs the norm it gets. Every other layout (ZeRO-1/2/3, bf16) computes
@@ -106,7 +100,8 @@ def deepspeed_config(train: TrainSection, distributed: DistributedSection) -> di
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(config, dict(distributed.raw))
+    # mapping into mapping; a list or a value replaces what was there (OmegaConf's merge, nothing resolved)
+    return OmegaConf.to_container(OmegaConf.merge(config, dict(distributed.raw)))  # type: ignore[return-value]
 
 
 def build_optimizer(groups: list[dict[str, Any]], train: TrainSection, distributed: DistributedSection) -> Any:

@@ -15,13 +15,15 @@ import fcntl
 import json
 import os
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
 
+from losslab.log import get_logger
 from trainer.collectives import from_rank0
+
+log = get_logger(__name__)
 
 LOCK_FILE = "run.lock"
 
@@ -73,10 +75,9 @@ class _Lock:
                         "for it to end or stop it, or choose another run.dir"
                     ) from None
                 except OSError as e:  # no locks on this file system (some network file systems)
-                    print(
+                    log.warning(
                         f"warning: cannot lock {path} ({os.strerror(e.errno or errno.ENOLCK)}): nothing stops a "
-                        "second launch from using this run directory at the same time",
-                        file=sys.stderr,
+                        "second launch from using this run directory at the same time"
                     )
                     return cls(run_dir, fd, created)
                 # the file locked may have been removed meanwhile by a launch giving back a directory it created

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +15,20 @@ import torch
 from data.batch import labels, model_inputs, to_device
 from data.files import write_atomic
 from evals.domains import domain_losses
+from losslab.log import get_logger
 from losslab.losses import IGNORE_INDEX
 from models import GPT
 from trainer.callbacks import EvalCallback
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
-from trainer.data_guard import CHANGES, FINGERPRINT
 from trainer.engine import gathered, init_distributed, use_bf16
 from trainer.lock import hold_run_dir
 from trainer.perf import memory_metrics
-from trainer.run import METRICS, RESULT, STEP_METRICS, Run, build_run
+from trainer.run import STEP_METRICS, Run, build_run
+from trainer.run_dir import METRICS, RESULT
 from trainer.run_record import last_logged_loss
+
+log = get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,17 +60,18 @@ def train(cfg: RunConfig) -> TrainResult:
 def _train(cfg: RunConfig) -> TrainResult:
     run = build_run(cfg)
     cfg = run.cfg  # the run it trains: train.extend_to is its max_steps
-    resumed = run.info["resumed_from"]
     # result.json never says less than it held: until this launch logs, the run's last logged loss
-    last_loss = last_logged_loss(run.run_dir / METRICS) if resumed else float("nan")
+    last_loss = last_logged_loss(run.run_dir / METRICS) if run.resumed_from else float("nan")
     step, preempted = run.start_step - 1, False
-    ckpt = Path(resumed) if resumed else None  # the checkpoint it resumed from, until this launch writes one
-    clock = _Clock(run.tokens_per_step * step)
+    ckpt = run.resumed_from  # the checkpoint it resumed from, until this launch writes one
+    clock = _Clock(run.shape.tokens_per_step * step)
     try:
         for step in range(run.start_step, cfg.train.max_steps + 1):
-            if cfg.debug.sigterm_at_step == step:
-                os.kill(os.getpid(), signal.SIGTERM)
+            for cb in run.callbacks:
+                cb.pre_step(step)
             _train_step(run, step)
+            for cb in run.callbacks:
+                cb.post_step(step)
             final = step == cfg.train.max_steps
             # Every step: the flag is reduced over a host group, so this costs no device synchronisation.
             preempted = run.preemption.requested()
@@ -88,7 +89,7 @@ def _train(cfg: RunConfig) -> TrainResult:
                 for cb in run.callbacks:  # after ckpt is set: a failing evaluation still reports the checkpoint
                     cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
             if preempted:
-                print(f"pre-empted: stopped after step {step}, checkpoint {ckpt}", file=sys.stderr, flush=True)
+                log.warning(f"pre-empted: stopped after step {step}, checkpoint {ckpt}")
                 break
     except BaseException as e:  # the run stops here: say so in result.json, whatever stopped it
         _write_result(run, complete=False, step=step, loss=last_loss, ckpt=ckpt, error=f"{type(e).__name__}: {e}")
@@ -100,7 +101,7 @@ def _train(cfg: RunConfig) -> TrainResult:
     return TrainResult(
         run_dir=run.run_dir,
         steps=step,
-        tokens=step * run.tokens_per_step,
+        tokens=step * run.shape.tokens_per_step,
         final_loss=last_loss,
         checkpoint=ckpt,
         eval=next(cb for cb in run.callbacks if isinstance(cb, EvalCallback)).last,
@@ -118,7 +119,7 @@ def _write_result(
     result = {
         "complete": complete,
         "steps": step,
-        "tokens": step * run.tokens_per_step,
+        "tokens": step * run.shape.tokens_per_step,
         "final_loss": loss if math.isfinite(loss) else None,
         "checkpoint": str(ckpt) if ckpt else None,
     }
@@ -127,7 +128,7 @@ def _write_result(
     try:
         write_atomic(run.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     except OSError as e:  # a full disk: say so, and let the error that stopped the run be the one reported
-        print(f"warning: {run.run_dir / RESULT} could not be written: {e}", file=sys.stderr, flush=True)
+        log.warning(f"warning: {run.run_dir / RESULT} could not be written: {e}")
         if error is None:
             raise
 
@@ -139,7 +140,7 @@ def _end_callbacks(run: Run, *, failed: bool) -> None:
         except Exception as e:  # a logger that cannot close must not hide why the run stopped
             if not failed:
                 raise
-            print(f"warning: {type(cb).__name__} did not close: {e}", file=sys.stderr)
+            log.warning(f"warning: {type(cb).__name__} did not close: {e}")
 
 
 def _train_step(run: Run, step: int) -> None:
@@ -149,43 +150,42 @@ def _train_step(run: Run, step: int) -> None:
     moments untouched, so the step is skipped without a host sync; the count is checked at logging steps.
     (With the optimizer offloaded, or under ZeRO in fp32, DeepSpeed's own overflow check skips it instead.)
     """
-    engine, optimizer = run.engine, run.optimizer
+    engine, optimizer, shape, tally = run.engine, run.optimizer, run.shape, run.tally
     sums = torch.zeros(len(STEP_METRICS), device=engine.device, dtype=torch.float32)
     zero = sums[0].clone()
-    micro_batches = [to_device(run.next_batch(), engine.device) for _ in range(run.grad_accum)]  # [B, T+1] each
+    micro_batches = [to_device(next(run.batches), engine.device) for _ in range(shape.grad_accum)]  # [B, T+1] each
     # Token-mean losses divide by the step's global count of valid tokens (DeepSpeed then averages over
     # micro-steps and ranks, hence the factor): exact even when batches hold different numbers of them.
     valid = sum((labels(w) != IGNORE_INDEX).sum() for w in micro_batches).float()
-    if run.world_size > 1:
+    if shape.world_size > 1:
         torch.distributed.all_reduce(valid)
-    denominator = valid / (run.grad_accum * run.world_size)
-    nan_here = step == run.cfg.debug.nan_at_step or step in run.cfg.debug.nan_at_steps
+    denominator = valid / (shape.grad_accum * shape.world_size)
     for micro, windows in enumerate(micro_batches):
         out = engine(**model_inputs(windows), denominator=denominator)
         loss = out.loss
-        if nan_here:
-            loss = loss * float("nan")
+        for cb in run.callbacks:
+            loss = cb.micro_loss(step, micro, loss)
         engine.backward(loss)
         # a metric the loss does not compute (entropy, unless asked for) adds 0 here and is not logged (_log)
         sums += torch.stack([loss.detach().float()] + [out.metrics.get(k, zero).float() for k in STEP_METRICS[1:]])
-        if micro == run.grad_accum - 1:
+        if micro == shape.grad_accum - 1:
             bad = (~torch.isfinite(sums[0])).int()
-            if run.world_size > 1:  # every rank must skip together (a device collective, not a host sync)
+            if shape.world_size > 1:  # every rank must skip together (a device collective, not a host sync)
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
             optimizer.found_inf = bad.float()
-            run.nonfinite_total += bad
-            run.nonfinite_run = (run.nonfinite_run + 1) * bad
-            run.nonfinite_max_run = torch.maximum(run.nonfinite_max_run, run.nonfinite_run)
-            run.last_nonfinite_step = torch.where(bad.bool(), step, run.last_nonfinite_step)
-            if run.loop_clips:  # after the last backward, where the gradients are complete (and all-reduced)
+            tally.nonfinite_total += bad
+            tally.nonfinite_run = (tally.nonfinite_run + 1) * bad
+            tally.nonfinite_max_run = torch.maximum(tally.nonfinite_max_run, tally.nonfinite_run)
+            tally.last_nonfinite_step = torch.where(bad.bool(), step, tally.last_nonfinite_step)
+            if shape.loop_clips:  # after the last backward, where the gradients are complete (and all-reduced)
                 max_norm = run.cfg.train.grad_clip or math.inf  # 0: measure only (a factor of exactly 1)
-                run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+                tally.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
         engine.step()
     optimizer.found_inf = None
     # the interval's metrics are means over its finite steps (a skipped step changed nothing)
     good = (1 - bad).float()
-    run.interval[:-1] += torch.nan_to_num(sums / run.grad_accum) * good
-    run.interval[-1] += good
+    tally.interval[:-1] += torch.nan_to_num(sums / shape.grad_accum) * good
+    tally.interval[-1] += good
 
 
 class _Clock:
@@ -202,32 +202,33 @@ class _Clock:
 def _log(run: Run, step: int, clock: _Clock) -> float:
     """The loop's only host sync: one all-reduce of every logged scalar, on logging steps. ``loss`` and the
     other step metrics are means over the interval since the last logging step."""
-    finite_steps = run.interval[-1].clamp(min=1)
-    means = torch.where(run.interval[-1] > 0, run.interval[:-1] / finite_steps, torch.nan)
-    counters = torch.stack([run.nonfinite_total, run.nonfinite_max_run, run.last_nonfinite_step]).float()
+    tally, shape = run.tally, run.shape
+    finite_steps = tally.interval[-1].clamp(min=1)
+    means = torch.where(tally.interval[-1] > 0, tally.interval[:-1] / finite_steps, torch.nan)
+    counters = torch.stack([tally.nonfinite_total, tally.nonfinite_max_run, tally.last_nonfinite_step]).float()
     values = run.reduce_mean(torch.cat([means, counters]))  # counters are equal on all ranks (the loss is global)
-    run.interval.zero_()
+    tally.interval.zero_()
     metrics = dict(zip(STEP_METRICS, values[: len(STEP_METRICS)], strict=True))
-    if not run.logs_entropy:
+    if not shape.logs_entropy:
         del metrics["entropy"]  # not computed (loss.log_entropy): no number rather than a made-up one
     nonfinite_total, max_run, last_bad = (round(v) for v in values[len(STEP_METRICS) :])
-    run.nonfinite_max_run.zero_()
+    tally.nonfinite_max_run.zero_()
     limit = run.cfg.train.max_nonfinite_in_a_row
     if limit and max_run >= limit:
         raise NonFiniteLossError(
             f"the loss was not finite for {max_run} steps in a row (the last at step {last_bad}); stopping "
             f"(train.max_nonfinite_in_a_row={limit})"
         )
-    if nonfinite_total and nonfinite_total > run.nonfinite_reported:
-        print(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far", file=sys.stderr)
-        run.nonfinite_reported = nonfinite_total
-    tokens = step * run.tokens_per_step
+    if nonfinite_total and nonfinite_total > tally.nonfinite_reported:
+        log.warning(f"warning: non-finite loss at step {last_bad}; {nonfinite_total} step(s) skipped so far")
+        tally.nonfinite_reported = nonfinite_total
+    tokens = step * shape.tokens_per_step
     tokens_per_s = clock.rate(tokens)
-    flops_per_device = tokens_per_s / run.world_size * run.flops_per_token  # achieved FLOP/s of one rank
+    flops_per_device = tokens_per_s / shape.world_size * shape.flops_per_token  # achieved FLOP/s of one rank
     metrics["perf/tflops_per_device"] = flops_per_device / 1e12
     metrics.update(memory_metrics())  # this rank's
-    if run.peak_flops:
-        metrics["perf/mfu"] = flops_per_device / run.peak_flops
+    if shape.peak_flops:
+        metrics["perf/mfu"] = flops_per_device / shape.peak_flops
     metrics.update(
         lr=run.engine.get_lr()[0],
         tokens=tokens,
@@ -235,7 +236,7 @@ def _log(run: Run, step: int, clock: _Clock) -> float:
         skipped_nonfinite_steps=nonfinite_total,
         **{f"data/{k}": v for k, v in run.source.stats.as_dict().items()},
     )
-    grad_norm = run.grad_norm if run.loop_clips else run.engine.get_global_grad_norm()
+    grad_norm = tally.grad_norm if shape.loop_clips else run.engine.get_global_grad_norm()
     if grad_norm is not None and math.isfinite(float(grad_norm)):
         metrics["grad_norm"] = float(grad_norm)
     run.emit(step, metrics)
@@ -251,30 +252,33 @@ def _validate(run: Run, step: int) -> None:
 
 
 def _checkpoint(run: Run, step: int) -> Path:
+    def before_commit(tmp: Path) -> None:
+        for cb in run.callbacks:
+            cb.pre_checkpoint_commit(step, tmp)
+
     meta = {
         "step": step,
-        "tokens": step * run.tokens_per_step,
+        "tokens": step * run.shape.tokens_per_step,
         "data_state": run.source.state_dict(),
         "data_stats": run.source.stats.as_dict(),
         # the logging interval in progress, so a run resumed mid-interval logs what an uninterrupted one would
-        "log_interval": run.interval.tolist(),
-        "tokenizer_sha256": run.info["tokenizer_sha256"],
-        "world_size": run.world_size,
+        "log_interval": run.tally.interval.tolist(),
+        "tokenizer_sha256": run.saved.tokenizer_sha256,
+        "world_size": run.shape.world_size,
         "precision": "bf16" if use_bf16(run.cfg.train.precision) else "fp32",  # what "auto" was, for a resume
-        # what the run trains on, compared on resume (trainer/data_guard.py); rank 0's (which writes meta.json)
-        **{k: run.info[k] for k in (FINGERPRINT, CHANGES) if k in run.info},
+        **run.saved.data,  # the data's fingerprint and changes, compared on resume
     }
     ckpt = save_checkpoint(
         run.engine,
         run.run_dir,
         step,
         meta=meta,
-        config_yaml=run.config_yaml,
+        config_yaml=run.saved.config_yaml,
         model_cfg=run.model.cfg,
-        tokenizer_files=run.tokenizer.files,
+        tokenizer_files=run.saved.tokenizer_files,
         keep=run.cfg.checkpoint.keep,
-        token_counts=run.token_counts,
+        token_counts=run.saved.token_counts,
         portable=run.cfg.checkpoint.portable_optimizer,
-        die_midway=run.cfg.debug.kill_in_checkpoint_at_step == step,
+        before_commit=before_commit,
     )
     return ckpt

@@ -5,17 +5,19 @@ relaunch's are compared key by key, and every key of the schema has one class in
 on a key without one):
 
 - ``experiment``: changes what is trained — the model, the loss and its parameters, the data and its order, the
-  optimizer, the schedule, the seed, fault injection that changes a step. A relaunch that changes one is
-  refused: one line listing each such key, old -> new.
+  optimizer, the schedule, the seed, a plug-in callback that changes what a step computes. A relaunch that
+  changes one is refused: one line listing each such key, old -> new.
 - ``free``: changes no math — logging, evaluation, checkpoint cadence, how the batch is laid out over ranks and
-  micro-steps, workers, W&B. It may change; the change is recorded in ``run_info.json``'s ``launches``.
+  micro-steps, workers, W&B, plug-in callbacks that observe or stop the run. It may change; the change is
+  recorded in ``run_info.json``'s ``launches``.
 - ``launch``: says how this launch starts (``train.resume``, ``train.extend_to``, ``run.dir``,
-  ``run.overwrite``): not compared.
+  ``run.overwrite``, ``data.allow_changed``): not compared.
 
 Some settings are compared as what they resolve to rather than as spelled (``DERIVED``): the global batch
-(micro batch x accumulation x ranks, whichever keys set it), and the precision (``auto`` is bf16 on CUDA, fp32
-elsewhere). The tokenizer is compared by the hash of its file (``run.py``'s ``_check_resume``), so its path
-may move.
+(micro batch x accumulation x ranks, whichever keys set it), the precision (``auto`` is bf16 on CUDA, fp32
+elsewhere), and the plug-in callbacks that change training (``run.callbacks`` entries whose class sets
+``changes_training``, compared by target and arguments; one that cannot be imported counts as changing it).
+The tokenizer is compared by the hash of its file (``run.py``'s ``_check_resume``), so its path may move.
 
 Running more steps is an explicit act: ``train.extend_to=N``. From the step after the checkpoint on, the LR
 schedule is that of a run of N steps (warmup unchanged): the cosine is not re-stretched from where the old
@@ -42,6 +44,7 @@ from models.checkpoint import META
 from models.checkpoint_files import CheckpointError, load_json
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, resolved
 from trainer.optim import lr_factor
+from trainer.plugins import training_callbacks
 
 EXPERIMENT, FREE, LAUNCH = "experiment", "free", "launch"
 
@@ -54,6 +57,10 @@ KEY_CLASSES: dict[str, str] = {
     "run.dir": LAUNCH,  # train.resume=CKPT may continue a run into another directory
     "run.name": FREE,
     "run.overwrite": LAUNCH,
+    # plug-ins that observe, or stop the process (pre-emption, a crash mid-save: no step that is kept changes);
+    # those that change what a step computes (``Callback.changes_training``: a NaN injected into the loss) are
+    # compared as DERIVED[2]
+    "run.callbacks": FREE,
     **_each(
         EXPERIMENT,
         "model",
@@ -101,12 +108,13 @@ KEY_CLASSES: dict[str, str] = {
         "val_every val_tokens_per_domain val_seed val_domains",
     ),
     **_each(FREE, "wandb", "mode project entity group"),
-    **_each(EXPERIMENT, "debug", "nan_at_step nan_at_steps"),  # a step made non-finite is skipped: another run
-    # pre-emption and a crash mid-save change no step that is kept
-    **_each(FREE, "debug", "sigterm_at_step kill_in_checkpoint_at_step"),
 }
 
-DERIVED = ("train.global_batch_size (resolved)", "train.precision (resolved)")
+DERIVED = (
+    "train.global_batch_size (resolved)",
+    "train.precision (resolved)",
+    "run.callbacks (those that change training)",
+)
 """Experiment settings compared as resolved; their spelled keys are ``free``."""
 
 
@@ -161,6 +169,7 @@ class Side:
         except ConfigError as e:  # this world size cannot make this global batch
             values[DERIVED[0]] = f"impossible ({e})"
         values[DERIVED[1]] = self.precision
+        values[DERIVED[2]] = training_callbacks(self.cfg.run.callbacks)
         return values
 
 

@@ -1,15 +1,19 @@
 """Everything a training run holds, built once: process group, run directory, data, model, engine, callbacks,
 and — when resuming — the restored state. Errors in config, data or tokenizer surface here, before the
-model is built."""
+model is built.
+
+``build_run`` is a sequence of named steps, each a small function: check the inputs (choosing what to resume
+first), prepare the run directory, build the data's derived state, build the model and its engine, restore a
+checkpoint, record the launch. What the steps hand each other is ``Inputs``; what the loop gets is ``Run``."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.files import write_atomic
+from data.mixture import MixtureReport
 from data.mixture import describe as describe_mixture
 from data.shards import DataError, resolve_files
 from data.source import BatchSource, build_source, token_counts
@@ -28,22 +32,13 @@ from evals.task_sets import check_tasks
 from losslab.losses import build_loss
 from losslab.losses.weighting import resolve_loss
 from models import GPT, GPTConfig
-from models.checkpoint import (
-    CHECKPOINTS,
-    META,
-    check_model_fits,
-    load_model,
-    read_meta,
-    resolve_checkpoint,
-    saved_model_config,
-    verify_model_files,
-)
-from models.checkpoint_files import CheckpointError, load_json, load_safetensors
+from models.checkpoint import META, check_model_fits, load_model, read_meta
+from models.checkpoint_files import CheckpointError, load_json
 from trainer import parallelize
 from trainer.callbacks import Callback, build_callbacks, require_wandb, sample_spec
 from trainer.checkpoint import choose_resume, restore, start_space_check
 from trainer.config import ConfigError, RunConfig, grad_accum_steps, model_config, to_dict, to_yaml
-from trainer.data_guard import check_data
+from trainer.data_guard import CHANGES, FINGERPRINT, check_data
 from trainer.engine import (
     accelerator_device,
     build_engine,
@@ -51,76 +46,160 @@ from trainer.engine import (
     init_distributed,
     loop_clips_gradients,
 )
+from trainer.init_from import InitSource, init_source, init_weights, model_from_init
 from trainer.objective import CausalLMObjective
 from trainer.optim import build_scheduler, param_groups
 from trainer.perf import flops_per_token, peak_flops
-from trainer.resume_check import plan_launch
+from trainer.plugins import load_callbacks
+from trainer.resume_check import Plan, plan_launch
+from trainer.run_dir import METRICS, finished, prepare_run_dir, truncate_metrics
 from trainer.run_info import git_sha
 from trainer.run_record import announce, launch_entry, launches
 from trainer.signals import Preemption
 
-METRICS = "metrics.jsonl"
 STEP_METRICS = ("loss", "ce", "entropy", "weight", "z_loss")
 """Per-step metrics of the objective, averaged over micro-steps, ranks and the logging interval."""
-RESULT = "result.json"
-"""Written in the run directory when training stops (``loop.py``): ``complete`` tells a finished run from a
-pre-empted one (both exit 0), so a driver such as ``scripts/run_grid.sh`` skips finished runs and resumes the
-others."""
+
+
+# --- what the loop needs ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class Run:
-    cfg: RunConfig
-    run_dir: Path
+class StepShape:
+    """How one optimizer step is laid out and what it yields: fixed for the launch."""
+
     world_size: int
     grad_accum: int
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float | None
+    loop_clips: bool
+    """The loop clips gradients itself (``engine.loop_clips_gradients``); ``grad_norm`` is then its norm."""
+    logs_entropy: bool
+    """The loss computes the entropy (it uses it, or ``loss.log_entropy``): else ``entropy`` is not logged."""
+
+
+@dataclass
+class CheckpointRecord:
+    """What every checkpoint of the run carries besides DeepSpeed's state and the loop's position."""
+
+    config_yaml: str
+    tokenizer_files: dict[str, str]
+    tokenizer_sha256: str
+    token_counts: torch.Tensor | None
+    data: dict[str, Any]
+    """What the run trains on, compared on resume (``trainer/data_guard.py``): the data's fingerprint and the
+    changes let through; rank 0's (which writes ``meta.json``)."""
+
+
+@dataclass
+class Tally:
+    """The loop's running numbers, on the device (read at logging steps only: no host sync in between)."""
+
+    interval: torch.Tensor
+    """[len(STEP_METRICS) + 1]: sums of the step metrics over the finite steps since the last log, and their count."""
+    nonfinite_total: torch.Tensor
+    nonfinite_run: torch.Tensor
+    nonfinite_max_run: torch.Tensor
+    last_nonfinite_step: torch.Tensor
+    nonfinite_reported: int = 0
+    grad_norm: torch.Tensor | None = None
+
+    @classmethod
+    def on(cls, device: torch.device, interval: list[float] | None) -> Tally:
+        """Zero counters, and the logging interval in progress (restored from a checkpoint, else zero)."""
+        n = len(STEP_METRICS) + 1
+        if interval is None or len(interval) != n:
+            interval = [0.0] * n
+        counters = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
+        return cls(torch.tensor(interval, dtype=torch.float32, device=device), *counters)
+
+
+@dataclass
+class Run:
+    """What the training loop needs (``loop.py``): the run's config and directory, the step's shape, the data,
+    the model with its engine, the callbacks, and the running tally."""
+
+    cfg: RunConfig
+    run_dir: Path
+    shape: StepShape
     source: BatchSource
+    batches: Iterator[Any]
+    """The micro-batches to train on, from the data position the run starts at."""
     model: GPT
     engine: Any
     optimizer: torch.optim.Optimizer
     callbacks: list[Callback]
-    info: dict[str, Any]
-    config_yaml: str
-    start_step: int
     preemption: Preemption
-    batches: Any = None
-    pending: torch.Tensor | None = None
-    token_counts: torch.Tensor | None = None
-    tokenizer: Tokenizer | None = None
-    # non-finite loss bookkeeping, on the device (read at logging steps only)
-    nonfinite_total: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
-    nonfinite_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
-    nonfinite_max_run: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
-    last_nonfinite_step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int32))
-    nonfinite_reported: int = 0
-    interval: torch.Tensor | None = None
-    """[len(STEP_METRICS) + 1]: sums of the step metrics over the finite steps since the last log, and their count."""
-    loop_clips: bool = False
-    """The loop clips gradients itself (``engine.loop_clips_gradients``); ``grad_norm`` is then its norm."""
-    grad_norm: torch.Tensor | None = None
+    saved: CheckpointRecord
+    tally: Tally
+    start_step: int
+    resumed_from: Path | None = None
     held_out: DomainSet | None = None
     """The held-out set's windows with each token's domain (``eval.val_every``)."""
-    logs_entropy: bool = True
-    """The loss computes the entropy (it uses it, or ``loss.log_entropy``): else ``entropy`` is not logged."""
-
-    def next_batch(self) -> torch.Tensor:
-        if self.pending is not None:
-            batch, self.pending = self.pending, None
-            return batch
-        return next(self.batches)
 
     def emit(self, step: int, metrics: dict[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_log(step, metrics)
 
     def reduce_mean(self, values: torch.Tensor) -> list[float]:
-        if self.world_size > 1:
+        if self.shape.world_size > 1:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values = values / self.world_size
+            values = values / self.shape.world_size
         return values.tolist()
+
+
+# --- what set-up needs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What the set-up steps hand each other: the inputs, checked before anything heavy is built or the run
+    directory is touched."""
+
+    cfg: RunConfig
+    """The run this launch trains (``train.extend_to`` is its max_steps)."""
+    rank: int
+    world: int
+    grad_accum: int
+    plugins: list[Callback]
+    resume_ckpt: Path | None
+    tokenizer: Tokenizer
+    source: BatchSource
+    probe: Iterator[Any]
+    first: Any
+    """The first batch [B, T+1], drawn from ``probe`` to check that the corpus yields one."""
+    mixture: MixtureReport | None
+    data_record: dict[str, Any]
+    """The data's fingerprint, and the changes that data.allow_changed let through."""
+    init: InitSource | None
+    model_cfg: GPTConfig
+    plan: Plan
+
+
+@dataclass
+class Start:
+    """Where the loop starts: the step, the logging interval in progress, the micro-batches from there on."""
+
+    step: int
+    interval: list[float] | None
+    batches: Iterator[Any]
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Check the inputs (the checkpoint to resume chosen first), prepare the run directory, build the data's
+    derived state, the model and its engine, restore the checkpoint, record the launch; the run the loop gets."""
+    inputs = _check_inputs(cfg)
+    run_dir = Path(inputs.cfg.run.dir)
+    prepare_run_dir(run_dir, inputs.cfg, inputs.resume_ckpt)
+    start_space_check(run_dir)
+    counts = _build_data(inputs)
+    objective, optimizer, engine = _build_model_and_engine(inputs, counts)
+    start = _restore(inputs, engine, run_dir)
+    saved, info = _record_launch(inputs, run_dir, objective.model, counts, start.step)
+    run = _assemble(inputs, run_dir, objective, optimizer, engine, start, saved, info)
+    announce(inputs.plan, run.emit, rank=inputs.rank)
+    return run
 
 
 def seed_everything(seed: int) -> None:
@@ -129,68 +208,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
-    return choose_resume(cfg.train.resume, run_dir)  # its files checked against their checksums
+def _check_inputs(cfg: RunConfig) -> Inputs:
+    """Everything that can be checked is checked before any heavy work and before the run directory is touched:
+    plug-in callbacks, the checkpoint to resume (chosen first, its files checked against their checksums), data
+    files, tokenizer, the corpus yielding a batch, the checkpoint to start from, the relaunch against the run
+    it continues, eval tasks."""
+    require_wandb(cfg.wandb)
+    rank, world = init_distributed()
+    plugins = load_callbacks(cfg.run.callbacks)  # before the seed: whatever they draw moves no run's RNG
+    grad_accum = grad_accum_steps(cfg.train, world, cfg.data.seq_len)  # impossible batch arithmetic fails here
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.run.dir)
+    resume_ckpt = choose_resume(cfg.train.resume, run_dir)  # its files checked against their checksums
 
-
-# What a run leaves in its directory; a run started again from its first step replaces all of it.
-_RUN_FILES = (METRICS, CHECKPOINTS, RESULT, "wandb_id")
-
-
-def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume_ckpt: Path | None) -> None:
-    """Decide from the directory's state what this launch does, and clear what a fresh start replaces.
-
-    empty -> start. Holds a run, with a checkpoint to continue from -> (resume=auto) continue it. Holds a run
-    that never completed a checkpoint (killed early, or while writing the first) -> resume=auto starts it again
-    from step 1: nothing of it can be continued, and a pre-empted job relaunched with the same command must
-    not fail. A run that finished without a checkpoint to continue from, or resume=none over any run, needs
-    run.overwrite=true (or another run.dir)."""
-    previous = [run_dir / name for name in _RUN_FILES]
-    started = any(p.exists() for p in previous)
-    if resume_ckpt is None and started:
-        finished = _finished(run_dir)
-        if cfg.train.resume == "auto" and not finished:
-            if dist.get_rank() == 0:
-                print(f"{run_dir}: no complete checkpoint to continue from; starting the run again", flush=True)
-        elif not cfg.run.overwrite:
-            what = "a finished run with no checkpoint to continue" if finished else "a run"
-            advice = "" if finished else "continue it with train.resume=auto, "
-            raise FileExistsError(
-                f"run directory {str(run_dir)!r} already holds {what}; {advice}choose another run.dir, "
-                "or set run.overwrite=true to replace it"
-            )
-        dist.barrier()  # every rank has looked before rank 0 removes anything
-        if dist.get_rank() == 0:
-            for p in previous:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-    dist.barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / RESULT).read_text()).get("complete"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again), and a torn last
-    line (a crash mid-write)."""
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    micro = cfg.train.micro_batch_size
+    source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
+    resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
+    planned = cfg.train.max_steps * micro * grad_accum * world * cfg.data.seq_len
+    mixture = describe_mixture(cfg.data, planned_tokens=planned) if rank == 0 else None  # what the run will get
+    if mixture is not None:
+        print(mixture.render(), flush=True)
+    probe = iter(source)
+    first = next(probe)  # [B, T+1]
+    data_record = check_data(cfg.data, source.files, resume_ckpt, read_meta(resume_ckpt) if resume_ckpt else None)
+    init = init_source(cfg.model.init_from, tokenizer) if cfg.model.init_from else None
+    model_cfg = model_from_init(cfg, init) if init else model_config(cfg, tokenizer.vocab_size)
+    if resume_ckpt is not None:
+        _check_resume(resume_ckpt, model_cfg, tokenizer)
+    # the relaunch is the run it continues (or refused); cfg becomes the run it trains (train.extend_to)
+    plan = plan_launch(cfg, resume_ckpt, finished=finished(run_dir), world_size=world)
+    cfg = plan.cfg
+    if cfg.eval.tasks:
         try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
-            rows.append(line)
-    write_atomic(path, "".join(r + "\n" for r in rows))
+            check_tasks(cfg.eval.tasks, cfg.eval.task_dir)
+        except ValueError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+    return Inputs(cfg, rank, world, grad_accum, plugins, resume_ckpt, tokenizer, source, probe, first, mixture,
+                  data_record, init, model_cfg, plan)  # fmt: skip
 
 
 def _check_resume(ckpt: Path, model_cfg: GPTConfig, tokenizer: Tokenizer) -> None:
@@ -203,105 +258,10 @@ def _check_resume(ckpt: Path, model_cfg: GPTConfig, tokenizer: Tokenizer) -> Non
         )
 
 
-@dataclass
-class InitSource:
-    """The weights a run starts from (``model.init_from``): the model they define, and how to read them."""
-
-    path: str
-    cfg: GPTConfig
-    weights: Callable[[], dict[str, torch.Tensor]]
-
-
-def _init_source(path: str, tokenizer: Tokenizer) -> InitSource:
-    """A losslab checkpoint or run directory (an ``import_hf.py`` output included), or a Hugging Face model
-    folder (``config.json`` + safetensors), converted here. Its vocabulary must be the tokenizer's."""
-    folder = Path(path)
-    if (folder / "config.json").is_file() and not (folder / META).is_file():
-        from models.hf import load_hf_folder
-
-        try:
-            model = load_hf_folder(folder)
-        except (ValueError, ImportError, OSError, KeyError) as e:
-            raise CheckpointError(f"model.init_from={path!r}: {e}") from None
-        source = InitSource(path, model.cfg, model.state_dict)
-    else:
-        ckpt = resolve_checkpoint(path)
-        try:
-            verify_model_files(ckpt)
-        except CheckpointError as e:
-            raise CheckpointError(f"model.init_from={path!r}: {e}") from None
-        source = InitSource(path, saved_model_config(ckpt), lambda: load_safetensors(ckpt / "model.safetensors"))
-    if source.cfg.vocab_size != tokenizer.vocab_size:
-        raise CheckpointError(
-            f"model.init_from={path!r} has a vocabulary of {source.cfg.vocab_size} tokens, data.tokenizer="
-            f"{tokenizer.path!r} has {tokenizer.vocab_size}: they must be the same tokenizer"
-        )
-    return source
-
-
-def _model_from_init(cfg: RunConfig, source: InitSource) -> GPTConfig:
-    """The run's model is the one it starts from; a shape key the run sets must agree with it."""
-    m = cfg.model
-    for name in ("n_layers", "d_model", "n_heads", "d_mlp", "max_seq_len", "rotary_pct", "parallel_residual"):
-        if getattr(m, name) is not None and getattr(m, name) != getattr(source.cfg, name):
-            raise ConfigError(
-                f"model.{name}={getattr(m, name)} disagrees with model.init_from={source.path!r} "
-                f"({getattr(source.cfg, name)}); the model is the one it starts from"
-            )
-    if cfg.data.seq_len > source.cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.init_from's context {source.cfg.max_seq_len}")
-    return source.cfg
-
-
-def _init_weights(model: GPT, source: InitSource) -> None:
-    path = source.path
-    state = source.weights()
-    mine = model.state_dict()
-    wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
-    if wrong or set(state) != set(mine):
-        raise CheckpointError(
-            f"model.init_from={path!r} does not fit this model (shape mismatches: {wrong}; "
-            f"missing: {sorted(set(mine) - set(state))}; unexpected: {sorted(set(state) - set(mine))})"
-        )
-    model.load_state_dict(state)
-
-
-def build_run(cfg: RunConfig) -> Run:
-    require_wandb(cfg.wandb)
-    rank, world = init_distributed()
-    grad_accum = grad_accum_steps(cfg.train, world, cfg.data.seq_len)  # impossible batch arithmetic fails here
-    seed_everything(cfg.train.seed)
-    run_dir = Path(cfg.run.dir)
-    resume_ckpt = _resume_from(cfg, run_dir)
-
-    # Everything that can be checked is checked before any heavy work and before the run directory is touched:
-    # data files, tokenizer, the corpus yielding a batch, the checkpoint to resume or start from, eval tasks.
-    tokenizer = Tokenizer(cfg.data.tokenizer)
-    micro = cfg.train.micro_batch_size
-    source = build_source(cfg.data, tokenizer, batch_size=micro, seed=cfg.train.seed, rank=rank, world_size=world)
-    resolve_files(cfg.data.val_files)  # held-out files are checked now, not when the first evaluation runs
-    planned = cfg.train.max_steps * micro * grad_accum * world * cfg.data.seq_len
-    mixture = describe_mixture(cfg.data, planned_tokens=planned) if rank == 0 else None  # what the run will get
-    if mixture is not None:
-        print(mixture.render(), flush=True)
-    probe = iter(source)
-    first = next(probe)  # [B, T+1]
-    data_record = check_data(cfg.data, source.files, resume_ckpt, read_meta(resume_ckpt) if resume_ckpt else None)
-    init = _init_source(cfg.model.init_from, tokenizer) if cfg.model.init_from else None
-    model_cfg = _model_from_init(cfg, init) if init else model_config(cfg, tokenizer.vocab_size)
-    if resume_ckpt is not None:
-        _check_resume(resume_ckpt, model_cfg, tokenizer)
-    # the relaunch is the run it continues (or refused); cfg becomes the run it trains (train.extend_to)
-    plan = plan_launch(cfg, resume_ckpt, finished=_finished(run_dir), world_size=world)
-    cfg = plan.cfg
-    if cfg.eval.tasks:
-        try:
-            check_tasks(cfg.eval.tasks, cfg.eval.task_dir)
-        except ValueError as e:
-            raise ConfigError(f"eval.tasks: {e}") from None
-    _prepare_run_dir(run_dir, cfg, resume_ckpt)
-    start_space_check(run_dir)
-
+def _build_data(inputs: Inputs) -> torch.Tensor | None:
+    """The per-token streams the loss needs are in the data; the training data's token counts, where the loss
+    (PDL) or the frequency-bucket evaluation uses them."""
+    cfg, source = inputs.cfg, inputs.source
     loss_cls = resolve_loss(cfg.loss.name)
     online = {"ref_ce"} if cfg.loss.reference else set()  # scored each micro-batch by the reference model
     missing = [k for k in loss_cls.token_inputs if k not in source.streams and k not in online]
@@ -312,107 +272,134 @@ def build_run(cfg: RunConfig) -> Run:
             "(scripts/score_reference.py writes ref_ce)"
         )
     needs_counts = loss_cls.needs_token_counts or (cfg.eval.buckets and bool(cfg.data.val_files))
-    counts = token_counts(cfg.data, source, tokenizer, cfg.train.seed) if needs_counts else None
+    return token_counts(cfg.data, source, inputs.tokenizer, cfg.train.seed) if needs_counts else None
 
+
+def _build_model_and_engine(inputs: Inputs, counts: torch.Tensor | None) -> tuple[CausalLMObjective, Any, Any]:
+    """The model (from ``model.init_from``'s weights if set), the objective with its loss (and reference model),
+    the optimizer and the DeepSpeed engine."""
+    cfg = inputs.cfg
     # Built where it trains: on the CPU a 6.7B model in fp32 would take 27 GB of host memory and minutes to
     # initialise before DeepSpeed moved it.
     with torch.device(accelerator_device()):
-        model = GPT(model_cfg)
-    if init is not None:
-        _init_weights(model, init)
+        model = GPT(inputs.model_cfg)
+    if inputs.init is not None:
+        init_weights(model, inputs.init)
     parallelize.apply(model, activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile)
-    loss_counts = counts if loss_cls.needs_token_counts else None
+    loss_counts = counts if resolve_loss(cfg.loss.name).needs_token_counts else None
     reference = None
     if cfg.loss.reference:
         reference, _ = load_model(cfg.loss.reference, device=accelerator_device())
-        if reference.cfg.vocab_size != tokenizer.vocab_size:
+        if reference.cfg.vocab_size != inputs.tokenizer.vocab_size:
             raise CheckpointError(f"loss.reference={cfg.loss.reference!r} was trained with another vocabulary")
         reference.requires_grad_(False)
     objective = CausalLMObjective(model, build_loss(cfg.loss, token_counts=loss_counts), reference=reference)
     optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, cfg.distributed)
-    train_cfg = dataclasses.replace(cfg.train, grad_accum=grad_accum)
+    train_cfg = dataclasses.replace(cfg.train, grad_accum=inputs.grad_accum)
     engine = build_engine(objective, optimizer, build_scheduler(optimizer, train_cfg), train_cfg, cfg.distributed)
+    return objective, optimizer, engine
 
-    start_step, interval = 1, None
-    if resume_ckpt is not None:
-        meta = restore(engine, resume_ckpt)
-        interval = meta.get("log_interval")
-        source.load_state_dict(meta["data_state"])
-        start_step = meta["step"] + 1
-        if rank == 0:
-            _truncate_metrics(run_dir / METRICS, meta["step"])
-        if rank == 0:
-            print(f"resumed from {resume_ckpt} at step {start_step}", flush=True)
-        batches, pending = iter(source), None
-    else:
-        batches, pending = probe, first
 
+def _restore(inputs: Inputs, engine: Any, run_dir: Path) -> Start:
+    """From the checkpoint resumed: DeepSpeed's state, the RNG states, the data position and the logging
+    interval in progress (``metrics.jsonl`` cut back to its step). A fresh run starts at its first batch."""
+    ckpt = inputs.resume_ckpt
+    if ckpt is None:
+        return Start(1, None, itertools.chain([inputs.first], inputs.probe))
+    meta = restore(engine, ckpt)
+    inputs.source.load_state_dict(meta["data_state"])
+    start_step = meta["step"] + 1
+    if inputs.rank == 0:
+        truncate_metrics(run_dir / METRICS, meta["step"])
+        print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    return Start(start_step, meta.get("log_interval"), iter(inputs.source))
+
+
+def _record_launch(
+    inputs: Inputs, run_dir: Path, model: GPT, counts: torch.Tensor | None, start_step: int
+) -> tuple[CheckpointRecord, dict[str, Any]]:
+    """``config.yaml``, ``run_info.json`` (with this launch appended to ``launches``) and ``mixture.json``; and
+    what each checkpoint of this launch will carry."""
+    cfg, ckpt, mixture = inputs.cfg, inputs.resume_ckpt, inputs.mixture
     config_yaml = to_yaml(cfg)
     info = {
         "git_sha": git_sha(),
-        "world_size": world,
-        "grad_accum": grad_accum,
+        "world_size": inputs.world,
+        "grad_accum": inputs.grad_accum,
         "num_params": model.num_params(),
-        "model": dataclasses.asdict(model_cfg),
-        "tokenizer_sha256": tokenizer.sha256,
-        "data_files": source.files,
-        **data_record,  # the data's fingerprint, and the changes that data.allow_changed let through
-        "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+        "model": dataclasses.asdict(inputs.model_cfg),
+        "tokenizer_sha256": inputs.tokenizer.sha256,
+        "data_files": inputs.source.files,
+        **inputs.data_record,  # the data's fingerprint, and the changes that data.allow_changed let through
+        "resumed_from": str(ckpt) if ckpt else None,
         "mixture": mixture.as_dict() if mixture else None,
     }
     sha = info["git_sha"]
-    entry = launch_entry(plan, start_step=start_step, resumed_from=resume_ckpt, world_size=world, git_sha=sha)
-    info["launches"] = launches(run_dir, entry, resumed=resume_ckpt is not None)
-    if rank == 0:
+    entry = launch_entry(inputs.plan, start_step=start_step, resumed_from=ckpt, world_size=inputs.world, git_sha=sha)
+    info["launches"] = launches(run_dir, entry, resumed=ckpt is not None)
+    if inputs.rank == 0:
         (run_dir / "config.yaml").write_text(config_yaml)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if mixture is not None:
             (run_dir / "mixture.json").write_text(json.dumps(mixture.as_dict(), indent=2))
+    data = {k: info[k] for k in (FINGERPRINT, CHANGES) if k in info}
+    return CheckpointRecord(config_yaml, inputs.tokenizer.files, inputs.tokenizer.sha256, counts, data), info
+
+
+def _assemble(
+    inputs: Inputs,
+    run_dir: Path,
+    objective: CausalLMObjective,
+    optimizer: Any,
+    engine: Any,
+    start: Start,
+    saved: CheckpointRecord,
+    info: dict[str, Any],
+) -> Run:
+    """The run as the loop sees it: the callbacks built (W&B's run opened), the held-out set, the tally."""
+    cfg, model = inputs.cfg, objective.model
     config_dict = to_dict(cfg)
-    device = engine.device
-    run = Run(
-        cfg=cfg,
-        run_dir=run_dir,
-        world_size=world,
-        grad_accum=grad_accum,
-        tokens_per_step=micro * grad_accum * world * cfg.data.seq_len,
-        flops_per_token=flops_per_token(model_cfg, model.num_params(), cfg.data.seq_len),
+    callbacks = build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}, start_step=start.step)
+    micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+    shape = StepShape(
+        world_size=inputs.world,
+        grad_accum=inputs.grad_accum,
+        tokens_per_step=micro * inputs.grad_accum * inputs.world * seq_len,
+        flops_per_token=flops_per_token(inputs.model_cfg, model.num_params(), seq_len),
         peak_flops=peak_flops(cfg.train.peak_tflops),
-        source=source,
-        model=model,
-        engine=engine,
-        optimizer=optimizer,
-        callbacks=build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}, start_step=start_step),
-        info=info,
-        config_yaml=config_yaml,
-        start_step=start_step,
-        preemption=Preemption(),
-        batches=batches,
-        pending=pending,
-        token_counts=counts,
-        tokenizer=tokenizer,
+        loop_clips=loop_clips_gradients(cfg.train, cfg.distributed),
         logs_entropy=objective.loss_fn.computes_entropy,
     )
+    preemption = Preemption()  # SIGTERM / SIGINT from here on ask the loop to checkpoint and stop
+    held_out = None
     if cfg.data.val_files and (cfg.eval.val_every or cfg.eval.buckets):
         # one held-out set for the run, sampled now (rank 0 writes it beside the run; every rank draws the same)
         held, pieces = load_or_sample(
-            run_dir / SET_FILE if rank == 0 else None,
+            run_dir / SET_FILE if inputs.rank == 0 else None,
             list(cfg.data.val_files),
-            tokenizer,
-            cfg.data.seq_len,
+            inputs.tokenizer,
+            seq_len,
             sample_spec(cfg.eval),
             records=bool(cfg.data.sft_files),
         )
-        if rank == 0:
+        if inputs.rank == 0:
             print(f"held-out set: {held.summary()}", flush=True)
         if cfg.eval.val_every:
-            run.held_out = build_domain_set(held, pack(held, pieces, tokenizer.eos_id))
-    for name in ("nonfinite_total", "nonfinite_run", "nonfinite_max_run", "last_nonfinite_step"):
-        setattr(run, name, getattr(run, name).to(device))
-    n_interval = len(STEP_METRICS) + 1
-    if interval is None or len(interval) != n_interval:
-        interval = [0.0] * n_interval
-    run.interval = torch.tensor(interval, dtype=torch.float32, device=device)
-    run.loop_clips = loop_clips_gradients(cfg.train, cfg.distributed)
-    announce(plan, run.emit, rank=rank)
-    return run
+            held_out = build_domain_set(held, pack(held, pieces, inputs.tokenizer.eos_id))
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        shape=shape,
+        source=inputs.source,
+        batches=start.batches,
+        model=model,
+        engine=engine,
+        optimizer=optimizer,
+        callbacks=[*callbacks, *inputs.plugins],
+        preemption=preemption,
+        saved=saved,
+        tally=Tally.on(engine.device, start.interval),
+        start_step=start.step,
+        resumed_from=inputs.resume_ckpt,
+        held_out=held_out,
+    )

@@ -20,7 +20,10 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from losslab.log import get_logger
 from trainer.collectives import host_group
+
+log = get_logger(__name__)
 
 GRACE_S = 10.0
 """Signals this soon after the first are duplicates of it (a launcher forwarding what the group also got)."""
@@ -43,14 +46,10 @@ class Preemption:
             if now - self._first_at < GRACE_S:
                 return  # the same request, delivered twice
             self.restore()
-            print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            log.warning(f"received {signal.Signals(signum).name} again: exiting now")
             sys.exit(128 + signum)
         self.received, self._first_at = signum, now
-        print(
-            f"received {signal.Signals(signum).name}: finishing the step, then checkpointing and exiting",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning(f"received {signal.Signals(signum).name}: finishing the step, then checkpointing and exiting")
 
     def requested(self) -> bool:
         """True on every rank if any rank got a signal (ranks must stop at the same step, or collectives hang).

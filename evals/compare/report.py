@@ -10,7 +10,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 from evals.compare import metrics as M
 from evals.compare.runs import Run, baseline, diverged, final, group_runs, mismatches, read_run
 from evals.compare.stats import ALPHA, N_BOOT
+from losslab.log import get_logger
+
+log = get_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,10 +129,10 @@ def compare(run_dirs: Sequence[Path], out: Path, options: Options, schema: Any =
     base = baseline(groups)
     scores = M.task_keys(groups)
     metrics = M.metrics_of(groups, scores)
-    print(f"comparing {len(runs)} runs in {len(groups)} groups on {len(metrics)} metrics", file=sys.stderr)
+    log.info(f"comparing {len(runs)} runs in {len(groups)} groups on {len(metrics)} metrics")
     found = M.contrasts(groups, base, metrics, contrasts_asked, margin=options.margin,
                         score_margin=options.score_margin, method=options.method, cluster=options.cluster,
-                        progress=lambda s: print(f"  {s}", file=sys.stderr))  # fmt: skip
+                        progress=lambda s: log.info(f"  {s}"))  # fmt: skip
     for c in found:
         c.notes = coverage_notes(c)
     notes = {}

@@ -19,16 +19,18 @@ second in the interpreter.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from losslab.log import get_logger
 from losslab.losses.blocks import Block, FusedOptions, forward_blocks
 from losslab.losses.config import IGNORE_INDEX
 from losslab.losses.plugins import import_plugin
 from losslab.losses.rows import Coefs, RowKernel, TorchRows, TritonRows, missing
+
+log = get_logger(__name__)
 
 BUILTIN = ("auto", "torch", "triton")
 # The check's problem: several rows and two blocks (the last ragged) so every code path runs; a vocabulary
@@ -110,11 +112,9 @@ def check(rows: RowKernel, device: torch.device, dtype: torch.dtype) -> Verdict:
         verdict = self_check(rows, device, dtype)
         _verdicts[key] = verdict
         if not verdict.ok:
-            print(
+            log.warning(
                 f"warning: loss kernel {key[0]} failed its self-check on {device} in {str(dtype)[6:]} "
-                f"({verdict.reason}); the fused loss uses the torch kernel instead",
-                file=sys.stderr,
-                flush=True,
+                f"({verdict.reason}); the fused loss uses the torch kernel instead"
             )
     return _verdicts[key]
 

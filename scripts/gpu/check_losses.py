@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's code and tests
-
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 
+from losslab.log import fail
 from losslab.losses import LossConfig, build_loss
 from losslab.losses.kernels import kernel_name, select_rows, verdicts
 from tests.test_losses import FUSED_CASES, naive_loss, rel_err
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("check_losses.py needs a CUDA GPU (--device cpu only checks the script)", file=sys.stderr)
-        return 2
+        return fail("check_losses.py needs a CUDA GPU (--device cpu only checks the script)", prefix="")
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -5,7 +5,7 @@ command, the figures, and each target met or missed, next to the anchors measure
     python scripts/gpu/report.py OUTDIR --write docs/benchmarks.md      # insert it above "## GPU — not yet measured"
 
 Files it reads (any may be missing: a stage that did not run is reported as not measured): stages.jsonl,
-kernels.json, tests.jsonl, bench_loss.json, bench_model.json, bench_model_1.2b.json, scale_6.7b.json.
+kernels.json, tests.jsonl (pytest-reportlog), bench_loss.json, bench_model.json, bench_model_1.2b.json, scale_6.7b.json.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
+from losslab.log import fail
 
 # The anchors, copied from ../shared/ANCHORS.md ("Measured on the lent H100 (NVIDIA H100 80GB HBM3, torch 2.11 +
 # cu130, transformers 5.17), 2026-11-22"), so this script runs where ../shared is not (the device, CI).
@@ -371,10 +375,38 @@ def kernel_lines(kernels: dict | None, tests: list[dict] | None) -> tuple[list[C
     return checks, lines
 
 
+def test_results(reports: list[dict] | None) -> list[dict] | None:
+    """pytest-reportlog's lines (``pytest --report-log tests.jsonl``: one per phase of each test, written as it
+    ends, so a session cut at its time limit keeps what it reached) as one row per test — its call, or the
+    setup or teardown that failed or skipped it: ``test``, ``outcome``, ``when``, ``seconds``, ``message`` (the
+    skip reason, or the failure's message)."""
+    if reports is None:
+        return None
+    rows = []
+    for r in reports:
+        if r.get("$report_type") != "TestReport" or (r["when"] != "call" and r["outcome"] == "passed"):
+            continue
+        rows.append({"test": r["nodeid"], "outcome": r["outcome"], "when": r["when"],
+                     "seconds": round(r["duration"], 3), "message": _message(r)})  # fmt: skip
+    return rows
+
+
+def _message(report: dict) -> str:
+    longrepr = report.get("longrepr")
+    if report["outcome"] == "passed" or not longrepr:
+        return ""
+    if isinstance(longrepr, list):  # a skip: (file, line, "Skipped: reason")
+        return str(longrepr[2])
+    crash = longrepr.get("reprcrash") if isinstance(longrepr, dict) else None
+    text = crash["message"] if crash else str(longrepr)
+    lines = text.strip().splitlines()
+    return lines[0][:500] if lines else ""
+
+
 def parts(data: dict) -> list[tuple[list[Check], list[str]]]:
     """(checks against the targets, markdown lines) of each stage, in the order validate.sh runs them."""
     return [
-        kernel_lines(data["kernels.json"], data["tests.jsonl"]),
+        kernel_lines(data["kernels.json"], test_results(data["tests.jsonl"])),
         loss_checks(data["bench_loss.json"]),
         model_checks(data["bench_model.json"]),
         hf_checks(data["bench_model.json"]),
@@ -438,13 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="insert the section into this file (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     if not (args.out_dir / "stages.jsonl").is_file():
-        print(f"error: {args.out_dir}/stages.jsonl not found: not a validate.sh output folder", file=sys.stderr)
-        return 2
+        return fail(f"{args.out_dir}/stages.jsonl not found: not a validate.sh output folder")
     try:
         text = section(load(args.out_dir))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        print(f"error: {args.out_dir}: unreadable results ({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
+        return fail(f"{args.out_dir}: unreadable results ({type(e).__name__}: {e})")
     if args.write:
         insert(args.write, text)
         print(f"wrote the section into {args.write}")

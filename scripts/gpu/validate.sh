@@ -10,7 +10,7 @@
 # Stages, in order (VALIDATE_STAGES picks some, e.g. "setup model" to re-run one that was cut):
 #   setup    install the carried wheels (.whl/), record date, GPU, versions, command       -> stages.jsonl
 #   kernels  every fused loss (and the modifiers) in bf16 vs float64 at V=50304, Triton and torch -> kernels.json
-#   tests    tests/test_cuda.py and the Triton / self-check tests, one line per test       -> tests.jsonl
+#   tests    tests/test_cuda.py and the Triton / self-check tests (pytest-reportlog)       -> tests.jsonl
 #   loss     bench_loss.py: every loss fused vs naive, next to Liger, N=16384 d=1024 V=50304 -> bench_loss.json
 #   model    bench_model.py: 468M, both blocks, seq 1024, micro-batch 32, vs HF, compiled  -> bench_model.json
 #   hf       bench_hf_patch.py: HF Trainer steps of a SmolLM2-135M-shaped Llama (random weights), losslab.hf's
@@ -141,7 +141,7 @@ kernels() { cut $PY scripts/gpu/check_losses.py --device $DEVICE --tokens "$CHEC
 
 tests() {  # -p no:cacheprovider: nothing written into the checkout
   # shellcheck disable=SC2086  # TEST_FILES is a list
-  cut $PY -m pytest -q -p no:cacheprovider -rs -p scripts.gpu.pytest_jsonl --jsonl "$OUT/tests.jsonl" $TEST_FILES
+  cut $PY -m pytest -q -p no:cacheprovider -rs --report-log "$OUT/tests.jsonl" $TEST_FILES
 }
 
 loss() { cut $PY scripts/bench_loss.py --device $DEVICE --tokens "$LOSS_N" --dim "$LOSS_D" --vocab "$LOSS_V" \

@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 HERE = Path(__file__).resolve().parent
-TRAIN = ["deepspeed", "omegaconf", "zstandard", "liger-kernel"]
+TRAIN = ["deepspeed", "omegaconf", "zstandard", "liger-kernel", "pytest-reportlog"]
 EVAL = ["lm-eval"]
 # Built here from the sdist (no binary wheel on PyPI); its ops are JIT-compiled on the GPU machine.
 SDIST_ONLY = {"deepspeed", "sqlitedict", "word2number", "rouge-score"}

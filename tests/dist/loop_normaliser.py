@@ -121,10 +121,10 @@ def one_step(loss: str, argv: list[str], rank: int, world: int) -> dict:
         """The real run, fed this rank's micro-batches of the hand-made global batch; records the gradients the
         optimizer is handed and the weights it starts from."""
         run = build_run(cfg)
-        assert run.grad_accum == GA and run.world_size == world
+        assert run.shape.grad_accum == GA and run.shape.world_size == world
         tokens, mask = global_batch(run.model.cfg.vocab_size, world)
         mine = iter([{"tokens": tokens[m, rank], "loss_mask": mask[m, rank]} for m in range(GA)])
-        run.next_batch = lambda: next(mine)
+        run.batches = mine
         captured.update(tokens=tokens, mask=mask, model_cfg=run.model.cfg, grads=[],
                         names=[n for n, _ in run.model.named_parameters()],
                         start={k: v.detach().double().clone() for k, v in run.model.state_dict().items()})  # fmt: skip
