@@ -9,41 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from losslab.losses.config import MODIFIER_NAMES, MODIFIERS, LossConfig, Param, SettingError
-from losslab.losses.weighting import LOSSES, TokenWeighting, resolve_loss
-
-
-def declared(name: str, missing_ok: bool = False) -> tuple[Param, ...]:
-    """The parameters the loss ``name`` declares (a plug-in that cannot be imported: () with ``missing_ok``)."""
-    try:
-        return resolve_loss(name).params
-    except ValueError:
-        if missing_ok:
-            return ()
-        raise
-
-
-def owners(key: str) -> list[str]:
-    """The registered losses that declare a parameter named ``key``."""
-    return sorted(n for n, cls in LOSSES.items() if any(p.name == key for p in cls.params))
-
-
-def check_params(cls: type[TokenWeighting], given: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The loss's parameters: ``given`` checked against ``cls.params`` (type, bound), defaults filled in.
-    A key the loss does not declare is a ValueError that says whose parameter it is."""
-    own = {p.name: p for p in cls.params}
-    for key in sorted(given):
-        if key not in own:
-            raise SettingError(key, not_a_parameter(name, key, given[key], list(own)))
-    return {p.name: p.check(given[p.name]) if p.name in given else p.default for p in cls.params}
-
-
-def not_a_parameter(name: str, key: str, value: Any, own: list[str]) -> str:
-    has = f"its parameters: {', '.join(own)}" if own else "it has no parameters"
-    whose = owners(key)
-    if whose:
-        return (f"loss.{key}={value} is a parameter of {', '.join(whose)}, not of loss.name={name} ({has}): "
-                "remove it or choose one of those losses")  # fmt: skip
-    return f"loss.{key} is not a setting of loss.name={name} ({has}; modifiers: {', '.join(sorted(MODIFIER_NAMES))})"
+from losslab.losses.weighting import LOSSES, TokenWeighting, check_params, declared, owners, resolve_loss
 
 
 def resolve(cfg: LossConfig | Mapping[str, Any]) -> LossConfig:
@@ -54,7 +20,7 @@ def resolve(cfg: LossConfig | Mapping[str, Any]) -> LossConfig:
     if not isinstance(cfg, LossConfig):
         cfg = LossConfig.from_mapping(cfg)
     cls = resolve_loss(cfg.name)
-    params = check_params(cls, cfg.params, cfg.name)
+    params = check_params(cls, cfg.params, cfg.name, MODIFIER_NAMES)
     mods = {p.name: p.check(getattr(cfg, p.name)) for p in MODIFIERS}
     from losslab.losses import kernels
 

@@ -17,12 +17,14 @@ can only differ in how the per-row statistics and their gradients are computed.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from losslab.losses.config import IGNORE_INDEX, NON_NEGATIVE, POSITIVE, Bound, LossConfig, Param
+from losslab.losses.params import IGNORE_INDEX, NON_NEGATIVE, POSITIVE, Bound, LossSettings, Param, SettingError
 from losslab.losses.plugins import import_plugin
 
 
@@ -84,9 +86,7 @@ class TokenWeighting:
         w [n] detached normaliser weights). Masking is done by the caller."""
         raise NotImplementedError
 
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
-        from losslab.losses.settings import check_params
-
+    def __init__(self, cfg: LossSettings, token_counts: Tensor | None = None) -> None:
         for name, value in check_params(type(self), cfg.params, cfg.name).items():
             setattr(self, name, value)
         self.counts_ignored = bool(cfg.count_ignored) and self.official_counting
@@ -166,7 +166,7 @@ class PowerLawDecay(TokenWeighting):
     normalised = True
     needs_token_counts = True
 
-    def __init__(self, cfg: LossConfig, token_counts: Tensor | None = None) -> None:
+    def __init__(self, cfg: LossSettings, token_counts: Tensor | None = None) -> None:
         super().__init__(cfg, token_counts)
         if token_counts is None:
             raise ValueError("loss.name=pdl needs token_counts (a [V] tensor of corpus token counts)")
@@ -226,7 +226,7 @@ class Rho1(TokenWeighting):
         return kept * ce, kept
 
 
-def pdl_weights(token_counts: Tensor, cfg: LossConfig | None = None, **params: float) -> Tensor:
+def pdl_weights(token_counts: Tensor, cfg: LossSettings | None = None, **params: float) -> Tensor:
     """[V] counts -> [V] weights, rescaled so the mean weight per corpus occurrence is 1, optionally clipped.
     The parameters (alpha, eps, smoothing, max_weight) come from ``cfg`` or as keywords, PDL's defaults else.
 
@@ -234,8 +234,6 @@ def pdl_weights(token_counts: Tensor, cfg: LossConfig | None = None, **params: f
     comparable across corpora and alphas. Kept as a plain tensor, not a buffer: a bf16 engine casts buffers,
     and the weights span many orders of magnitude.
     """
-    from losslab.losses.settings import check_params
-
     p = check_params(PowerLawDecay, {**(cfg.params if cfg is not None else {}), **params}, "pdl")
     counts = token_counts.detach().to(torch.float64).cpu()
     if counts.ndim != 1 or bool((counts < 0).any()):
@@ -263,7 +261,7 @@ def resolve_loss(name: str) -> type[TokenWeighting]:
     return cls
 
 
-def build_weighting(cfg: LossConfig, token_counts: Tensor | None) -> TokenWeighting:
+def build_weighting(cfg: LossSettings, token_counts: Tensor | None) -> TokenWeighting:
     weighting = resolve_loss(cfg.name)(cfg, token_counts)
     # a plug-in with its own __init__ (not calling super's) still gets the official counting where it applies
     weighting.counts_ignored = bool(cfg.count_ignored) and weighting.official_counting
@@ -281,4 +279,54 @@ LOSSES: dict[str, type[TokenWeighting]] = {
     "weighted": Weighted,
 }
 
-__all__ = ["IGNORE_INDEX", "LOSSES", "Rows", "TokenWeighting", "build_weighting", "pdl_weights", "resolve_loss"]
+
+def declared(name: str, missing_ok: bool = False) -> tuple[Param, ...]:
+    """The parameters the loss ``name`` declares (a plug-in that cannot be imported: () with ``missing_ok``)."""
+    try:
+        return resolve_loss(name).params
+    except ValueError:
+        if missing_ok:
+            return ()
+        raise
+
+
+def owners(key: str) -> list[str]:
+    """The registered losses that declare a parameter named ``key``."""
+    return sorted(n for n, cls in LOSSES.items() if any(p.name == key for p in cls.params))
+
+
+def check_params(
+    cls: type[TokenWeighting], given: Mapping[str, Any], name: str, modifiers: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The loss's parameters: ``given`` checked against ``cls.params`` (type, bound), defaults filled in.
+    A key the loss does not declare is a ValueError that says whose parameter it is (``modifiers``: the settings
+    of every loss, named in that message)."""
+    own = {p.name: p for p in cls.params}
+    for key in sorted(given):
+        if key not in own:
+            raise SettingError(key, not_a_parameter(name, key, given[key], list(own), modifiers))
+    return {p.name: p.check(given[p.name]) if p.name in given else p.default for p in cls.params}
+
+
+def not_a_parameter(name: str, key: str, value: Any, own: list[str], modifiers: Iterable[str] = ()) -> str:
+    has = f"its parameters: {', '.join(own)}" if own else "it has no parameters"
+    whose = owners(key)
+    if whose:
+        return (f"loss.{key}={value} is a parameter of {', '.join(whose)}, not of loss.name={name} ({has}): "
+                "remove it or choose one of those losses")  # fmt: skip
+    mods = f"; modifiers: {', '.join(sorted(modifiers))}" if modifiers else ""
+    return f"loss.{key} is not a setting of loss.name={name} ({has}{mods})"
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "Rows",
+    "TokenWeighting",
+    "build_weighting",
+    "check_params",
+    "declared",
+    "owners",
+    "pdl_weights",
+    "resolve_loss",
+]
