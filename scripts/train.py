@@ -57,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(e, prefix="config error: ")
     # imported only to train: deepspeed writes to stdout when imported, and --print-config's output is YAML
-    from trainer.engine import shutdown_distributed
+    from trainer.engine import exit_process
 
-    try:
-        return _train(cfg)
-    finally:
-        shutdown_distributed()
+    # An exception still propagates as a traceback (an unexpected failure), without leaving the process group: a
+    # rank that failed mid-collective would wait there for peers that never come (torchtitan does the same).
+    exit_process(_train(cfg))
 
 
 def _train(cfg) -> int:
