@@ -22,7 +22,7 @@
 # Sizes (defaults on the GPU / with --toy): CHECK_N CHECK_D CHECK_V (2048 256 50304 / 64 16 300), LOSS_N LOSS_D
 # LOSS_V (16384 1024 50304 / 64 16 300), MODEL_PRESET MODEL_SEQ MODEL_BATCH MODEL_MODES (468m 1024 32 compiled /
 # debug 32 2 eager), BIG_PRESET BIG_BATCH (1.2b 16 / debug 2), SCALE_OVERRIDES. Data for the scale stage:
-# VALIDATE_SHARD, VALIDATE_TOKENIZER (default: .carry/shared or ../shared). Wheels: VALIDATE_WHEELS (.whl; none
+# VALIDATE_SHARD, VALIDATE_TOKENIZER (default: under .carry/data, else corpus/). Wheels: VALIDATE_WHEELS (.whl; none
 # with --toy), installed into VALIDATE_SITE (/tmp/losslab-site); scratch run directories under VALIDATE_WORK.
 set -uo pipefail
 TOY=${VALIDATE_TOY:-0}
@@ -40,9 +40,9 @@ STAGES=" ${VALIDATE_STAGES:-setup kernels tests loss model big scale} "
 TOTAL=${VALIDATE_BUDGET:-350}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
-SHARED=../shared; [ -d .carry/shared ] && SHARED=$PWD/.carry/shared
-SHARD=${VALIDATE_SHARD:-$SHARED/corpora/debian_text_000.jsonl.zst}
-TOKENIZER=${VALIDATE_TOKENIZER:-$SHARED/tokenizers/llama-style-32k-bpe.model}
+DATA=corpus; [ -d .carry/data ] && DATA=$PWD/.carry/data  # scripts/gpu/pack.sh builds it here
+SHARD=${VALIDATE_SHARD:-$DATA/study/anarchist_faq.jsonl.zst}
+TOKENIZER=${VALIDATE_TOKENIZER:-$DATA/tokenizers/llama-style-32k-bpe.model}
 
 if [ "$TOY" = 1 ]; then  # every stage at toy sizes on the CPU: checks the script, measures nothing
   DEVICE=cpu
@@ -156,7 +156,7 @@ scale() {  # the trainer's whole step (DeepSpeed ZeRO-3, optimizer offload), SIG
   # would make it save a pre-emption checkpoint), then summarised from what it logged
   local dir=$WORK/scale_6.7b rc
   if [ ! -f "$SHARD" ] || [ ! -f "$TOKENIZER" ]; then
-    echo "no training shard or tokenizer ($SHARD, $TOKENIZER): carry .carry/shared (scripts/gpu/README.md)"
+    echo "no training shard or tokenizer ($SHARD, $TOKENIZER): carry .carry/data (scripts/gpu/README.md)"
     printf '{"steps": 0, "skipped": "no training shard or tokenizer carried"}\n' > "$OUT/scale_6.7b.json"
     return 1
   fi
