@@ -65,6 +65,8 @@ def bucket_table(runs: list[str]) -> list[str]:
 def _loss_name(ckpt: Path) -> str:
     from omegaconf import OmegaConf
 
+    if not (ckpt / "config.yaml").is_file():  # an imported model, not trained here: the model before fine-tuning
+        return "— (before fine-tuning)"
     loss = OmegaConf.load(ckpt / "config.yaml").loss
     return f"{loss.name}" + (f" (alpha {loss.alpha})" if loss.name == "pdl" else "")
 

@@ -4,7 +4,7 @@
 # Each run writes to $RUNS/<grid>/<config>-s<seed> (RUNS default: runs); set LAUNCHER (default: deepspeed) for
 # other launchers and PYTHON (default: .venv/bin/python) for another interpreter. Runs whose result.json says
 # complete are skipped, the others resume: after an interruption, run the same command again (exit 75 means
-# "not finished yet"). Delete a run's directory to run it again from scratch.
+# "not finished yet"). Delete a run's directory to run it again from scratch. REPORT=0 skips the comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # SIGTERM (a scheduler, `timeout`) reaches the running trainer too, which saves a checkpoint and stops; the trap
@@ -25,4 +25,5 @@ for cfg in "$dir"/*.yaml; do
     grep -q '"complete": true' "$run/result.json" || { echo "$run did not finish; run the grid again to resume"; exit 75; }
   done
 done
-${PYTHON:-.venv/bin/python} scripts/compare_runs.py "${runs[@]}" --out "${RUNS:-runs}/$grid/report"
+# REPORT=0: the caller writes the report (the study drivers compare several grids in their own way)
+[ "${REPORT:-1}" = 0 ] || ${PYTHON:-.venv/bin/python} scripts/compare_runs.py "${runs[@]}" --out "${RUNS:-runs}/$grid/report"
