@@ -17,8 +17,9 @@
 # --accept-other-versions   where a pinned Debian version is no longer served, build from the one that is
 # key=value ...             overrides for every run (a toy run: -- train.max_steps=4 eval.val_tokens=2000 ...)
 # Environment: RUNS (runs), STUDY_DATA (corpus: where the corpus and its derived files go), CPU_STUDY_SEEDS
-# ("0 1 2 3 4"), CPU_STUDY_LONG_SEEDS ("0 1 2"; "" skips the 4x grid), LOSSLAB_NO_SETUP=1 (the environment is
-# managed otherwise: skip scripts/setup.sh).
+# ("0 1 2 3 4"), CPU_STUDY_LONG_SEEDS ("0 1 2"; "" skips the 4x grid), CPU_STUDY_JOBS (runs side by side, one
+# thread each; default: the number of cores), LOSSLAB_NO_SETUP=1 (the environment is managed otherwise: skip
+# scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMMAND="bash scripts/cpu_study.sh $*"
@@ -61,10 +62,19 @@ fi
 # 3. the grids (run_grid.sh: finished runs skipped, the others resumed)
 data_overrides=("data.prepared=$DATA/study_8k/train" "data.tokenizer=$tok.model"
   "data.val_files=[$DATA/study_split/val.jsonl.zst]" "eval.task_dir=$DATA/study_8k/tasks")
+# A model this small uses two cores poorly: JOBS runs go side by side, one thread each, the grid's runs dealt out
+# among them (run_grid.sh SHARD=i/JOBS, each resuming on its own); the grid has finished when all jobs have.
+JOBS=${CPU_STUDY_JOBS:-$(nproc)}
+threads=$([ "$JOBS" -gt 1 ] && echo 1 || echo "${OMP_NUM_THREADS:-$(nproc)}")
 grid() {  # config directory, seeds...
-  local dir=$1; shift
-  LAUNCHER="$PY" PYTHON="$PY" RUNS="$RUNS" REPORT=0 bash scripts/run_grid.sh "$dir" "$@" -- \
-    "${data_overrides[@]}" "${OVERRIDES[@]}"
+  local dir=$1 pids=() status=0 i; shift
+  for ((i = 0; i < JOBS; i++)); do
+    OMP_NUM_THREADS=$threads SHARD=$i/$JOBS LAUNCHER="$PY" PYTHON="$PY" RUNS="$RUNS" REPORT=0 \
+      bash scripts/run_grid.sh "$dir" "$@" -- "${data_overrides[@]}" "${OVERRIDES[@]}" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  return $status
 }
 OVERRIDES=("$@")
 grid configs/experiments/cpu_study "${seeds[@]}"

@@ -87,7 +87,7 @@ done
   echo "## Greedy replies (shakespeare_dialogue)"; echo
   "$PY" scripts/generation_table.py "${runs[@]}" --task shakespeare_dialogue; echo
   echo "## Sampled replies (shakespeare_dialogue_sampled)"; echo
-  "$PY" scripts/generation_table.py "${runs[@]}" --task shakespeare_dialogue_sampled
+  "$PY" scripts/generation_table.py "${runs[@]}" --task shakespeare_dialogue_sampled --no-buckets
 } > "$out/summary.md"
 "$PY" scripts/study_record.py --out "$out" --data "$records/manifest.json" "$model/losslab_fetch.json" \
   --command "$COMMAND" --command "python scripts/generation_table.py ${runs[*]} --task TASK" "${runs[@]}"

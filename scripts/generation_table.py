@@ -15,7 +15,7 @@ import json
 COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
 
 
-def table(runs: list[str], task: str) -> str:
+def table(runs: list[str], task: str, buckets: bool = True) -> str:
     from models.checkpoint import resolve_checkpoint
 
     lines = ["| run | loss | " + " | ".join(COLUMNS) + " | documents |", "|---" * (len(COLUMNS) + 3) + "|"]
@@ -36,8 +36,8 @@ def table(runs: list[str], task: str) -> str:
     if reference is not None:
         lines.append(f"\nRarity of the reference replies: {reference:.4f} (mean -log relative training frequency).")
     lines.append("± is lm-eval's standard error over documents (none for the corpus-level distinct-n and rarity).")
-    buckets = bucket_table(runs)
-    return "\n".join(lines + (["", *buckets] if buckets else []))
+    rows = bucket_table(runs) if buckets else []
+    return "\n".join(lines + (["", *rows] if rows else []))
 
 
 BUCKET_COLUMNS = ("ppl", "high_ppl", "medium_ppl", "low_ppl", "tokens")
@@ -75,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", help="run (or checkpoint) directories")
     parser.add_argument("--task", default="shakespeare_dialogue")
+    parser.add_argument("--no-buckets", action="store_true", help="leave out the bucket perplexity table")
     args = parser.parse_args(argv)
     from models.checkpoint_files import CheckpointError
 
     try:
-        print(table(args.runs, args.task))
+        print(table(args.runs, args.task, buckets=not args.no_buckets))
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@
 # Each run writes to $RUNS/<grid>/<config>-s<seed> (RUNS default: runs); set LAUNCHER (default: deepspeed) for
 # other launchers and PYTHON (default: .venv/bin/python) for another interpreter. Runs whose result.json says
 # complete are skipped, the others resume: after an interruption, run the same command again (exit 75 means
-# "not finished yet"). Delete a run's directory to run it again from scratch. REPORT=0 skips the comparison.
+# "not finished yet"). Delete a run's directory to run it again from scratch. REPORT=0 skips the comparison;
+# SHARD=i/n runs only runs i, i+n, i+2n, ... of the grid (n jobs side by side, each with its own SHARD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # SIGTERM (a scheduler, `timeout`) reaches the running trainer too, which saves a checkpoint and stops; the trap
@@ -15,10 +16,14 @@ seeds=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do seeds+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 grid=$(basename "$dir")
 runs=()
+IFS=/ read -r shard shards <<< "${SHARD:-0/1}"  # SHARD=i/n: only every n-th run from the i-th (jobs side by side)
+k=-1
 for cfg in "$dir"/*.yaml; do
   for seed in "${seeds[@]}"; do
     run="${RUNS:-runs}/$grid/$(basename "$cfg" .yaml)-s$seed"
     runs+=("$run")
+    k=$((k + 1))
+    [ $((k % shards)) = "$shard" ] || continue
     # finished runs are skipped (result.json says so); pre-empted or interrupted ones continue where they stopped
     grep -q '"complete": true' "$run/result.json" 2>/dev/null && continue
     ${LAUNCHER:-.venv/bin/deepspeed} scripts/train.py "$cfg" "train.seed=$seed" "run.dir=$run" "wandb.group=$grid" train.resume=auto "$@"
