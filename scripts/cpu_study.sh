@@ -7,9 +7,9 @@
 #      focal and MiLe x 3 seeds at 4x the tokens (configs/experiments/cpu_study_4x/);
 #   4. the reports (runs/cpu_study/report, runs/cpu_study_4x/report; --publish writes them to
 #      docs/results/cpu-study/ and docs/results/cpu-study/longer/), each with provenance.md: commit, commands, corpus.
-# About 2.5 hours on 2 cores (docs/results/cpu-study/README.md). A stopped grid resumes where it stopped: run the
-# same command again (finished runs are skipped, interrupted ones continue from their last checkpoint; exit 75
-# means "not finished yet").
+# About 70 minutes on an idle 2-core machine (2 core-hours; docs/benchmarks.md, 2026-12-06). A stopped grid resumes
+# where it stopped: run the same command again (finished runs are skipped, interrupted ones continue from their
+# last checkpoint; exit 75 means "not finished yet").
 #
 #   bash scripts/cpu_study.sh [--accept-changed-corpus] [--accept-other-versions] [--publish] [-- key=value ...]
 #

@@ -7,15 +7,16 @@
 #   3. the model before fine-tuning, evaluated exactly as the runs' final checkpoints are (same tasks, prompts,
 #      held-out replies and training counts): runs/finetune_study/base;
 #   4. the report (runs/finetune_study/report; --publish writes it to docs/results/finetune/) with provenance.md.
-# About 5 hours on 2 cores (docs/results/finetune/README.md). A stopped grid resumes where it stopped: run the same
-# command again (finished runs are skipped, interrupted ones continue from their last checkpoint; exit 75 means
-# "not finished yet").
+# About 3.3 hours on an idle 2-core machine (6.5 core-hours; docs/benchmarks.md, 2026-12-06). A stopped grid resumes
+# where it stopped: run the same command again (finished runs are skipped, interrupted ones continue from their
+# last checkpoint; exit 75 means "not finished yet").
 #
 #   bash scripts/finetune_study.sh [--publish] [-- key=value ...]
 #
 # key=value ...   overrides for every run (a toy run: -- train.max_steps=2 eval.limit=4 eval.val_tokens=500 ...)
 # Environment: RUNS (runs), STUDY_DATA (corpus: where the model and the records go), FINETUNE_STUDY_SEEDS
-# ("0 1 2"), LOSSLAB_NO_SETUP=1 (the environment is managed otherwise: skip scripts/setup.sh).
+# ("0 1 2"), FINETUNE_STUDY_JOBS (runs side by side, one thread each; default: the cores, at most one per 6 GiB of
+# free memory), LOSSLAB_NO_SETUP=1 (the environment is managed otherwise: skip scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMMAND="bash scripts/finetune_study.sh $*"
@@ -46,10 +47,23 @@ records=$DATA/dialogue_study
 "$PY" scripts/fetch_smollm2.py --out "$model"
 "$PY" scripts/build_dialogue_data.py --out "$records" --task-docs 240
 
-# 2. the grid (run_grid.sh: finished runs skipped, the others resumed)
-LAUNCHER="$PY" PYTHON="$PY" RUNS="$RUNS" REPORT=0 bash scripts/run_grid.sh "configs/experiments/$grid" "${seeds[@]}" -- \
-  "model.init_from=$model" "data.tokenizer=$model" "data.sft_files=[$records/train.jsonl]" \
-  "data.val_files=[$records/val.jsonl]" "eval.task_dir=$records/tasks" "$@"
+# 2. the grid (run_grid.sh: finished runs skipped, the others resumed). JOBS runs side by side, one thread each,
+# the runs dealt out among them (run_grid.sh SHARD=i/JOBS): as many as there are cores and 6 GiB of free memory for
+# (a run peaks at 4.8 GiB); one job uses every core.
+free_gib=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 0)
+JOBS=${FINETUNE_STUDY_JOBS:-$(( $(nproc) < free_gib / 6 ? $(nproc) : (free_gib / 6 > 0 ? free_gib / 6 : 1) ))}
+threads=$([ "$JOBS" -gt 1 ] && echo 1 || echo "$OMP_NUM_THREADS")
+pids=()
+status=0
+for ((i = 0; i < JOBS; i++)); do
+  OMP_NUM_THREADS=$threads SHARD=$i/$JOBS LAUNCHER="$PY" PYTHON="$PY" RUNS="$RUNS" REPORT=0 \
+    bash scripts/run_grid.sh "configs/experiments/$grid" "${seeds[@]}" -- \
+    "model.init_from=$model" "data.tokenizer=$model" "data.sft_files=[$records/train.jsonl]" \
+    "data.val_files=[$records/val.jsonl]" "eval.task_dir=$records/tasks" "$@" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+[ $status = 0 ] || exit $status
 
 # 3. the model before fine-tuning: its weights as a checkpoint, the training counts of the runs (the same data and
 # counting settings in every run: rarity and frequency buckets are defined by them), evaluated with the settings
