@@ -5,8 +5,9 @@
   worker and with one worker per core, in MB of text per second;
 - loader: batches per second from the prepared memmap (``MemmapSource``), in tokens per second.
 
-    python scripts/bench_data.py --files '../shared/corpora/*.jsonl.zst' \
-        --tokenizer ../shared/tokenizers/llama-style-32k-bpe.model
+    python scripts/build_study_corpus.py --out corpus/study && python scripts/fetch_study_tokenizer.py
+    python scripts/bench_data.py --files 'corpus/study/*.jsonl.zst' \
+        --tokenizer corpus/tokenizers/llama-style-32k-bpe.model
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def prefix(texts: list[str], max_bytes: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", nargs="+", default=["../shared/corpora/*.jsonl.zst"])
-    parser.add_argument("--tokenizer", default="../shared/tokenizers/llama-style-32k-bpe.model")
+    parser.add_argument("--files", nargs="+", default=["corpus/study/*.jsonl.zst"])
+    parser.add_argument("--tokenizer", default="corpus/tokenizers/llama-style-32k-bpe.model")
     parser.add_argument("--raw-bytes", type=int, default=0, help="text bytes for the raw-encode baseline (0: all)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)

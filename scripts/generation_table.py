@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="shakespeare_dialogue")
     parser.add_argument("--baseline", default="", help="the model before fine-tuning (a checkpoint or run), first row")
     parser.add_argument("--reference", default="", help="the row the differences are against (default: first run)")
+    parser.add_argument("--no-buckets", action="store_true", help="leave out the held-out perplexity bucket table")
     args = parser.parse_args(argv)
     from models.checkpoint_files import CheckpointError
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if reference not in names:
             return fail(f"--reference {reference!r} is not one of the rows {names}")
         lines = table(rows, reference, args.task)
-        buckets = bucket_table(rows, reference)
+        buckets = [] if args.no_buckets else bucket_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         return fail(e)
     print("\n".join(lines + (["", *buckets] if buckets else [])))

@@ -1,13 +1,13 @@
 """Split Pile-format shards into a training and a held-out set with every domain on both sides:
-``python scripts/split_corpus.py --files ../shared/corpora/*.jsonl.zst --out corpus/cpu_study --fraction 0.02``.
+``python scripts/split_corpus.py --files corpus/study/*.jsonl.zst --out corpus/study_split --fraction 0.03``.
 
-Some corpora are sharded by source (``../shared/corpora``: one shard is only WordNet glosses), so holding out a
-whole shard would leave most domains (``meta.pile_set_name``) without held-out text. Here a document is held out
-when the hash of its text falls below ``--fraction``, and in each domain at least ``--min-docs`` documents are
-(the ones with the smallest hashes; a domain of one document stays in training): the split depends on the text
-alone, not on file order, and is the same on every machine. Training documents are written in hash order
-(domains interleaved). Writes ``train.jsonl.zst``, ``val.jsonl.zst`` and ``manifest.json`` (documents and
-bytes per domain and split, the sha256 of every input). Records without text are skipped and counted; an
+Some corpora are sharded by source (the study corpus, ``scripts/build_study_corpus.py``, has one shard a domain),
+so holding out a whole shard would leave most domains (``meta.pile_set_name``) without held-out text. Here a
+document is held out when the hash of its text falls below ``--fraction``, and in each domain at least
+``--min-docs`` documents are (the ones with the smallest hashes; a domain of one document stays in training): the
+split depends on the text alone, not on file order, and is the same on every machine. Training documents are
+written in hash order (domains interleaved). Writes ``train.jsonl.zst``, ``val.jsonl.zst`` and ``manifest.json``
+(documents and bytes per domain and split, the sha256 of every input). Records without text are skipped and counted; an
 unreadable file is one error line, exit 2. Idempotent: an existing split of the same inputs and settings is
 reused.
 """

@@ -1,4 +1,4 @@
-"""scripts/split_corpus.py, run as a user runs it, on shards sharded by source (the shape of ../shared/corpora)."""
+"""scripts/split_corpus.py, run as a user runs it, on shards sharded by source (the shape of the study corpus)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def doc(domain: str, i: int) -> dict:
 
 
 def test_every_domain_is_held_out_from_and_the_split_is_stable(tmp_path):
-    # one shard per source, as ../shared/corpora: holding out a shard would hold out one domain only
+    # one shard per source, as the study corpus: holding out a shard would hold out one domain only
     write_shard(tmp_path / "a.jsonl.zst", [doc("alpha", i) for i in range(200)] + [{"text": ""}, {"meta": {}}])
     write_shard(tmp_path / "b.jsonl.zst", [doc("beta", i) for i in range(30)])
     write_shard(tmp_path / "c.jsonl.zst", [doc("gamma", 0)])  # one document: it stays in training

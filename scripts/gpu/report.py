@@ -21,24 +21,11 @@ import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from losslab.log import fail
 
-# The anchors, copied from ../shared/ANCHORS.md ("Measured on the lent H100 (NVIDIA H100 80GB HBM3, torch 2.11 +
-# cu130, transformers 5.17), 2026-11-22"), so this script runs where ../shared is not (the device, CI).
-ANCHOR_SOURCE = "../shared/ANCHORS.md: H100 80GB HBM3, torch 2.11 + cu130, transformers 5.17, 2026-11-22"
-ANCHORS = {
-    # Liger Kernel 0.8.5 LigerFusedLinearCrossEntropyLoss (plain CE), 16384 tokens, d 1024, vocab 50304, fwd+bwd
-    "liger_ce": {"ms": 11.7, "gib": 0.33},
-    "naive_ce": {"ms": 20.7, "gib": 12.4},  # F.cross_entropy on materialised fp32 logits
-    "naive_mile": {"ms": 27.2, "gib": 15.4},  # entropy-weighted on materialised logits
-    # the MiLe paper's 468M shapes, seq 1024, micro-batch 32, torch.compile: tokens/s and MFU
-    "hf_compiled_468m": {
-        "llama": {"tokens_per_s": 133.5e3, "mfu": 0.42},
-        "neox": {"tokens_per_s": 132.7e3, "mfu": 0.42},
-    },
-    # HF Llama 1.2B (16 x 2048), seq 1024, micro-batch 16, torch.compile
-    "hf_compiled_1.2b": {"tokens_per_s": 63.2e3, "mfu": 0.49},
-    # HF Llama 6.7B + DeepSpeed ZeRO-3 optimizer offload, one GPU, micro-batch 8 x 2048
-    "ds_6.7b_offload": {"s_per_step": 7.0, "tokens_per_s": 2.3e3, "host_gib": 121},
-}
+# The anchors (docs/anchors.md says how they were measured), read from the repository so that this script runs
+# wherever the checkout is (the device, CI).
+_ANCHOR_FILE = json.loads((Path(__file__).resolve().parent / "anchors.json").read_text())
+ANCHOR_SOURCE = _ANCHOR_FILE["source"]
+ANCHORS = {k: v for k, v in _ANCHOR_FILE.items() if k != "source"}
 # Targets of issues #3, #5, #7 (docs/benchmarks.md), unchanged by #20.
 TARGETS = {
     "fused_vs_liger": 1.0,

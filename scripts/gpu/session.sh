@@ -21,21 +21,22 @@ install_wheels() {  # .whl (training) and .whl-eval (lm-eval), each once per mac
   done
 }
 
-# The configs name ../shared (beside the checkout); the device tool carries it as .carry/shared instead, so
-# every command below names the data explicitly.
-SHARED=../shared; [ -d .carry/shared ] && SHARED=$PWD/.carry/shared
-TOKENIZER=$SHARED/tokenizers/llama-style-32k-bpe.model
+# The data the configs name under corpus/ (the study corpus and the 32k tokenizer, built here by
+# scripts/gpu/pack.sh: the device reaches no package server) travel as .carry/data, so every command below names
+# the data explicitly.
+DATA=corpus; [ -d .carry/data ] && DATA=$PWD/.carry/data
+TOKENIZER=$DATA/tokenizers/llama-style-32k-bpe.model
 
 unpack_eval_data() {
   if [ -f .carry/eval_data.tar.gz ] && [ ! -d eval_data ]; then tar -xzf .carry/eval_data.tar.gz; fi
 }
 
-train_shards() { ls "$SHARED"/corpora/debian_text_00[01].jsonl.zst 2>/dev/null; }
+train_shards() { ls "$DATA"/study/*.jsonl.zst 2>/dev/null; }
 
 prepare_bench_corpus() {  # whichever training shards were carried; benchmarks only need real tokens
   [ -f corpus/bench_32k/manifest.json ] && return 0
   local shards; shards=$(train_shards)
-  [ -n "$shards" ] || { echo "no corpora/debian_text_00[01] shard carried under $SHARED"; return 1; }
+  [ -n "$shards" ] || { echo "no study corpus shard carried under $DATA/study"; return 1; }
   $PY scripts/prepare_data.py --files $shards --tokenizer "$TOKENIZER" --out corpus/bench_32k --workers "$(nproc)"
 }
 
@@ -96,14 +97,16 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
         && cp runs/bench/468m/checkpoints/step_*/eval_results.json "$OUT/eval468_results.json"
       ;;
     grid)  # the small grid of issue #9 (long: see scripts/gpu/README.md); resumable, re-run to continue
-      [ "$(train_shards | wc -l)" = 2 ] || { echo "the grid needs both training shards carried"; return 1; }
-      [ -f corpus/shared_32k/manifest.json ] || $PY scripts/prepare_data.py --files $(train_shards) \
-        --tokenizer "$TOKENIZER" --out corpus/shared_32k --workers "$(nproc)"
+      [ -n "$(train_shards)" ] || { echo "the grid needs the study corpus carried (.carry/data/study)"; return 1; }
+      $PY scripts/split_corpus.py --files $(train_shards) --out corpus/study_split --fraction 0.03 --min-docs 6 \
+        && { [ -f corpus/study_32k/manifest.json ] || $PY scripts/prepare_data.py \
+          --files corpus/study_split/train.jsonl.zst --tokenizer "$TOKENIZER" --out corpus/study_32k \
+          --workers "$(nproc)"; } || return 1
       # SIGTERM before the device's own limit: the current run saves a checkpoint, the next call resumes it.
       # W&B is not on the GPU image (metrics.jsonl holds everything the report needs).
       LAUNCHER=$PY PYTHON=$PY timeout -s TERM "${TRAIN_BUDGET:-540}" \
         bash scripts/run_grid.sh configs/experiments/small 0 1 -- "data.tokenizer=$TOKENIZER" \
-        "data.val_files=[$SHARED/corpora/debian_text_002.jsonl.zst]" wandb.mode=disabled ${EXTRA:-} \
+        wandb.mode=disabled ${EXTRA:-} \
         && tar -czf "$OUT/small_report.tar.gz" -C runs/small report
       ;;
     *) echo "unknown stage $1"; return 2 ;;

@@ -25,7 +25,7 @@
 # LOSS_V (16384 1024 50304 / 64 16 300), MODEL_PRESET MODEL_SEQ MODEL_BATCH MODEL_MODES (468m 1024 32 compiled /
 # debug 32 2 eager), HF_SEQ HF_BATCH HF_STEPS HF_PRECISION HF_SHAPE (1024 8 5 bf16 SmolLM2-135M / 16 2 1 fp32 a
 # one-layer toy), BIG_PRESET BIG_BATCH (1.2b 16 / debug 2), SCALE_OVERRIDES. Data for the scale stage:
-# VALIDATE_SHARD, VALIDATE_TOKENIZER (default: .carry/shared or ../shared). Wheels: VALIDATE_WHEELS (.whl; none
+# VALIDATE_SHARD, VALIDATE_TOKENIZER (default: under .carry/data, else corpus/). Wheels: VALIDATE_WHEELS (.whl; none
 # with --toy), installed into VALIDATE_SITE (/tmp/losslab-site); scratch run directories under VALIDATE_WORK.
 set -uo pipefail
 TOY=${VALIDATE_TOY:-0}
@@ -43,9 +43,9 @@ STAGES=" ${VALIDATE_STAGES:-setup kernels tests loss model hf big scale} "
 TOTAL=${VALIDATE_BUDGET:-350}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
-SHARED=../shared; [ -d .carry/shared ] && SHARED=$PWD/.carry/shared
-SHARD=${VALIDATE_SHARD:-$SHARED/corpora/debian_text_000.jsonl.zst}
-TOKENIZER=${VALIDATE_TOKENIZER:-$SHARED/tokenizers/llama-style-32k-bpe.model}
+DATA=corpus; [ -d .carry/data ] && DATA=$PWD/.carry/data  # scripts/gpu/pack.sh builds it here
+SHARD=${VALIDATE_SHARD:-$DATA/study/anarchist_faq.jsonl.zst}
+TOKENIZER=${VALIDATE_TOKENIZER:-$DATA/tokenizers/llama-style-32k-bpe.model}
 
 if [ "$TOY" = 1 ]; then  # every stage at toy sizes on the CPU: checks the script, measures nothing
   DEVICE=cpu
@@ -171,7 +171,7 @@ scale() {  # the trainer's whole step (DeepSpeed ZeRO-3, optimizer offload), SIG
   # would make it save a pre-emption checkpoint), then summarised from what it logged
   local dir=$WORK/scale_6.7b rc
   if [ ! -f "$SHARD" ] || [ ! -f "$TOKENIZER" ]; then
-    echo "no training shard or tokenizer ($SHARD, $TOKENIZER): carry .carry/shared (scripts/gpu/README.md)"
+    echo "no training shard or tokenizer ($SHARD, $TOKENIZER): carry .carry/data (scripts/gpu/README.md)"
     printf '{"steps": 0, "skipped": "no training shard or tokenizer carried"}\n' > "$OUT/scale_6.7b.json"
     return 1
   fi
