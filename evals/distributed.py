@@ -11,6 +11,7 @@ balanced by length (the longest requests are dealt out in turn)."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,13 +48,15 @@ class SharedLM(LosslabLM):
     seeds). ``lockstep``: the model's forward passes are collectives (ZeRO-3 gathers each layer's weights from
     every rank), so a rank whose share is done runs one-token passes, paired with the others' real ones, until
     every rank is done — each pass is preceded by a one-integer all-reduce saying whether any rank still has work.
-    ``requests``: per request type, how many requests each rank scored."""
+    ``requests``: per request type, how many requests each rank scored; ``seconds``: how long each rank took
+    over its shares (until it had scored them, before waiting for the others)."""
 
     def __init__(self, *args: Any, lockstep: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.share_rank, self.share_world = world()
         self.lockstep = lockstep
         self.requests: dict[str, list[int]] = {}
+        self.seconds = [0.0] * self.share_world
 
     def _any(self, mine: bool) -> bool:
         flag = torch.tensor([int(mine)], device=self._device)  # on the device: NCCL reduces device tensors only
@@ -77,16 +80,19 @@ class SharedLM(LosslabLM):
 
     def _shared(self, kind: str, requests: list[Any], score: Callable[[list[Any], list[int]], list[Any]]) -> list:
         mine = deal([_size(r) for r in requests], self.share_rank, self.share_world)
+        started = time.perf_counter()
         local = score([requests[i] for i in mine], mine)
+        busy = time.perf_counter() - started
         self._drain()
         parts: list[Any] = [None] * self.share_world
-        dist.all_gather_object(parts, (mine, local))
+        dist.all_gather_object(parts, (mine, local, busy))
         out: list[Any] = [None] * len(requests)
-        for indices, results in parts:
+        for r, (indices, results, seconds) in enumerate(parts):
+            self.seconds[r] += seconds
             for i, result in zip(indices, results, strict=True):
                 out[i] = result
         counts = self.requests.setdefault(kind, [0] * self.share_world)
-        for r, (indices, _) in enumerate(parts):
+        for r, (indices, *_) in enumerate(parts):
             counts[r] += len(indices)
         return out
 
