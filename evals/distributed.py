@@ -49,7 +49,8 @@ class SharedLM(LosslabLM):
     every rank), so a rank whose share is done runs one-token passes, paired with the others' real ones, until
     every rank is done — each pass is preceded by a one-integer all-reduce saying whether any rank still has work.
     ``requests``: per request type, how many requests each rank scored; ``seconds``: how long each rank took
-    over its shares (until it had scored them, before waiting for the others)."""
+    over its shares (until it had scored them, before waiting for the others), ``cpu_seconds``: the CPU time its
+    process spent meanwhile (the work itself, where the ranks compete for a machine's cores)."""
 
     def __init__(self, *args: Any, lockstep: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +58,7 @@ class SharedLM(LosslabLM):
         self.lockstep = lockstep
         self.requests: dict[str, list[int]] = {}
         self.seconds = [0.0] * self.share_world
+        self.cpu_seconds = [0.0] * self.share_world
 
     def _any(self, mine: bool) -> bool:
         flag = torch.tensor([int(mine)], device=self._device)  # on the device: NCCL reduces device tensors only
@@ -80,15 +82,16 @@ class SharedLM(LosslabLM):
 
     def _shared(self, kind: str, requests: list[Any], score: Callable[[list[Any], list[int]], list[Any]]) -> list:
         mine = deal([_size(r) for r in requests], self.share_rank, self.share_world)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         local = score([requests[i] for i in mine], mine)
-        busy = time.perf_counter() - started
+        busy = (time.perf_counter() - started, time.process_time() - cpu)
         self._drain()
         parts: list[Any] = [None] * self.share_world
         dist.all_gather_object(parts, (mine, local, busy))
         out: list[Any] = [None] * len(requests)
-        for r, (indices, results, seconds) in enumerate(parts):
+        for r, (indices, results, (seconds, cpu_seconds)) in enumerate(parts):
             self.seconds[r] += seconds
+            self.cpu_seconds[r] += cpu_seconds
             for i, result in zip(indices, results, strict=True):
                 out[i] = result
         counts = self.requests.setdefault(kind, [0] * self.share_world)

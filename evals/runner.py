@@ -231,7 +231,8 @@ def evaluate_checkpoint(
         "seconds": round(time.perf_counter() - started, 3),
     }
     if shared:  # how the work was shared: requests of each type scored by each rank
-        summary["shared"] = {"world_size": world()[1], "requests": lm.requests, "seconds": lm.seconds}
+        summary["shared"] = {"world_size": world()[1], "requests": lm.requests, "seconds": lm.seconds,
+                             "cpu_seconds": lm.cpu_seconds}  # fmt: skip
         if world()[0] != 0:
             return summary
     (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))

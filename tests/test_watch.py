@@ -75,3 +75,13 @@ def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the
     while not any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams) and time.monotonic() < deadline:
         time.sleep(0.5)  # W&B's service process writes the stream on its own
     assert len(streams) >= 2 and any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams)
+
+
+def test_watcher_refuses_a_run_directory_that_cannot_appear(tmp_path):
+    """A mistyped path is one line and exit 2, not a wait for a run that will never start."""
+    missing = tmp_path / "no_such_dir" / "run"
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--watch", str(missing), "--tasks", "toy_mc"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = f"error: {missing}: its parent directory {missing.parent} does not exist"
+    assert proc.stderr.strip().splitlines() == [expected]
