@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from data.files import write_atomic
 from evals.buckets import bucket_metrics, document_losses, frequency_buckets, per_token_loss
 from evals.generation import rarity_metrics
 from evals.heldout import (
@@ -235,12 +236,13 @@ def evaluate_checkpoint(
                              "cpu_seconds": lm.cpu_seconds}  # fmt: skip
         if world()[0] != 0:
             return summary
-    (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    # replaced whole (a reader, or a watcher killed mid-write, never sees half a file): evals/watch.py
+    write_atomic(ckpt / RESULTS_FILE, json.dumps(summary, indent=2, default=str))
     if per_document:
-        (ckpt / SAMPLES_FILE).write_text(json.dumps(per_document) + "\n")
+        write_atomic(ckpt / SAMPLES_FILE, json.dumps(per_document) + "\n")
     if held_out is not None:
         held_out["step"] = meta.get("step")  # a later evaluation of another checkpoint cannot be mistaken for it
-        (ckpt / HELD_OUT_FILE).write_text(json.dumps(held_out) + "\n")
+        write_atomic(ckpt / HELD_OUT_FILE, json.dumps(held_out) + "\n")
     return summary
 
 
