@@ -119,6 +119,18 @@ def mark_done(run_dir: Path, ckpt: Path, summary: dict[str, Any]) -> None:
     write_atomic(_marker(run_dir, ckpt), json.dumps(record) + "\n")
 
 
+def stopped_early(run_dir: Path) -> str:
+    """What ``result.json`` says of a launch that stopped before the run's last step ("" when it says nothing of
+    the kind): the run may be resumed, so the watcher waits on."""
+    try:
+        result = json.loads((run_dir / RESULT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    if result.get("complete"):
+        return ""
+    return f"stopped at step {result.get('steps')}" + (f" ({result['error']})" if result.get("error") else "")
+
+
 def finished(run_dir: Path) -> bool:
     """The run's ``result.json`` says it trained to its last step (a pre-empted or failed launch may resume)."""
     try:
@@ -204,7 +216,7 @@ def watch(run_dir: Path, settings: WatchSettings) -> int:
     log.info(f"watching {run_dir}: tasks {','.join(settings.tasks) or '-'}, held-out files {len(settings.val_files)}")
     wandb_run: WandbEval | None = None
     wandb_opened = False  # once a checkpoint exists: by then the training run has written its W&B run id
-    evaluated, passed_over, waiting = 0, set(), False
+    evaluated, passed_over, waiting, said = 0, set(), False, ""
     try:
         while True:
             ended = finished(run_dir)  # read first: a finished run has committed every checkpoint already
@@ -216,6 +228,9 @@ def watch(run_dir: Path, settings: WatchSettings) -> int:
             if not todo:
                 if not waiting:
                     log.info(f"{run_dir}: waiting for checkpoints (looking every {settings.interval:g}s)")
+                if (stop := stopped_early(run_dir)) and stop != said:
+                    log.info(f"{run_dir}: the run {stop}; waiting for it to be resumed (Ctrl-C to stop watching)")
+                said = stop
                 waiting = True
                 time.sleep(settings.interval)
                 continue
