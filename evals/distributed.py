@@ -53,7 +53,7 @@ class SharedLM(LosslabLM):
     process spent meanwhile (the work itself, where the ranks compete for a machine's cores)."""
 
     def __init__(self, *args: Any, lockstep: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, move=False, **kwargs)  # the training model, on the device it trains on
         self.share_rank, self.share_world = world()
         self.lockstep = lockstep
         self.requests: dict[str, list[int]] = {}

@@ -48,7 +48,7 @@ class LosslabLM(TemplateLM):
     """``precision``: see ``uses_bf16``; with bf16 the forward runs under autocast and log-probabilities are still
     computed in fp32. ``kv_cache``: generation
     caches keys and values (one token per step) where the context window allows; False re-reads the window
-    every step (the reference the cached path is tested against)."""
+    every step (the reference the cached path is tested against). ``move``: put the model on ``device`` first."""
 
     def __init__(
         self,
@@ -59,9 +59,11 @@ class LosslabLM(TemplateLM):
         device: str = "cpu",
         precision: str = "auto",
         kv_cache: bool = True,
+        move: bool = True,
     ) -> None:
         super().__init__()
-        self.model = model.to(device).eval()
+        # move=False: a model in training's hands (ZeRO-3 placeholders, offloaded weights) stays where it is
+        self.model = (model.to(device) if move else model).eval()
         self.tok = tokenizer
         self.batch_size = batch_size
         self._device = torch.device(device)
