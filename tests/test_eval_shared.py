@@ -1,6 +1,7 @@
 """In-loop evaluation shared by every rank (evals/distributed.py): two gloo ranks under the deepspeed launcher,
-ZeRO-3 (each rank holds a shard of the weights; the forward passes gather them), score a log-likelihood and a
-generation task and the held-out buckets exactly as one process scoring the same checkpoint alone."""
+ZeRO-3 (each rank holds a shard of the weights; the forward passes gather them; the head reads the tied embedding,
+which ZeRO-3 gathers as an external parameter), score a log-likelihood and a generation task and the held-out
+buckets exactly as one process scoring the same checkpoint alone."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_two_ranks_share_the_in_loop_evaluation_and_score_as_one(corpus, tmp_pat
     run_dir = tmp_path / "eval2"
     extra = {"train.max_steps": 4, "checkpoint.every": 2, "eval.every_checkpoint": True,
              "eval.tasks": "[toy_mc,toy_gen]", "eval.task_dir": str(tasks), "eval.batch_size": 4,
-             "distributed.zero_stage": 3, "loss.name": "mile"}  # fmt: skip
+             "distributed.zero_stage": 3, "loss.name": "mile", "model.tie_embeddings": True}  # fmt: skip
     proc = launch(2, common(corpus, run_dir, **extra), launcher="deepspeed", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
