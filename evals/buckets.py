@@ -45,10 +45,10 @@ def per_token_loss(model: GPT, windows: Tensor, batch_size: int = 8) -> tuple[Te
     losses, targets = [], []
     for s in range(0, len(windows), batch_size):
         batch = windows[s : s + batch_size].to(device)
-        hidden = model(batch[:, :-1])
-        weight = model.head.weight[: model.cfg.vocab_size]
-        y = batch[:, 1:].reshape(-1)
-        ce = paths.token_ce(hidden.reshape(-1, hidden.shape[-1]), weight, y)
+        hidden = model(batch[:, :-1])  # [b, T, d]
+        y = batch[:, 1:].reshape(-1)  # [b * T]
+        # inside the head's forward (its weight's real-vocabulary rows): ZeRO-3 gathers the weight there
+        ce = model.head(hidden.reshape(-1, hidden.shape[-1]), lambda h, w, y=y: paths.token_ce(h, w, y))  # [b * T]
         losses.append(ce.float().cpu())
         targets.append(y.cpu())
     return torch.cat(losses), torch.cat(targets)

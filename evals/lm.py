@@ -48,7 +48,7 @@ class LosslabLM(TemplateLM):
     """``precision``: see ``uses_bf16``; with bf16 the forward runs under autocast and log-probabilities are still
     computed in fp32. ``kv_cache``: generation
     caches keys and values (one token per step) where the context window allows; False re-reads the window
-    every step (the reference the cached path is tested against)."""
+    every step (the reference the cached path is tested against). ``move``: put the model on ``device`` first."""
 
     def __init__(
         self,
@@ -59,15 +59,21 @@ class LosslabLM(TemplateLM):
         device: str = "cpu",
         precision: str = "auto",
         kv_cache: bool = True,
+        move: bool = True,
     ) -> None:
         super().__init__()
-        self.model = model.to(device).eval()
+        # move=False: a model in training's hands (ZeRO-3 placeholders, offloaded weights) stays where it is
+        self.model = (model.to(device) if move else model).eval()
         self.tok = tokenizer
         self.batch_size = batch_size
         self._device = torch.device(device)
         self.max_length = model.cfg.max_seq_len
         self._bf16 = uses_bf16(precision, self._device)
         self.kv_cache = kv_cache
+
+    def _before_forward(self) -> None:
+        """Called before each forward pass (the trunk, then the head): a no-op here; a share of a distributed
+        evaluation under ZeRO-3 keeps the ranks' passes paired (``evals/distributed.py``)."""
 
     def _autocast(self):
         return torch.autocast(self._device.type, dtype=torch.bfloat16) if self._bf16 else nullcontext()
@@ -91,6 +97,7 @@ class LosslabLM(TemplateLM):
         ids = torch.full((len(inputs), T), self.tok.eos_id, dtype=torch.long)
         for i, x in enumerate(inputs):
             ids[i, : len(x)] = torch.tensor(x)
+        self._before_forward()
         with self._autocast():
             hidden = self.model(ids.to(self._device))  # [B, T, d]
             # the continuation's predictions: rows len(x) - n .. len(x) - 1 of each sequence
@@ -141,15 +148,19 @@ class LosslabLM(TemplateLM):
             out.append(sum(s for s, _ in scores))
         return out
 
-    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        return self._generate(requests, range(len(requests)), disable_tqdm)
+
+    @torch.no_grad()
+    def _generate(self, requests, indices, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding, or with ``do_sample`` (and ``temperature``, default 1) sampling seeded per request:
-        ``seed`` (default 0) and the request's index in the call fix each request's generator, so a sample does
-        not depend on how requests were batched. Batched without padding: prompts of the same length in tokens
+        ``seed`` (default 0) and the request's index in the call (``indices``: in the whole call when this is a
+        rank's share of it) fix each request's generator, so a sample does not depend on how requests were
+        batched or shared out. Batched without padding: prompts of the same length in tokens
         decode together, so every row of a batch grows by one token a step (the model takes no attention mask).
         A row stops at end-of-text, at a stop sequence or at its ``max_gen_toks``, and leaves the batch."""
         gens = []
-        for index, req in enumerate(requests):
+        for index, req in zip(indices, requests, strict=True):
             context, gen_kwargs = req.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -188,6 +199,7 @@ class LosslabLM(TemplateLM):
                 window = torch.tensor([[g.tokens[-1]] for g in active], device=self._device)  # [B, 1]
             else:
                 window = torch.tensor([(g.prompt + g.tokens)[-self.max_length :] for g in active], device=self._device)
+            self._before_forward()
             with self._autocast():
                 last = self.model.head(self.model(window, cache)[:, -1])  # [B, V]: next-token logits only
             keep = []

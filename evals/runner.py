@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data.files import write_atomic
 from evals.buckets import bucket_metrics, document_losses, frequency_buckets, per_token_loss
 from evals.generation import rarity_metrics
 from evals.heldout import (
@@ -24,7 +26,7 @@ from evals.heldout import (
 )
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
-from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model
+from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model, resolve_checkpoint
 from models.checkpoint_files import load_json, load_safetensors
 
 RESULTS_FILE = "eval_results.json"
@@ -71,7 +73,7 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
 
 
 def run_buckets(
-    model: Any, ckpt: Path, held: HeldOutSet, inputs: HeldOut, batch_size: int
+    model: Any, ckpt: Path, held: HeldOutSet, inputs: HeldOut, batch_size: int, shared: bool = False
 ) -> tuple[dict[str, float], dict[str, list[Any]]]:
     """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses`` with each document's
     key, hash and domain) over the held-out set ``held`` (``inputs``: its windows)."""
@@ -79,7 +81,12 @@ def run_buckets(
     if not counts_file.is_file():
         raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
     counts = load_safetensors(counts_file)["token_counts"]
-    loss, targets = per_token_loss(model, inputs.windows, batch_size=batch_size)  # [n * seq_len] each
+    if shared:  # every rank scores a block of the windows (evals/distributed.py)
+        from evals.distributed import shared_per_token_loss
+
+        loss, targets, _ = shared_per_token_loss(model, inputs.windows, batch_size)
+    else:
+        loss, targets = per_token_loss(model, inputs.windows, batch_size=batch_size)  # [n * seq_len] each
     document = inputs.document[:, 1:].reshape(-1)
     if inputs.scored is not None:  # only the tokens that carry loss in training, never padding
         keep = inputs.scored[:, 1:].reshape(-1)
@@ -141,6 +148,9 @@ def evaluate_checkpoint(
     precision: str = "auto",
     val_sample: SampleSpec | None = None,
     held_out_set_file: str | Path | None = None,
+    model: Any = None,
+    shared: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
     lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
@@ -153,6 +163,12 @@ def evaluate_checkpoint(
     imported, so nothing reaches for the hub. ``precision`` ``auto`` evaluates in bf16 on CUDA (weights as
     trained, half the memory of fp32 beside a training run) and fp32 elsewhere. Returns the summary written to
     ``eval_results.json``.
+
+    In a training run (``trainer/callbacks.py``): ``model`` is the model in memory (the engine's module, whose
+    weights are the checkpoint's), evaluated as it is rather than loaded again; ``shared``: every rank of the
+    process group calls this together, scores its share of the requests and held-out windows and receives all
+    the results (``evals/distributed.py``); rank 0 writes the files; ``lockstep``: the model is partitioned
+    (ZeRO-3), its forward passes are collectives that the ranks must enter together.
     """
     if not tasks and not val_files:
         raise ValueError("nothing to evaluate: give tasks and/or held-out files")
@@ -162,10 +178,20 @@ def evaluate_checkpoint(
         os.environ["HF_HUB_OFFLINE"] = "1"
     from evals.lm import LosslabLM, uses_bf16
 
+    started = time.perf_counter()
     bf16 = uses_bf16(precision, device)  # decided here too: the weights are loaded in that dtype
-    model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if model is None:
+        model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    else:
+        ckpt = resolve_checkpoint(checkpoint)
     tokenizer = checkpoint_tokenizer(ckpt, model.cfg)
-    lm = LosslabLM(model, tokenizer, batch_size=batch_size, device=device, precision="bf16" if bf16 else "fp32")
+    lm_args = {"batch_size": batch_size, "device": device, "precision": "bf16" if bf16 else "fp32"}
+    if shared:
+        from evals.distributed import SharedLM, world
+
+        lm = SharedLM(model, tokenizer, lockstep=lockstep, **lm_args)
+    else:
+        lm = LosslabLM(model, tokenizer, **lm_args)
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     metrics: dict[str, float] = {}
     results: dict[str, Any] = {}
@@ -174,6 +200,8 @@ def evaluate_checkpoint(
     counts = load_safetensors(ckpt / COUNTS_FILE)["token_counts"] if (ckpt / COUNTS_FILE).is_file() else None
     for k in shots if tasks else []:
         raw = run_lm_eval(lm, tasks, task_dir=task_dir, num_fewshot=k, limit=limit)
+        if raw is None:  # lm-eval reports on the process of LOCAL_RANK 0 only: a shared evaluation's other ranks
+            continue
         suffix = f"@{k}shot" if k else ""
         metrics.update({f"{name}{suffix}": v for name, v in flat_metrics(raw).items()})
         if counts is not None:  # generation tasks: how rare the output's tokens are under the training counts
@@ -185,7 +213,7 @@ def evaluate_checkpoint(
     if val_files:
         held, inputs = held_out_set(ckpt, val_files, tokenizer, model.cfg.max_seq_len, val_sample, val_tokens,
                                     val_records, held_out_set_file)  # fmt: skip
-        aggregate, per_doc = run_buckets(model, ckpt, held, inputs, batch_size)
+        aggregate, per_doc = run_buckets(model, ckpt, held, inputs, batch_size, shared=shared)
         metrics.update({f"bucket/{k}": v for k, v in aggregate.items()})
         held_out = {"step": None, "files": list(val_files), "set": held_out_record(held),
                     "scored": "responses" if val_records else "all tokens", **per_doc}  # fmt: skip
@@ -201,13 +229,20 @@ def evaluate_checkpoint(
         "metrics": metrics,
         "results": results,
         "n_samples": n_samples,
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    (ckpt / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if shared:  # how the work was shared: requests of each type scored by each rank
+        summary["shared"] = {"world_size": world()[1], "requests": lm.requests, "seconds": lm.seconds,
+                             "cpu_seconds": lm.cpu_seconds}  # fmt: skip
+        if world()[0] != 0:
+            return summary
+    # replaced whole (a reader, or a watcher killed mid-write, never sees half a file): evals/watch.py
+    write_atomic(ckpt / RESULTS_FILE, json.dumps(summary, indent=2, default=str))
     if per_document:
-        (ckpt / SAMPLES_FILE).write_text(json.dumps(per_document) + "\n")
+        write_atomic(ckpt / SAMPLES_FILE, json.dumps(per_document) + "\n")
     if held_out is not None:
         held_out["step"] = meta.get("step")  # a later evaluation of another checkpoint cannot be mistaken for it
-        (ckpt / HELD_OUT_FILE).write_text(json.dumps(held_out) + "\n")
+        write_atomic(ckpt / HELD_OUT_FILE, json.dumps(held_out) + "\n")
     return summary
 
 

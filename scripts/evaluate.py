@@ -1,7 +1,10 @@
 """Evaluate a checkpoint with lm-eval and/or rare-token perplexity:
 ``python scripts/evaluate.py --checkpoint RUN_OR_CKPT_DIR --tasks paper [--task-dir DIR] [--num-fewshot 0 5]
 [--val-files 'held_out/*.jsonl.zst']``. Task sets: paper, quick (evals/task_sets.py). Writes
-``eval_results.json`` next to the checkpoint."""
+``eval_results.json`` next to the checkpoint.
+
+``--watch RUN_DIR`` evaluates each of a run's checkpoints as it lands, until the run finishes (evals/watch.py);
+without ``--tasks`` it takes the run's own ``eval`` settings."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from losslab.log import fail
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (latest checkpoint)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--checkpoint", help="a checkpoint dir, or a run dir (latest checkpoint)")
+    target.add_argument("--watch", metavar="RUN_DIR", help="evaluate each checkpoint of a run as it lands")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names or sets (paper, quick)")
     parser.add_argument("--task-dir", default="", help="directory of local task YAMLs (offline use)")
     parser.add_argument("--num-fewshot", type=int, nargs="+", default=[0], help="one run per value, e.g. 0 5")
@@ -29,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     parser.add_argument("--offline", action="store_true", help="never contact the hub (implied by --task-dir)")
+    parser.add_argument("--interval", type=float, default=60.0, help="--watch: seconds between looks for checkpoints")
+    parser.add_argument("--wandb", default="", choices=["", "online", "offline", "disabled"],
+                        help="--watch: W&B mode (default: the run's wandb.mode)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.watch:
+        return _watch(args)
 
     from data.shards import DataError
     from evals.runner import RESULTS_FILE, evaluate_checkpoint
@@ -54,6 +64,29 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     print(json.dumps(summary["metrics"], indent=2))
     print(f"results: {summary['checkpoint']}/{RESULTS_FILE}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data.shards import DataError
+    from evals.watch import WatchSettings, watch
+    from models.checkpoint_files import CheckpointError
+
+    given = WatchSettings(tasks=[t for t in args.tasks.split(",") if t], task_dir=args.task_dir,
+                          num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                          device=args.device, precision=args.precision, val_files=args.val_files,
+                          val_tokens=args.val_tokens, val_records=args.val_records, interval=args.interval,
+                          wandb=args.wandb, run_eval=not args.tasks)  # fmt: skip
+    run_dir = Path(args.watch)
+    try:
+        watch(run_dir, given)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print(f"stopped: what is evaluated is recorded in {run_dir}/eval_watch; run again to go on", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -88,7 +88,9 @@ def test_compare_runs_reports_every_number_with_intervals_and_verdicts(study):
     out = tmp_path / "report"
     proc = _compare(runs, out, "--contrast", "ce:mile")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for png in ("training_curves.png", "heldout_curves.png", "differences.png", "bucket_change.png", "downstream.png"):
+    figures = ("training_curves.png", "heldout_curves.png", "differences.png", "bucket_change.png", "downstream.png",
+               "downstream_curves.png")  # fmt: skip
+    for png in figures:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     md, table = (out / "summary.md").read_text(), (out / "summary.csv").read_text()
@@ -113,6 +115,14 @@ def test_compare_runs_reports_every_number_with_intervals_and_verdicts(study):
         poems = [i for i, d in enumerate(h["domain"]) if d == "Poems"]
         assert per_run[(group, seed, "domain/Poems")] == pytest.approx(
             sum(h["loss"][i] for i in poems) / sum(h["tokens"][i] for i in poems), rel=1e-12)  # fmt: skip
+    # downstream scores at every evaluated checkpoint (steps 4 and 8), against tokens, as the runs logged them
+    with open(out / "curves.csv") as fh:
+        curve = [c for c in csv.DictReader(fh) if c["series"] == "downstream" and c["metric"] == "eval/toy_mc/acc"]
+    for r in runs:
+        logged = [x for x in rows[r.name] if "eval/toy_mc/acc" in x]
+        tokens = {x["step"]: x["tokens"] for x in rows[r.name] if "tokens" in x}
+        mine = [(float(c["tokens"]), float(c["value"])) for c in curve if c["run"].endswith(r.name)]
+        assert mine == [(tokens[x["step"]], x["eval/toy_mc/acc"]) for x in logged] and len(mine) == 2
     chance = [c for c in csv_rows if c["kind"] == "chance"]
     assert float(chance[0]["value"]) == pytest.approx(sum(1 / len(d["choices"]) for d in docs) / len(docs))
 

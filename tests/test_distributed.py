@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.ports import free_port
 from tests.test_train import REPO, clean_env
@@ -118,20 +117,6 @@ def test_two_rank_run_resumes_on_one_rank(single_rank, corpus, tmp_path):
     second = launch(1, common(corpus, run_dir, **{"train.resume": "auto", "train.extend_to": STEPS}))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_losses(run_dir, single_rank)
-
-
-def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path):
-    docs = [{"context": "The king loves", "choices": [" the crown", " zzz"], "label": 0}] * 4
-    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
-    run_dir = tmp_path / "eval2"
-    extra = {"train.max_steps": 4, "checkpoint.every": 2, "eval.every_checkpoint": True, "eval.tasks": "[toy_mc]",
-             "eval.task_dir": str(tmp_path / "tasks"), "distributed.zero_stage": 2, "loss.name": "mile"}  # fmt: skip
-    proc = launch(2, common(corpus, run_dir, **extra), launcher="deepspeed", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["step"] for r in rows if "eval/toy_mc/acc" in r]
-    assert evals == [2, 4]  # rank 0 evaluated at both checkpoints while rank 1 waited
-    assert os.path.isfile(run_dir / "checkpoints" / "step_0000004" / "eval_results.json")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -125,41 +125,56 @@ class WandbLogger(Callback):
 
 
 class EvalCallback(Callback):
-    """lm-eval on the saved checkpoint (the exact weights a user would evaluate later), on rank 0 while the
-    other ranks wait at a barrier. Runs after the final checkpoint, and after each one if configured."""
+    """lm-eval (and the held-out buckets) on the weights of the checkpoint just saved, after the final checkpoint
+    and after each one if configured. Given the training ``model`` (the engine's module, on every rank), every
+    rank scores a share of the requests with it as it is — its shard under ZeRO-3 (``lockstep``), gathered
+    layer by layer as in training — and rank 0 writes the results (``evals/distributed.py``); without it, rank 0
+    loads the saved checkpoint and evaluates it alone while the other ranks wait."""
 
     def __init__(self, cfg: EvalSection, val_files: list[str], val_records: bool = False,
-                 held_out_set: Path | None = None) -> None:  # fmt: skip
+                 held_out_set: Path | None = None, model: Any = None, lockstep: bool = False) -> None:  # fmt: skip
         self.cfg = cfg
         self.val_files = val_files if cfg.buckets else []
         self.val_records = val_records
         """The held-out files are fine-tuning records (a fine-tuning run): the buckets score their responses."""
         self.held_out_set = held_out_set
         """The run's held-out set file (``evals/heldout.py``): every evaluation scores that set."""
+        self.model, self.lockstep = model, lockstep
         self.last: dict[str, Any] | None = None
 
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
         if not (self.cfg.tasks or self.val_files) or not (final or self.cfg.every_checkpoint):
             return
-        if dist.get_rank() == 0:
-            from evals.runner import evaluate_checkpoint
-            from trainer.engine import accelerator_device
+        from evals.runner import evaluate_checkpoint
+        from trainer.engine import accelerator_device
 
-            self.last = evaluate_checkpoint(
-                ckpt,
-                self.cfg.tasks,
-                task_dir=self.cfg.task_dir,
-                num_fewshot=self.cfg.num_fewshot,
-                limit=self.cfg.limit,
-                batch_size=self.cfg.batch_size,
-                device=str(accelerator_device()),
-                val_files=self.val_files,
-                val_tokens=self.cfg.val_tokens,
-                val_records=self.val_records,
-                val_sample=sample_spec(self.cfg),
-                held_out_set_file=self.held_out_set,
-            )
-            emit(step, {_namespaced(k): v for k, v in self.last["metrics"].items()})
+        shared = self.model is not None
+        if shared or dist.get_rank() == 0:
+            training = shared and self.model.training
+            try:
+                summary = evaluate_checkpoint(
+                    ckpt,
+                    self.cfg.tasks,
+                    task_dir=self.cfg.task_dir,
+                    num_fewshot=self.cfg.num_fewshot,
+                    limit=self.cfg.limit,
+                    batch_size=self.cfg.batch_size,
+                    device=str(accelerator_device()),
+                    val_files=self.val_files,
+                    val_tokens=self.cfg.val_tokens,
+                    val_records=self.val_records,
+                    val_sample=sample_spec(self.cfg),
+                    held_out_set_file=self.held_out_set,
+                    model=self.model,
+                    shared=shared,
+                    lockstep=self.lockstep,
+                )
+            finally:
+                if training:
+                    self.model.train()  # evaluation put it in eval mode
+            if dist.get_rank() == 0:
+                self.last = summary
+                emit(step, {_namespaced(k): v for k, v in summary["metrics"].items()})
         dist.barrier()
 
 
@@ -296,10 +311,16 @@ def _eval_line(step: int, metrics: dict[str, float]) -> str:
 
 
 def build_callbacks(
-    cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int = 1, experiment: str = ""
+    cfg: RunConfig,
+    run_dir: Path,
+    config_dict: dict[str, Any],
+    start_step: int = 1,
+    experiment: str = "",
+    model: Any = None,
 ) -> list[Callback]:
     """``start_step``: the first step this process trains (after a resume, the checkpoint's step + 1), for the
-    console's ETA. ``experiment``: a prefix for the derived W&B run name (e.g. the experiment file's stem)."""
+    console's ETA. ``experiment``: a prefix for the derived W&B run name (e.g. the experiment file's stem).
+    ``model``: the model as the engine holds it, which the in-loop evaluation shares out among the ranks."""
     callbacks: list[Callback] = []
     if dist.get_rank() == 0:
         callbacks.append(MetricsJsonl(run_dir / "metrics.jsonl"))
@@ -310,5 +331,6 @@ def build_callbacks(
         # before the eval callback: a checkpoint's line comes before the evaluation that follows it
         callbacks.append(ConsoleProgress(cfg.train.max_steps, start_step))
     callbacks.append(EvalCallback(cfg.eval, cfg.data.val_files, val_records=bool(cfg.data.sft_files),
-                                  held_out_set=run_dir / SET_FILE))  # fmt: skip
+                                  held_out_set=run_dir / SET_FILE, model=model,
+                                  lockstep=cfg.distributed.zero_stage == 3))  # fmt: skip
     return callbacks

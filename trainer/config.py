@@ -183,6 +183,7 @@ class EvalSection:
     task_dir: str = ""
     """Directory of local lm-eval task YAMLs (offline); empty uses only lm-eval's stock tasks."""
     every_checkpoint: bool = False
+    """Evaluate after every checkpoint, not only the final one; every rank scores a share (evals/distributed.py)."""
     num_fewshot: int = 0
     limit: int = 0
     """Documents per task (0: all)."""

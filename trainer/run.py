@@ -359,7 +359,7 @@ def _assemble(
     """The run as the loop sees it: the callbacks built (W&B's run opened), the held-out set, the tally."""
     cfg, model = inputs.cfg, objective.model
     config_dict = to_dict(cfg)
-    callbacks = build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}, start_step=start.step)
+    callbacks = build_callbacks(cfg, run_dir, {**config_dict, "run_info": info}, start_step=start.step, model=model)
     micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     shape = StepShape(
         world_size=inputs.world,

@@ -252,3 +252,45 @@ def plot_downstream(groups: dict[str, list[Run]], keys: list[str], chance: dict[
     fig.savefig(out / "downstream.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def plot_downstream_curves(groups: dict[str, list[Run]], keys: list[str], chance: dict[str, Any], out: Path) -> bool:
+    """Each task score against training tokens at every evaluated checkpoint (``eval.every_checkpoint`` or the
+    watcher): one panel per score, each loss in its colour, a thin line per seed and the mean over the seeds that
+    share the points as a thick one, chance dashed. Drawn when some run was evaluated at more than one
+    checkpoint."""
+    keys = [k for k in keys if any(len(r.eval_curves.get(k, [])) > 1 for rs in groups.values() for r in rs)]
+    if not keys:
+        return False
+    color = colours(groups)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, key in zip(flat, keys, strict=False):
+        for label, runs in groups.items():
+            get = (lambda r, k=key: [t / 1e6 for t, _ in r.eval_curves.get(k, [])],
+                   lambda r, k=key: [v for _, v in r.eval_curves.get(k, [])])  # fmt: skip
+            for r in runs:
+                ax.plot(get[0](r), get[1](r), color=color[label], linewidth=0.7, alpha=0.5, marker=".", markersize=3)
+            x, ys = _aligned([r for r in runs if key in r.eval_curves], *get)
+            if ys:
+                ax.plot(x, [statistics.fmean(c) for c in zip(*ys, strict=True)], color=color[label], linewidth=2,
+                        label=f"{label} ({len(ys)} seed{'s' * (len(ys) > 1)})")  # fmt: skip
+        level = chance.get(key.removeprefix("eval/").rpartition("/")[0])
+        if level is not None:
+            ax.axhline(level[0], color="black", linestyle="--", linewidth=1, label="chance")
+        ax.set_title(key.removeprefix("eval/"), fontsize=9)
+        ax.set_xlabel("training tokens (millions)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in flat[len(keys) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        "Downstream scores at every evaluated checkpoint: thick = mean over seeds, thin = each seed", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(out / "downstream_curves.png", dpi=110)
+    plt.close(fig)
+    return True

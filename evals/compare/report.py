@@ -153,6 +153,8 @@ def compare(run_dirs: Sequence[Path], out: Path, options: Options, schema: Any =
         figures.append("bucket_change.png")
     if plots.plot_downstream(groups, scores, chance, out):
         figures.append("downstream.png")
+    if plots.plot_downstream_curves(groups, scores, chance, out):
+        figures.append("downstream_curves.png")
     md = markdown(groups, settings, base, metrics, found, notes, chance, problems, figures, options, out)
     (out / "summary.md").write_text("\n".join(md) + "\n")
     _write_csv(out / "summary.csv", records(groups, metrics, found, chance, out))
@@ -351,6 +353,10 @@ def curve_rows(groups: dict[str, list[Run]], out: Path) -> list[dict[str, Any]]:
                              "tokens": tokens, "metric": "ce", "value": ce})  # fmt: skip
                 rows.append({"group": label, "seed": r.seed, "run": rel(r.dir, out), "series": "train", "step": step,
                              "tokens": tokens, "metric": "loss", "value": loss})  # fmt: skip
+            for key, pts in r.eval_curves.items():
+                for tokens, value in pts:
+                    rows.append({"group": label, "seed": r.seed, "run": rel(r.dir, out), "series": "downstream",
+                                 "step": "", "tokens": tokens, "metric": key, "value": value})  # fmt: skip
             for key, pts in r.domain_curves.items():
                 for tokens, value in pts:
                     rows.append(

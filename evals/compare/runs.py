@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from evals.runner import HELD_OUT_FILE, RESULTS_FILE, SAMPLES_FILE
+from evals.watch import EVAL_METRICS
 from losslab.losses import LossConfig, loss_tag
 
 # Config keys that do not change what a run computes: runs differing only here (and by seed) are repeats.
@@ -46,6 +47,9 @@ class Run:
     """``eval_domain/<d>/loss`` (and overall/average/worst) at the last step that logged them."""
     domain_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     """``eval_domain/...`` key -> (tokens, value) at each in-loop evaluation."""
+    eval_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    """``eval/TASK/METRIC`` -> (tokens, value) at each evaluated checkpoint: in-loop (``metrics.jsonl``) or by the
+    watcher (``eval_metrics.jsonl``, ``evals/watch.py``)."""
 
     @property
     def name(self) -> str:
@@ -98,6 +102,7 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
                 curves.setdefault(k.removeprefix("eval_domain/"), []).append((r["step"] * tokens_per_step, v))
     # one point per step, in step order (a line written out of order, e.g. by an interrupted process, is not a curve)
     curves = {k: sorted(dict(pts).items()) for k, pts in curves.items()}
+    eval_curves = _eval_curves(rows, run_dir / EVAL_METRICS, tokens_per_step)
     last_step = train[-1]["step"] if train else 0
     results, ckpt = _eval_results(run_dir, last_step)
     domains = {k: pts[-1][1] for k, pts in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))}
@@ -126,7 +131,22 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
         samples=(_json(ckpt / SAMPLES_FILE) or {}) if ckpt else {},
         domains=domains,
         domain_curves={k: v for k, v in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))},
+        eval_curves=eval_curves,
     )
+
+
+def _eval_curves(rows: list[dict[str, Any]], watched: Path, tokens_per_step: float) -> dict[str, list[tuple]]:
+    """Each downstream score at each evaluated checkpoint, by training tokens: the in-loop evaluations logged in
+    ``metrics.jsonl`` and the watcher's ``eval_metrics.jsonl`` (which carries its tokens); one point per step,
+    the watcher's where both evaluated a step."""
+    points: dict[str, dict[int, tuple[float, float]]] = {}
+    extra = [json.loads(x) for x in watched.read_text().splitlines() if x.strip()] if watched.is_file() else []
+    for r in [*rows, *extra]:
+        tokens = r.get("tokens", r["step"] * tokens_per_step)
+        for k, v in r.items():
+            if k.startswith("eval/") and isinstance(v, (int, float)):
+                points.setdefault(k, {})[r["step"]] = (tokens, v)
+    return {k: [pts[s] for s in sorted(pts)] for k, pts in points.items()}
 
 
 def _flat(cfg: Any) -> dict[str, Any]:
