@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from evals.results_store import latest
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.ports import free_port
@@ -131,7 +132,7 @@ def test_in_loop_eval_with_two_ranks_and_the_deepspeed_launcher(corpus, tmp_path
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r["step"] for r in rows if "eval/toy_mc/acc" in r]
     assert evals == [2, 4]  # rank 0 evaluated at both checkpoints while rank 1 waited
-    assert os.path.isfile(run_dir / "checkpoints" / "step_0000004" / "eval_results.json")
+    assert latest(run_dir / "checkpoints" / "step_0000004") is not None
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from data.tokenizer import Tokenizer
+from evals.results_store import find_results
 from tests.test_train import REPO, clean_env
 
 HF_DIR = REPO / "corpus" / "smollm2-135m-instruct"
@@ -102,7 +103,8 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     write_multiple_choice_task(task_dir, "facts", docs)
     proc = script("evaluate.py", "--checkpoint", str(imported), "--tasks", "facts", "--task-dir", str(task_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads((imported / "eval_results.json").read_text())["metrics"]
+    ours = next(s for s in find_results(imported) if s.settings.tasks == ("facts",) and not s.settings.held_out)
+    ours = ours.summary["metrics"]
     stock = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={HF_DIR},dtype=float32",
          "--tasks", "facts", "--include_path", str(task_dir), "--output_path", str(tmp_path / "stock"),
@@ -140,5 +142,5 @@ def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     want = sum(tokens)
     final = [r for r in rows if "eval_bucket/tokens" in r][-1]
     assert final["eval_bucket/tokens"] == want and final["eval_bucket/ppl"] < 1e3, final
-    held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/eval_held_out.json")).read_text())
+    held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/evals/*/eval_held_out.json")).read_text())
     assert held_out["scored"] == "responses" and sum(held_out["tokens"]) == want

@@ -158,6 +158,7 @@ class EvalCallback(Callback):
                 val_records=self.val_records,
                 val_sample=sample_spec(self.cfg),
                 held_out_set_file=self.held_out_set,
+                source="training",
             )
             emit(step, {_namespaced(k): v for k, v in self.last["metrics"].items()})
         dist.barrier()
