@@ -205,6 +205,17 @@ def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, c
     scored = latest(other).json(HELD_OUT_FILE)
     assert scored["set"]["identity"] == run_set["identity"] and set(scored["sha"]) == {
         d["sha"] for d in run_set["documents"]}  # fmt: skip
+    # frequency buckets from the counts of given files instead of training's: an evaluation of its own
+    counted = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
+                              corpus["val"], "--bucket-files", corpus["train_glob"]], cwd=REPO, env=clean_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert counted.returncode == 0, counted.stderr[-3000:]
+    first, second = find_results(other)[::-1]
+    assert first.settings.buckets == "training" and second.settings.buckets.startswith("files-")
+    assert second.summary["metrics"]["bucket/loss"] == first.summary["metrics"]["bucket/loss"]
+    m = second.summary["metrics"]
+    assert m["bucket/high_tokens"] + m["bucket/medium_tokens"] + m["bucket/low_tokens"] == m["bucket/tokens"]
+    assert second.json(HELD_OUT_FILE)["buckets"] == second.settings.buckets and first.complete
 
 
 def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):

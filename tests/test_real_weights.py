@@ -144,3 +144,27 @@ def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     assert final["eval_bucket/tokens"] == want and final["eval_bucket/ppl"] < 1e3, final
     held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/evals/*/eval_held_out.json")).read_text())
     assert held_out["scored"] == "responses" and sum(held_out["tokens"]) == want
+
+
+def test_an_imported_checkpoint_gets_its_held_out_loss_without_token_counts(imported, tmp_path):
+    """A pretrained baseline holds no training token counts: evaluate.py still gives its lm-eval scores and its
+    held-out loss (no frequency buckets, with a note; test_compare.py has buckets from --bucket-files)."""
+    from evals.tasks import write_multiple_choice_task
+
+    assert not (imported / "token_counts.safetensors").exists()
+    docs = [{"context": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0},
+            {"context": "Macbeth was written by", "choices": [" Milton", " Shakespeare"], "label": 1}]  # fmt: skip
+    write_multiple_choice_task(tmp_path / "tasks", "facts2", docs)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": t, "meta": {"pile_set_name": "Plays"}}) + "\n"
+                           for t in (TEXT, TEXT.upper(), TEXT[::-1])))  # fmt: skip
+    plain = script("evaluate.py", "--checkpoint", str(imported), "--val-files", str(val), "--val-tokens", "120",
+                   "--tasks", "facts2", "--task-dir", str(tmp_path / "tasks"))  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "holds no training token counts" in plain.stderr and "tokens/s" in plain.stderr  # the note, progress
+    (first,) = [s for s in find_results(imported) if s.settings.tasks == ("facts2",)]
+    assert first.complete and first.settings.buckets == "none" and "no frequency buckets" in first.summary["note"]
+    m = first.summary["metrics"]
+    assert "facts2/acc" in m and 0 < m["bucket/loss"] < 10 and not any(k.startswith("bucket/high") for k in m)
+    held = first.json("eval_held_out.json")
+    assert sum(held["tokens"]) == m["bucket/tokens"] and held["buckets"] == "none"
