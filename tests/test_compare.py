@@ -219,22 +219,33 @@ def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, c
 
 
 def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):
-    """An older run's per-document file (documents read in file order: no set, no domains) still compares."""
+    """An older run's per-document file (documents read in file order: no set, no domains) still compares, and so
+    does the layout before evaluations were keyed by their settings (one eval_results.json beside the checkpoint,
+    no settings recorded)."""
     _, runs, _ = study
     old = []
     for r in runs:
         copy = tmp_path / r.name
         subprocess.run(["cp", "-r", str(r), str(copy)], check=True)
-        path = latest(copy / "checkpoints/step_0000008").held_out_path
-        h = json.loads(path.read_text())
+        ckpt = copy / "checkpoints/step_0000008"
+        (evaluation,) = find_results(ckpt)
+        for f in evaluation.dir.iterdir():
+            f.rename(ckpt / f.name)
+        shutil.rmtree(ckpt / "evals")
+        results = json.loads((ckpt / "eval_results.json").read_text())
+        for key in ("settings", "key", "source", "complete", "parts"):
+            results.pop(key)
+        (ckpt / "eval_results.json").write_text(json.dumps(results))
+        h = json.loads((ckpt / HELD_OUT_FILE).read_text())
         for key in ("set", "domain", "sha", "key"):
             h.pop(key)
-        path.write_text(json.dumps(h))
+        (ckpt / HELD_OUT_FILE).write_text(json.dumps(h))
         (copy / "held_out_set.json").unlink()
         old.append(copy)
     proc = _compare(old, tmp_path / "report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "report" / "summary.md").read_text()
+    assert "come from the evaluation `toy_gen+toy_mc-fs0-limitall-lmevalunknown-heldoutunknown`" in md
     assert "predate the stratified held-out set" in md and "Primary: held-out ce" in md
     assert "no per-document data" in md  # per-domain losses of old runs: from the seeds alone
 
