@@ -117,18 +117,26 @@ class SharedLM(LosslabLM):
         return self._shared("generate_until", requests, lambda s, idx: self._generate(s, idx, quiet))
 
 
-def shared_per_token_loss(model: Any, windows: Tensor, batch_size: int) -> tuple[Tensor, Tensor, list[int]]:
+def shared_per_token_loss(
+    model: Any, windows: Tensor, batch_size: int, lengths: Tensor | None = None, progress: str = ""
+) -> tuple[Tensor, Tensor, list[int]]:
     """``per_token_loss`` over ``windows`` [n, T + 1] shared among the ranks in contiguous blocks of equal size
     (the last padded with copies of the first window, dropped again), so every rank runs the same number of
-    batches — under ZeRO-3 each is a collective. -> (loss [n * T], targets [n * T], windows each rank scored)."""
+    batches — under ZeRO-3 each is a collective (a batch cut to its longest row, ``lengths``, is still one pass
+    per batch on every rank). ``progress``: rank 0's label for its progress lines (its block's).
+    -> (loss [n * T], targets [n * T], windows each rank scored)."""
     rank, size = world()
     n = len(windows)
     per = math.ceil(n / size)
     mine = windows[rank * per : (rank + 1) * per]
     real = len(mine)
+    my_lengths = None if lengths is None else lengths[rank * per : (rank + 1) * per]
     if real < per:
         mine = torch.cat([mine, windows[:1].expand(per - real, -1)])  # [per, T + 1]
-    loss, targets = per_token_loss(model, mine, batch_size=batch_size)  # [per * T] each
+        if my_lengths is not None:
+            my_lengths = torch.cat([my_lengths, lengths[:1].expand(per - real)])  # [per]
+    loss, targets = per_token_loss(model, mine, batch_size=batch_size, lengths=my_lengths,
+                                   progress=progress if rank == 0 else "")  # fmt: skip  # [per * T] each
     T = windows.shape[1] - 1
     parts: list[Any] = [None] * size
     dist.all_gather_object(parts, (loss[: real * T], targets[: real * T]))

@@ -1,7 +1,9 @@
-"""Run lm-eval on a losslab checkpoint and write ``eval_results.json`` next to it."""
+"""Run lm-eval on a losslab checkpoint, and held-out loss by frequency bucket, and write the results beside it in
+a folder keyed by the evaluation's settings (``evals/results_store.py``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -24,17 +26,18 @@ from evals.heldout import (
     pack,
     read_pieces,
 )
+from evals.results_store import HELD_OUT_FILE, RESULTS_FILE, SAMPLES_FILE, EvalSettings, results_dir
 from evals.task_sets import check_tasks, resolve_tasks
 from evals.tasks import relocate_tasks
+from losslab.log import get_logger
 from models.checkpoint import COUNTS_FILE, META, checkpoint_tokenizer, load_model, resolve_checkpoint
 from models.checkpoint_files import load_json, load_safetensors
 
-RESULTS_FILE = "eval_results.json"
-SAMPLES_FILE = "eval_samples.json"
-"""Per-document scores of each task, beside ``eval_results.json`` (see ``document_scores``)."""
-HELD_OUT_FILE = "eval_held_out.json"
-"""Per held-out document summed loss and token count, overall and per frequency bucket (``document_losses``),
-with each document's key, text hash and domain, and the held-out set's summary (``held_out_record``)."""
+log = get_logger(__name__)
+__all__ = ["HELD_OUT_FILE", "RESULTS_FILE", "SAMPLES_FILE", "evaluate_checkpoint"]
+# RESULTS_FILE, SAMPLES_FILE (per-document scores of each task, ``document_scores``) and HELD_OUT_FILE (per
+# held-out document summed loss and token count, overall and per frequency bucket, with each document's key,
+# text hash and domain, and the held-out set's summary) live in each evaluation's folder (results_store).
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -72,30 +75,56 @@ def run_lm_eval(lm: Any, tasks: list[str], *, task_dir: str, num_fewshot: int, l
     )
 
 
-def run_buckets(
-    model: Any, ckpt: Path, held: HeldOutSet, inputs: HeldOut, batch_size: int, shared: bool = False
+def held_out_losses(
+    model: Any, held: HeldOutSet, inputs: HeldOut, batch_size: int, buckets: torch.Tensor | None, shared: bool = False
 ) -> tuple[dict[str, float], dict[str, list[Any]]]:
-    """(aggregate bucket metrics, per-document sums of the same tokens: ``document_losses`` with each document's
-    key, hash and domain) over the held-out set ``held`` (``inputs``: its windows)."""
-    counts_file = ckpt / COUNTS_FILE
-    if not counts_file.is_file():
-        raise FileNotFoundError(f"{ckpt} holds no training token counts ({COUNTS_FILE}) to define frequency buckets")
-    counts = load_safetensors(counts_file)["token_counts"]
-    if shared:  # every rank scores a block of the windows (evals/distributed.py)
+    """(aggregate held-out metrics: loss, ppl, tokens, and per frequency bucket given ``buckets``; per-document sums
+    of the same tokens: ``document_losses`` with each document's key, hash and domain) over the held-out set
+    ``held`` (``inputs``: its windows). ``shared``: every rank scores a block of the windows and receives all
+    (``evals/distributed.py``)."""
+    lengths = None
+    if inputs.scored is not None:  # right-padded rows: score each up to its last real token only
+        lengths = (inputs.document >= 0).sum(1)  # [n]: a row's tokens, then only padding
+    if shared:
         from evals.distributed import shared_per_token_loss
 
-        loss, targets, _ = shared_per_token_loss(model, inputs.windows, batch_size)
+        loss, targets, _ = shared_per_token_loss(model, inputs.windows, batch_size, lengths=lengths,
+                                                 progress="held-out loss")  # fmt: skip  # [n * (width - 1)] each
     else:
-        loss, targets = per_token_loss(model, inputs.windows, batch_size=batch_size)  # [n * seq_len] each
+        loss, targets = per_token_loss(model, inputs.windows, batch_size=batch_size, lengths=lengths,
+                                       progress="held-out loss")  # fmt: skip  # [n * (width - 1)] each
     document = inputs.document[:, 1:].reshape(-1)
     if inputs.scored is not None:  # only the tokens that carry loss in training, never padding
         keep = inputs.scored[:, 1:].reshape(-1)
         loss, targets, document = loss[keep], targets[keep], document[keep]
-    buckets = frequency_buckets(counts)
     per_doc: dict[str, list[Any]] = dict(document_losses(loss, targets, document, buckets))
     docs = [held.documents[i] for i in per_doc["doc_id"]]
     per_doc.update(key=[d.key for d in docs], sha=[d.sha for d in docs], domain=[d.domain for d in docs])
     return bucket_metrics(loss, targets, buckets), per_doc
+
+
+def bucket_counts(
+    ckpt: Path, tokenizer: Any, bucket_files: list[str] | None, records: bool
+) -> tuple[torch.Tensor | None, str]:
+    """(token counts [V] that define the frequency buckets, where they come from: ``EvalSettings.buckets``): the
+    counts of ``bucket_files`` when given, else the checkpoint's training counts, else none (held-out loss alone:
+    an imported model, say)."""
+    if bucket_files:
+        from data.counts import count_tokens
+        from data.sft import FineTuningRecords
+        from data.shards import resolve_files
+
+        files = resolve_files(bucket_files)  # a missing file fails here, before anything runs
+        counts = count_tokens(files, tokenizer, byte_budget=1 << 62,
+                              document_format=FineTuningRecords() if records else None)  # fmt: skip
+        if not int(counts.sum()):
+            raise ValueError(f"--bucket-files {bucket_files} hold no token to count")
+        return counts, "files-" + hashlib.sha256(counts.numpy().tobytes()).hexdigest()[:8]
+    if (ckpt / COUNTS_FILE).is_file():
+        return load_safetensors(ckpt / COUNTS_FILE)["token_counts"], "training"
+    log.warning(f"{ckpt} holds no training token counts ({COUNTS_FILE}): held-out loss without frequency buckets "
+                "(give files to count with --bucket-files for buckets)")  # fmt: skip
+    return None, "none"
 
 
 def held_out_record(held: HeldOutSet) -> dict[str, Any]:
@@ -151,18 +180,28 @@ def evaluate_checkpoint(
     model: Any = None,
     shared: bool = False,
     lockstep: bool = False,
+    bucket_files: list[str] | None = None,
+    source: str = "evaluate",
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``checkpoint`` (a checkpoint dir or a run dir: its latest checkpoint) with
     lm-eval on ``tasks`` (names or sets; k-shot metrics get an ``@kshot`` suffix for k > 0) and, given
-    ``val_files``, held-out loss by token-frequency bucket (``bucket/...``); with ``val_records`` the files hold
-    fine-tuning records and the buckets are over their response tokens (response perplexity by frequency). The
+    ``val_files``, held-out loss (``bucket/loss``, ``bucket/ppl``, ``bucket/tokens``) and, where token counts
+    define them (``bucket_counts``), per token-frequency bucket (``bucket/high_loss``, ...); with ``val_records``
+    the files hold fine-tuning records and the loss is over their response tokens (response perplexity). The
     held-out documents are a held-out set (``evals/heldout.py``; see ``held_out_set`` for which one): the run's
     own when evaluating a run's checkpoint, else a sample by ``val_sample`` (default: ``val_tokens``).
+
+    Everything that can fail on the inputs — tasks, task directory, checkpoint files, token counts, held-out and
+    bucket files, the held-out set — is checked before lm-eval starts. The results go to
+    ``CKPT/evals/<settings key>/`` (``evals/results_store.py``), rewritten as each part finishes (each few-shot
+    setting of lm-eval, then the held-out loss), ``complete`` false until the last: an error later keeps what
+    was done. The same settings evaluated again replace that folder; other settings never touch it.
+    ``source``: ``training`` for the in-loop evaluation, ``evaluate`` otherwise.
 
     With local tasks (``task_dir``) the Hugging Face libraries are put in offline mode before lm-eval is
     imported, so nothing reaches for the hub. ``precision`` ``auto`` evaluates in bf16 on CUDA (weights as
     trained, half the memory of fp32 beside a training run) and fp32 elsewhere. Returns the summary written to
-    ``eval_results.json``.
+    ``eval_results.json`` (with ``path``: where).
 
     In a training run (``trainer/callbacks.py``): ``model`` is the model in memory (the engine's module, whose
     weights are the checkpoint's), evaluated as it is rather than loaded again; ``shared``: every rank of the
@@ -172,6 +211,8 @@ def evaluate_checkpoint(
     """
     if not tasks and not val_files:
         raise ValueError("nothing to evaluate: give tasks and/or held-out files")
+    if bucket_files and not val_files:
+        raise ValueError("--bucket-files define frequency buckets of the held-out loss: give --val-files too")
     check_tasks(tasks, task_dir)  # a typo fails now, not after the model is loaded
     if offline if offline is not None else bool(task_dir):
         os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -190,35 +231,24 @@ def evaluate_checkpoint(
         from evals.distributed import SharedLM, world
 
         lm = SharedLM(model, tokenizer, lockstep=lockstep, **lm_args)
+        rank = world()[0]
     else:
         lm = LosslabLM(model, tokenizer, **lm_args)
+        rank = 0
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
-    metrics: dict[str, float] = {}
-    results: dict[str, Any] = {}
-    n_samples: dict[str, Any] = {}
-    per_document: dict[str, Any] = {}
+    # rarity of generated tokens under the training counts (generation tasks); read now: a torn file fails now
     counts = load_safetensors(ckpt / COUNTS_FILE)["token_counts"] if (ckpt / COUNTS_FILE).is_file() else None
-    for k in shots if tasks else []:
-        raw = run_lm_eval(lm, tasks, task_dir=task_dir, num_fewshot=k, limit=limit)
-        if raw is None:  # lm-eval reports on the process of LOCAL_RANK 0 only: a shared evaluation's other ranks
-            continue
-        suffix = f"@{k}shot" if k else ""
-        metrics.update({f"{name}{suffix}": v for name, v in flat_metrics(raw).items()})
-        if counts is not None:  # generation tasks: how rare the output's tokens are under the training counts
-            metrics.update({f"{name}{suffix}": v for name, v in rarity_metrics(raw, tokenizer, counts).items()})
-        results[f"{k}shot"] = raw.get("results", {})
-        n_samples.update(raw.get("n-samples", {}))
-        per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
-    held_out: dict[str, Any] | None = None
+    held: HeldOutSet | None = None
+    buckets_from = ""
     if val_files:
         held, inputs = held_out_set(ckpt, val_files, tokenizer, model.cfg.max_seq_len, val_sample, val_tokens,
                                     val_records, held_out_set_file)  # fmt: skip
-        aggregate, per_doc = run_buckets(model, ckpt, held, inputs, batch_size, shared=shared)
-        metrics.update({f"bucket/{k}": v for k, v in aggregate.items()})
-        held_out = {"step": None, "files": list(val_files), "set": held_out_record(held),
-                    "scored": "responses" if val_records else "all tokens", **per_doc}  # fmt: skip
+        bucket_source, buckets_from = bucket_counts(ckpt, tokenizer, bucket_files, val_records)
+    settings = EvalSettings.of(list(tasks), shots, limit, held_out=held.identity if held else "",
+                               buckets=buckets_from)  # fmt: skip
     meta = load_json(ckpt / META)
-    summary = {
+    out = results_dir(ckpt, settings)
+    summary: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "step": meta.get("step"),
         "tokens": meta.get("tokens"),
@@ -226,24 +256,65 @@ def evaluate_checkpoint(
         "tasks": list(tasks),
         "num_fewshot": shots,
         "limit": limit,
-        "metrics": metrics,
-        "results": results,
-        "n_samples": n_samples,
-        "seconds": round(time.perf_counter() - started, 3),
+        "key": settings.key(),
+        "settings": settings.to_json(),
+        "source": source,
+        "complete": False,
+        "parts": [],
+        "metrics": {},
+        "results": {},
+        "n_samples": {},
     }
-    if shared:  # how the work was shared: requests of each type scored by each rank
-        summary["shared"] = {"world_size": world()[1], "requests": lm.requests, "seconds": lm.seconds,
-                             "cpu_seconds": lm.cpu_seconds}  # fmt: skip
-        if world()[0] != 0:
-            return summary
-    # replaced whole (a reader, or a watcher killed mid-write, never sees half a file): evals/watch.py
-    write_atomic(ckpt / RESULTS_FILE, json.dumps(summary, indent=2, default=str))
-    if per_document:
-        write_atomic(ckpt / SAMPLES_FILE, json.dumps(per_document) + "\n")
-    if held_out is not None:
-        held_out["step"] = meta.get("step")  # a later evaluation of another checkpoint cannot be mistaken for it
-        write_atomic(ckpt / HELD_OUT_FILE, json.dumps(held_out) + "\n")
-    return summary
+    if held is not None and buckets_from == "none":
+        summary["note"] = f"no frequency buckets: the checkpoint holds no training token counts ({COUNTS_FILE})"
+    per_document: dict[str, Any] = {}
+    cleared = False
+
+    def save(part: str, files: dict[str, str]) -> None:
+        """Write the results so far (rank 0 only, in a shared evaluation): the first write of this evaluation
+        clears the folder of an earlier one with the same settings, so its files are never mixed with this
+        one's. Each file is replaced whole (a reader, or a watcher killed mid-write, never sees half a file)."""
+        nonlocal cleared
+        summary["parts"].append(part)
+        summary["complete"] = part == "done"
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        if shared:  # how the work was shared: requests of each type scored by each rank
+            summary["shared"] = {"world_size": world()[1], "requests": lm.requests, "seconds": lm.seconds,
+                                 "cpu_seconds": lm.cpu_seconds}  # fmt: skip
+        if rank != 0:
+            return
+        if not cleared:
+            for name in (RESULTS_FILE, SAMPLES_FILE, HELD_OUT_FILE):
+                (out / name).unlink(missing_ok=True)
+            cleared = True
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_atomic(out / name, text)
+        write_atomic(out / RESULTS_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+
+    for k in shots if tasks else []:
+        raw = run_lm_eval(lm, tasks, task_dir=task_dir, num_fewshot=k, limit=limit)
+        if raw is None:  # lm-eval reports on the process of LOCAL_RANK 0 only: a shared evaluation's other ranks
+            continue
+        suffix = f"@{k}shot" if k else ""
+        summary["metrics"].update({f"{name}{suffix}": v for name, v in flat_metrics(raw).items()})
+        if counts is not None:  # generation tasks: how rare the output's tokens are under the training counts
+            rarity = rarity_metrics(raw, tokenizer, counts)
+            summary["metrics"].update({f"{name}{suffix}": v for name, v in rarity.items()})
+        summary["results"][f"{k}shot"] = raw.get("results", {})
+        summary["n_samples"].update(raw.get("n-samples", {}))
+        per_document.update({f"{task}{suffix}": v for task, v in document_scores(raw).items()})
+        save(f"lm-eval {k}-shot", {SAMPLES_FILE: json.dumps(per_document) + "\n"} if per_document else {})
+    if held is not None:
+        buckets = frequency_buckets(bucket_source) if bucket_source is not None else None
+        aggregate, per_doc = held_out_losses(model, held, inputs, batch_size, buckets, shared=shared)
+        summary["metrics"].update({f"bucket/{k}": v for k, v in aggregate.items()})
+        held_out = {"step": meta.get("step"), "files": list(val_files or []), "set": held_out_record(held),
+                    "scored": "responses" if val_records else "all tokens", "buckets": buckets_from,
+                    **per_doc}  # fmt: skip
+        save("held-out loss", {HELD_OUT_FILE: json.dumps(held_out) + "\n"})
+    save("done", {})
+    return {**summary, "path": str(out / RESULTS_FILE)}
 
 
 def document_scores(raw: dict[str, Any]) -> dict[str, dict[str, list[float]]]:

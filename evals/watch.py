@@ -2,15 +2,20 @@
 other GPUs or another node, so that training never waits for evaluation.
 
 Each complete checkpoint (``meta.json`` committed, the model's files matching their checksums) is evaluated
-once, oldest first. What is done is recorded per checkpoint in ``RUN_DIR/eval_watch/step_N.json`` (``done`` /
-``mark_done``), written only after the checkpoint's results, ``RUN_DIR/eval_metrics.jsonl`` and the W&B log: a
-watcher killed at any point and started again re-evaluates at most the checkpoint it was working on, whose
-line in ``eval_metrics.jsonl`` is then replaced, never doubled. The watcher stops once the run's ``result.json``
-says it finished and every checkpoint is evaluated.
+once with the watcher's settings, oldest first. What is done is recorded per checkpoint in
+``RUN_DIR/eval_watch/step_N.json`` (``done`` / ``mark_done``), written only after the checkpoint's results,
+``RUN_DIR/eval_metrics.jsonl`` and the W&B log: a watcher killed at any point and started again re-evaluates at
+most the checkpoint it was working on, whose line in ``eval_metrics.jsonl`` is then replaced, never doubled.
+The marker is for the watcher's own settings: it names them (``requested``) and the settings key of the results
+they gave (``evals/results_store.py``); a checkpoint counts as done only when both match and that evaluation's
+results are still there and complete, so a watcher started with other settings (other tasks, a limit, other
+held-out files) evaluates every checkpoint again, into that setting's own folder, never over another's. The
+watcher stops once the run's ``result.json`` says it finished and every checkpoint is evaluated.
 
 ``eval_metrics.jsonl`` has ``metrics.jsonl``'s form (one object per step: ``step``, ``tokens``, ``eval/...``,
-``eval_bucket/...``), so the curves line up with training's; on W&B the metrics go to the run's own W&B run
-(its id in ``RUN_DIR/wandb_id``, ``resume="allow"``) against its ``step``."""
+``eval_bucket/...``), plus ``eval_setting`` (the settings key), so the curves line up with training's and a
+reader can keep one setting's; on W&B the metrics go to the run's own W&B run (its id in ``RUN_DIR/wandb_id``,
+``resume="allow"``) against its ``step``."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any
 import yaml
 
 from data.files import file_digest, write_atomic
+from evals.results_store import find_results
 from losslab.log import get_logger
 from models.checkpoint import CHECKPOINTS, META, complete_checkpoints, verify_model_files
 from models.checkpoint_files import CheckpointError
@@ -49,6 +55,8 @@ class WatchSettings:
     val_files: list[str] = field(default_factory=list)
     val_tokens: int = 200_000
     val_records: bool = False
+    bucket_files: list[str] = field(default_factory=list)
+    """Files whose token counts define the frequency buckets (``evaluate_checkpoint``'s ``bucket_files``)."""
     interval: float = 60.0
     """Seconds between looks at the run directory when nothing is left to evaluate."""
     wandb: str = ""
@@ -102,20 +110,35 @@ def _marker(run_dir: Path, ckpt: Path) -> Path:
     return run_dir / DONE_DIR / f"{ckpt.name}.json"
 
 
-def done(run_dir: Path, ckpt: Path) -> bool:
-    """Whether ``ckpt`` was evaluated: its marker names this very checkpoint (the digest of its ``meta.json``; a
-    checkpoint of the same step written again, after a resume from an earlier one, is another)."""
+def requested(s: WatchSettings) -> dict[str, Any]:
+    """What the watcher was asked to evaluate (what decides which evaluation it writes; not batch size, device or
+    precision), as its markers record it."""
+    return {"tasks": sorted(s.tasks), "task_dir": s.task_dir, "num_fewshot": list(s.num_fewshot),
+            "limit": s.limit, "val_files": list(s.val_files), "val_tokens": s.val_tokens,
+            "val_records": s.val_records, "bucket_files": list(s.bucket_files)}  # fmt: skip
+
+
+def done(run_dir: Path, ckpt: Path, settings: WatchSettings | None = None) -> bool:
+    """Whether ``ckpt`` was evaluated with ``settings`` (None: with whatever settings a watcher used): its marker
+    names this very checkpoint (the digest of its ``meta.json``; a checkpoint of the same step written again,
+    after a resume from an earlier one, is another), these settings, and an evaluation whose complete results
+    are still beside the checkpoint (``CKPT/evals/<key>/``)."""
     try:
         marker = json.loads(_marker(run_dir, ckpt).read_text())
-        return marker.get("meta") == file_digest(ckpt / META)
+        if marker.get("meta") != file_digest(ckpt / META):
+            return False
     except (FileNotFoundError, json.JSONDecodeError):
         return False
+    if settings is not None and marker.get("requested") != requested(settings):
+        return False
+    return any(s.complete for s in find_results(ckpt, str(marker.get("key") or "")))
 
 
-def mark_done(run_dir: Path, ckpt: Path, summary: dict[str, Any]) -> None:
+def mark_done(run_dir: Path, ckpt: Path, summary: dict[str, Any], settings: WatchSettings) -> None:
     (run_dir / DONE_DIR).mkdir(exist_ok=True)
     record = {"step": summary.get("step"), "checkpoint": str(ckpt), "meta": file_digest(ckpt / META),
-              "seconds": summary.get("seconds"), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+              "key": summary.get("key"), "requested": requested(settings), "seconds": summary.get("seconds"),
+              "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     write_atomic(_marker(run_dir, ckpt), json.dumps(record) + "\n")
 
 
@@ -199,7 +222,8 @@ def evaluate(ckpt: Path, s: WatchSettings) -> dict[str, Any]:
 
     return evaluate_checkpoint(ckpt, s.tasks, task_dir=s.task_dir, num_fewshot=s.num_fewshot, limit=s.limit,
                                batch_size=s.batch_size, device=s.device, val_files=s.val_files,
-                               val_tokens=s.val_tokens, val_records=s.val_records, precision=s.precision)  # fmt: skip
+                               val_tokens=s.val_tokens, val_records=s.val_records, precision=s.precision,
+                               bucket_files=s.bucket_files or None)  # fmt: skip
 
 
 def watch(run_dir: Path, settings: WatchSettings) -> int:
@@ -220,9 +244,9 @@ def watch(run_dir: Path, settings: WatchSettings) -> int:
     try:
         while True:
             ended = finished(run_dir)  # read first: a finished run has committed every checkpoint already
-            todo = [c for c in checkpoints(run_dir) if c.name not in passed_over and not done(run_dir, c)]
+            todo = [c for c in checkpoints(run_dir) if c.name not in passed_over and not done(run_dir, c, settings)]
             if not todo and ended:
-                n = sum(done(run_dir, c) for c in checkpoints(run_dir))
+                n = sum(done(run_dir, c, settings) for c in checkpoints(run_dir))
                 log.info(f"{run_dir}: the run finished; {n} checkpoint(s) evaluated ({evaluated} by this watcher)")
                 return evaluated
             if not todo:
@@ -257,10 +281,10 @@ def watch(run_dir: Path, settings: WatchSettings) -> int:
                 passed_over.add(ckpt.name)
                 continue
             row = {"step": summary["step"], "tokens": summary["tokens"], **namespaced(summary["metrics"])}
-            record_metrics(run_dir, row)
+            record_metrics(run_dir, {**row, "eval_setting": summary["key"]})
             if wandb_run is not None:
                 wandb_run.log(row)
-            mark_done(run_dir, ckpt, summary)
+            mark_done(run_dir, ckpt, summary, settings)
             evaluated += 1
             shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()
                               if not k.endswith(("_stderr", "sample_len")))  # fmt: skip

@@ -7,7 +7,9 @@ the run's held-out set, and on every secondary metric (frequency buckets, domain
 adjusted), with 95% intervals over seeds and held-out documents and the verdict words of ``docs/statistics.md``.
 Writes ``summary.md``, ``summary.csv`` (every number), ``curves.csv`` and the figures into ``--out``
 (``evals/compare/``). Runs trained on different token budgets, tokenizers, data or held-out sets are refused
-(exit 2) unless ``--force``.
+(exit 2) unless ``--force``. Every run's final evaluation is read with one setting (``evals/results_store.py``):
+the one common to all runs (several: training's, or ``--eval-setting KEY``); none common is refused (exit 2,
+one line listing each run's settings) unless ``--force``, which labels every number with its run's setting.
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="compare runs with different token budgets, tokenizers, data or held-out sets anyway",
+        help="compare runs with different token budgets, tokenizers, data, held-out sets or evaluation settings "
+        "anyway (every number labelled with its evaluation setting)",
     )
+    parser.add_argument("--eval-setting", default="", metavar="KEY",
+                        help="read every run's final evaluation with this setting (a folder name under "
+                        "CKPT/evals/) when several are common to all runs")  # fmt: skip
     args = parser.parse_args(argv)
     missing = [
         r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file() or not (Path(r) / "config.yaml").is_file()
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(rel(a, out) if Path(a).exists() or a == args.out else a) for a in given
     )
     options = Options(margin=args.margin, score_margin=args.score_margin, contrasts=args.contrast,
-                      method=args.method, cluster=args.cluster_domains, force=args.force, command=command)  # fmt: skip
+                      method=args.method, cluster=args.cluster_domains, force=args.force, command=command,
+                      eval_setting=args.eval_setting)  # fmt: skip
     try:
         summary = compare([Path(r) for r in args.runs], Path(args.out), options, schema=_schema())
     except NotComparable as e:

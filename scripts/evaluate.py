@@ -1,7 +1,9 @@
 """Evaluate a checkpoint with lm-eval and/or rare-token perplexity:
 ``python scripts/evaluate.py --checkpoint RUN_OR_CKPT_DIR --tasks paper [--task-dir DIR] [--num-fewshot 0 5]
-[--val-files 'held_out/*.jsonl.zst']``. Task sets: paper, quick (evals/task_sets.py). Writes
-``eval_results.json`` next to the checkpoint.
+[--val-files 'held_out/*.jsonl.zst' [--bucket-files 'train/*.jsonl.zst']]``. Task sets: paper, quick
+(evals/task_sets.py). Writes ``CKPT/evals/<settings>/eval_results.json`` (with ``eval_samples.json`` and
+``eval_held_out.json``): a folder per evaluation setting (tasks, few-shot, limit, lm-eval version, held-out set),
+so another setting never overwrites training's evaluation; the same setting again replaces its folder.
 
 ``--watch RUN_DIR`` evaluates each of a run's checkpoints as it lands, until the run finishes (evals/watch.py);
 without ``--tasks`` it takes the run's own ``eval`` settings."""
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-records", action="store_true",
                         help="--val-files hold fine-tuning records: score the responses")  # fmt: skip
     parser.add_argument("--val-tokens", type=int, default=200_000)
+    parser.add_argument("--bucket-files", nargs="*", default=[],
+                        help="count tokens of these files to define the frequency buckets (default: the checkpoint's "
+                        "training counts; without either, held-out loss without buckets)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return _watch(args)
 
     from data.shards import DataError
-    from evals.runner import RESULTS_FILE, evaluate_checkpoint
+    from evals.runner import evaluate_checkpoint
     from models.checkpoint_files import CheckpointError
 
     try:
@@ -59,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             val_tokens=args.val_tokens,
             val_records=args.val_records,
             precision=args.precision,
+            bucket_files=args.bucket_files,
         )
     except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as e:
         return fail(e)
     print(json.dumps(summary["metrics"], indent=2))
-    print(f"results: {summary['checkpoint']}/{RESULTS_FILE}")
+    print(f"results: {summary['path']}")
     return 0
 
 
@@ -77,7 +83,8 @@ def _watch(args: argparse.Namespace) -> int:
     given = WatchSettings(tasks=[t for t in args.tasks.split(",") if t], task_dir=args.task_dir,
                           num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                           device=args.device, precision=args.precision, val_files=args.val_files,
-                          val_tokens=args.val_tokens, val_records=args.val_records, interval=args.interval,
+                          val_tokens=args.val_tokens, val_records=args.val_records, bucket_files=args.bucket_files,
+                          interval=args.interval,
                           wandb=args.wandb, run_eval=not args.tasks)  # fmt: skip
     run_dir = Path(args.watch)
     try:

@@ -71,7 +71,9 @@ for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 base=$RUNS/$grid/base
 ckpt=$base/checkpoints/step_0000000
 first=$RUNS/$grid/ce-s${seeds[0]}
-if [ ! -f "$ckpt/eval_results.json" ]; then
+# (done when the checkpoint holds a complete evaluation: CKPT/evals/<settings>/eval_results.json, evals/results_store.py)
+if ! "$PY" -c "import sys; from evals.results_store import find_results
+sys.exit(0 if any(s.complete for s in find_results(sys.argv[1])) else 1)" "$ckpt"; then
   rm -rf "$base"
   "$PY" scripts/import_hf.py --hf "$model" --out "$base/.tmp-import"
   # python -c has the working directory (this checkout) first on sys.path

@@ -3,9 +3,11 @@
 [--task shakespeare_dialogue] [--reference ce]``, or ``python scripts/generation_table.py OUT_DIR`` (every run in the
 directory that ``scripts/finetune_demo.sh --out OUT_DIR`` wrote).
 
-Reads each run's (or checkpoint's) newest ``eval_results.json`` and ``eval_samples.json`` (the in-loop evaluation or
-``scripts/evaluate.py``). ``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated
-with ``scripts/evaluate.py`` on the same task) as the first row. Every metric gets a 95% interval from resampling
+Reads each run's (or checkpoint's) newest complete evaluation that scored the task (``CKPT/evals/<settings>/``:
+the in-loop evaluation or ``scripts/evaluate.py``; ``evals/results_store.py``), and the held-out losses of the
+same evaluation (else of the newest one that has them); the table names the evaluation each row comes from.
+``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated with
+``scripts/evaluate.py`` on the same task) as the first row. Every metric gets a 95% interval from resampling
 the prompts (2,000 times; ROUGE, length and the degenerate fraction are means over prompts; distinct-n and rarity
 are corpus-level, recomputed on each resample), and every row its difference to the reference row (``--reference``:
 a row's name; default the first run) with a *paired* interval — both rows on the same resampled prompts — a
@@ -45,21 +47,26 @@ class Row:
     samples: dict[str, Any] | None
     """The task's per-prompt values (``eval_samples.json``): scores, ``doc_id`` and, where saved, ``output``."""
     held_out: dict[str, Any] | None
+    evaluation: str = ""
+    """The settings key(s) of the evaluation(s) the row comes from."""
 
 
 def load_row(path: str, task: str, name: str = "") -> Row:
+    from evals.results_store import HELD_OUT_FILE, SAMPLES_FILE, find_results
     from models.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    results = json.loads((ckpt / "eval_results.json").read_text())
-    samples = _json(ckpt / "eval_samples.json")
-    held = _json(ckpt / "eval_held_out.json")
-    return Row(name or Path(path).name, _loss_name(ckpt), ckpt, results["metrics"],
-               (samples or {}).get(task), held)  # fmt: skip
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    done = [s for s in find_results(ckpt) if s.complete]
+    scored = [s for s in done if any(k.startswith(f"{task}/") for k in s.summary.get("metrics", {}))]
+    with_held = [s for s in done if s.held_out_path.is_file()]
+    main = (scored or with_held or [None])[0]
+    if main is None:
+        raise FileNotFoundError(f"{ckpt} holds no complete evaluation (evals/*/eval_results.json)")
+    held = main if main in with_held else (with_held or [None])[0]
+    metrics = {**(held.summary["metrics"] if held is not None else {}), **main.summary["metrics"]}
+    evaluation = main.key if held in (None, main) else f"{main.key} + {held.key}"
+    return Row(name or Path(path).name, _loss_name(ckpt), ckpt, metrics, (main.json(SAMPLES_FILE) or {}).get(task),
+               held.json(HELD_OUT_FILE) if held is not None else None, evaluation)  # fmt: skip
 
 
 def _loss_name(ckpt: Path) -> str:
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         buckets = [] if args.no_buckets else bucket_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         return fail(e)
-    print("\n".join(lines + (["", *buckets] if buckets else [])))
+    sources = ["", "Evaluations (CKPT/evals/...): " + "; ".join(f"{r.name}: `{r.evaluation}`" for r in rows)]
+    print("\n".join(lines + (["", *buckets] if buckets else []) + sources))
     return 0
 
 

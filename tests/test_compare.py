@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from evals.compare.stats import Paired, seeds_t
 from evals.generation import write_generation_task
+from evals.results_store import HELD_OUT_FILE, SAMPLES_FILE, find_results, latest
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.faults import as_args, sigterm_at
@@ -70,7 +72,7 @@ def test_every_run_scores_the_same_stratified_held_out_set(study):
     sets = [json.loads((r / "held_out_set.json").read_text()) for r in runs]
     assert all(s["documents"] == sets[0]["documents"] and s["identity"] == sets[0]["identity"] for s in sets)
     assert set(sets[0]["domains"]) == {"Plays", "Poems"} and sets[0]["missing"] == ["Letters"]
-    held = [json.loads((r / "checkpoints/step_0000008/eval_held_out.json").read_text()) for r in runs]
+    held = [latest(r / "checkpoints/step_0000008").json(HELD_OUT_FILE) for r in runs]
     assert all(h["sha"] == held[0]["sha"] and h["set"]["identity"] == sets[0]["identity"] for h in held)
     # per-domain losses use every sampled document of the domain: the in-loop evaluation at the last step (the
     # same set, the same windows) equals the checkpoint's per-document sums
@@ -100,8 +102,8 @@ def test_compare_runs_reports_every_number_with_intervals_and_verdicts(study):
     # the runs' own numbers, read here from their files
     rows = {r.name: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs}
     ckpt = "checkpoints/step_0000008"
-    evals = {r.name: json.loads((r / ckpt / "eval_results.json").read_text())["metrics"] for r in runs}
-    held = {r.name: json.loads((r / ckpt / "eval_held_out.json").read_text()) for r in runs}
+    evals = {r.name: latest(r / ckpt).summary["metrics"] for r in runs}
+    held = {r.name: latest(r / ckpt).json(HELD_OUT_FILE) for r in runs}
     with open(out / "summary.csv") as fh:
         csv_rows = list(csv.DictReader(fh))
     per_run = {(c["group"], c["seed"], c["metric"]): float(c["value"]) for c in csv_rows if c["kind"] == "run"}
@@ -170,8 +172,8 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     tables = _md_tables("## t\n" + proc.stdout.split("\n\n")[0])["t"]
     assert list(tables) == ["before fine-tuning", "ce-s0", "ce-s1", "mile-s0"]
     ckpt = "checkpoints/step_0000008"
-    evals = {r.name: json.loads((r / ckpt / "eval_results.json").read_text())["metrics"] for r in runs}
-    samples = {r.name: json.loads((r / ckpt / "eval_samples.json").read_text())["toy_gen"] for r in runs}
+    evals = {r.name: latest(r / ckpt).summary["metrics"] for r in runs}
+    samples = {r.name: latest(r / ckpt).json(SAMPLES_FILE)["toy_gen"] for r in runs}
     for name in ("ce-s0", "mile-s0"):
         cell = lambda c, name=name: float(tables[name][c].split(" [")[0])  # noqa: E731
         lo, hi = (float(x) for x in tables[name]["rouge1"].split(" [")[1].rstrip("]").split(", "))
@@ -203,36 +205,57 @@ def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, c
     _, runs, _ = study
     other = tmp_path / "before"
     subprocess.run(["cp", "-r", str(runs[0] / "checkpoints/step_0000004"), str(other)], check=True)
-    for stale in ("eval_results.json", "eval_held_out.json", "eval_samples.json"):
-        (other / stale).unlink()
+    shutil.rmtree(other / "evals")  # the run's evaluations of that checkpoint
     (other / "held_out_set.json").write_bytes((runs[0] / "held_out_set.json").read_bytes())
     proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
                            corpus["val"]], cwd=REPO, env=clean_env(), capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_set = json.loads((runs[0] / "held_out_set.json").read_text())
-    scored = json.loads((other / "eval_held_out.json").read_text())
+    scored = latest(other).json(HELD_OUT_FILE)
     assert scored["set"]["identity"] == run_set["identity"] and set(scored["sha"]) == {
         d["sha"] for d in run_set["documents"]}  # fmt: skip
+    # frequency buckets from the counts of given files instead of training's: an evaluation of its own
+    counted = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
+                              corpus["val"], "--bucket-files", corpus["train_glob"]], cwd=REPO, env=clean_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert counted.returncode == 0, counted.stderr[-3000:]
+    first, second = find_results(other)[::-1]
+    assert first.settings.buckets == "training" and second.settings.buckets.startswith("files-")
+    assert second.summary["metrics"]["bucket/loss"] == first.summary["metrics"]["bucket/loss"]
+    m = second.summary["metrics"]
+    assert m["bucket/high_tokens"] + m["bucket/medium_tokens"] + m["bucket/low_tokens"] == m["bucket/tokens"]
+    assert second.json(HELD_OUT_FILE)["buckets"] == second.settings.buckets and first.complete
 
 
 def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):
-    """An older run's per-document file (documents read in file order: no set, no domains) still compares."""
+    """An older run's per-document file (documents read in file order: no set, no domains) still compares, and so
+    does the layout before evaluations were keyed by their settings (one eval_results.json beside the checkpoint,
+    no settings recorded)."""
     _, runs, _ = study
     old = []
     for r in runs:
         copy = tmp_path / r.name
         subprocess.run(["cp", "-r", str(r), str(copy)], check=True)
-        path = copy / "checkpoints/step_0000008/eval_held_out.json"
-        h = json.loads(path.read_text())
+        ckpt = copy / "checkpoints/step_0000008"
+        (evaluation,) = find_results(ckpt)
+        for f in evaluation.dir.iterdir():
+            f.rename(ckpt / f.name)
+        shutil.rmtree(ckpt / "evals")
+        results = json.loads((ckpt / "eval_results.json").read_text())
+        for key in ("settings", "key", "source", "complete", "parts"):
+            results.pop(key)
+        (ckpt / "eval_results.json").write_text(json.dumps(results))
+        h = json.loads((ckpt / HELD_OUT_FILE).read_text())
         for key in ("set", "domain", "sha", "key"):
             h.pop(key)
-        path.write_text(json.dumps(h))
+        (ckpt / HELD_OUT_FILE).write_text(json.dumps(h))
         (copy / "held_out_set.json").unlink()
         old.append(copy)
     proc = _compare(old, tmp_path / "report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "report" / "summary.md").read_text()
+    assert "come from the evaluation `toy_gen+toy_mc-fs0-limitall-lmevalunknown-heldoutunknown`" in md
     assert "predate the stratified held-out set" in md and "Primary: held-out ce" in md
     assert "no per-document data" in md  # per-domain losses of old runs: from the seeds alone
 
@@ -342,3 +365,75 @@ def test_groups_that_differ_only_by_a_modifier_or_a_loss_option_stay_apart():
     assert all({r.seed for r in g} == {0, 1} for g in groups.values())
     pdl = [label for label in groups if label.startswith("pdl")]  # every declared parameter is in the tag
     assert sorted(pdl) == ["pdl-a1", "pdl-a1-eps0.001"], pdl
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/evaluate.py", *args], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_an_evaluation_with_another_limit_is_kept_beside_trainings_and_compare_never_mixes_them(study, tmp_path):
+    """scripts/evaluate.py with another --limit writes a second evaluation and leaves training's as it was;
+    compare reads every run with the one setting they share, refuses runs that share none (one line listing each
+    run's settings, exit 2), and with --force labels every number with its setting."""
+    root, runs, _ = study
+    copies = []
+    for r in runs:
+        subprocess.run(["cp", "-r", str(r), str(tmp_path / r.name)], check=True)
+        copies.append(tmp_path / r.name)
+    ckpt = copies[2] / "checkpoints/step_0000008"
+    (trained,) = find_results(ckpt)
+    assert trained.source == "training" and trained.settings.limit == 0 and trained.key.startswith("toy_gen+toy_mc-")
+    before = {p.name: p.read_bytes() for p in trained.dir.iterdir()}
+    proc = _evaluate("--checkpoint", str(copies[2]), "--tasks", "toy_mc", "--task-dir", str(root / "tasks"),
+                     "--limit", "3")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = find_results(ckpt)
+    assert [s.source for s in again] == ["evaluate", "training"]
+    assert again[0].settings.limit == 3 and "-limit3-lmeval" in again[0].key and again[0].complete
+    assert again[0].summary["n_samples"]["toy_mc"]["effective"] == 3 and f"results: {again[0].dir}" in proc.stdout
+    assert "loglikelihood" in proc.stderr.lower()  # lm-eval logs its requests (what the test below looks for)
+    assert {p.name: p.read_bytes() for p in trained.dir.iterdir()} == before  # training's evaluation untouched
+
+    ok = _compare(copies, tmp_path / "report")  # the setting all three share: training's
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"come from the evaluation `{trained.key}`" in (tmp_path / "report" / "summary.md").read_text()
+
+    shutil.rmtree(trained.dir)  # as if this run had been trained with eval.limit=3: no setting in common
+    refused = _compare(copies, tmp_path / "refused")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert "no evaluation setting common to all runs" in refused.stderr and "Traceback" not in refused.stderr
+    assert f"mile-s0: {again[0].key}" in refused.stderr and f"ce-s0: {trained.key}" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    unknown = _compare(copies, tmp_path / "refused", "--eval-setting", again[0].key)  # not every run's
+    assert unknown.returncode == 2 and "is not an evaluation of every run" in unknown.stderr
+
+    forced = _compare(copies, tmp_path / "forced", "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    md = (tmp_path / "forced" / "summary.md").read_text()
+    assert "Forced comparison of mixed evaluation settings" in md
+    assert f"- S1: `{trained.key}`" in md and f"- S2: `{again[0].key}`" in md and "mile-g1 s0 [S2]" in md
+    assert "evaluation settings S1 vs S2 mixed" in md  # the contrasts with MiLe mix them, and say so
+    with open(tmp_path / "forced" / "summary.csv") as fh:
+        labelled = {(r["run"].rsplit("/", 1)[-1], r["eval_setting"]) for r in csv.DictReader(fh)
+                    if r["kind"] == "run" and r["metric"].startswith("eval/")}  # fmt: skip
+    assert labelled == {("ce-s0", trained.key), ("ce-s1", trained.key), ("mile-s0", again[0].key)}
+
+
+def test_a_failing_check_stops_an_evaluation_before_lm_eval_runs(study, corpus, tmp_path):
+    """Missing held-out files, bucket files or task directory: one line, exit 2, before any lm-eval request, and
+    nothing written."""
+    root, runs, _ = study
+    ckpt = runs[0] / "checkpoints/step_0000008"
+    before = sorted(p.name for p in (ckpt / "evals").iterdir())
+    task = ["--checkpoint", str(runs[0]), "--tasks", "toy_mc", "--task-dir", str(root / "tasks")]
+    for args, named in (
+        ([*task, "--val-files", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        ([*task, "--val-files", corpus["val"], "--bucket-files", str(tmp_path / "no.zst")], "no.zst"),
+        (["--checkpoint", str(runs[0]), "--tasks", "toy_mc", "--task-dir", str(tmp_path / "nowhere")], "nowhere"),
+    ):  # fmt: skip
+        proc = _evaluate(*args)
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-3000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert "loglikelihood" not in proc.stderr.lower()  # lm-eval never started (it logs its requests)
+    assert sorted(p.name for p in (ckpt / "evals").iterdir()) == before

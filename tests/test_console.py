@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from evals.results_store import latest
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
@@ -51,7 +52,7 @@ def test_a_training_run_prints_its_progress(corpus, tmp_path):
     assert [lines[i].split(":")[0] for i in ckpt_lines] == ["checkpoint step 5", "checkpoint step 10 (final)"]
     assert lines[ckpt_lines[1]].endswith("step_0000010")
     (eval_line,) = [line for line in lines if line.startswith("eval step 10: ")]
-    acc = json.loads((run_dir / "checkpoints" / "step_0000010" / "eval_results.json").read_text())["metrics"]
+    acc = latest(run_dir / "checkpoints" / "step_0000010").summary["metrics"]
     assert f"toy_mc/acc {acc['toy_mc/acc']:.4f} ± {acc['toy_mc/acc_stderr']:.4f}" in eval_line
     assert "ppl by frequency high" in eval_line and lines.index(eval_line) > ckpt_lines[1]
 

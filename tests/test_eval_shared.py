@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from evals.generation import write_generation_task
+from evals.results_store import SAMPLES_FILE, find_results, latest
 from evals.tasks import write_multiple_choice_task
 from tests.test_distributed import common, launch
 from tests.test_train import REPO, clean_env
@@ -36,8 +37,10 @@ def test_two_ranks_share_the_in_loop_evaluation_and_score_as_one(corpus, tmp_pat
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/toy_mc/acc" in r] == [2, 4]
     ckpt = run_dir / "checkpoints" / "step_0000004"
-    shared = json.loads((ckpt / "eval_results.json").read_text())
-    shared_samples = json.loads((ckpt / "eval_samples.json").read_text())
+    in_loop = latest(ckpt)
+    assert in_loop is not None and in_loop.complete and in_loop.source == "training"
+    shared, shared_samples = in_loop.summary, in_loop.json(SAMPLES_FILE)
+    assert "held-out loss" in shared["parts"]  # the held-out buckets, scored in blocks by both ranks
     # each rank scored about half of the requests of each type
     assert shared["shared"]["world_size"] == 2
     assert shared["shared"]["requests"] == {"loglikelihood": [9, 8], "generate_until": [3, 2]}
@@ -48,13 +51,16 @@ def test_two_ranks_share_the_in_loop_evaluation_and_score_as_one(corpus, tmp_pat
                          cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    alone = json.loads((ckpt / "eval_results.json").read_text())
+    # the same settings (tasks, shots, limit, lm-eval, the run's held-out set): the same key, its folder replaced
+    (again,) = find_results(ckpt)
+    assert again.key == in_loop.key and again.source == "evaluate" and again.complete
+    alone = again.summary
     assert "shared" not in alone
     assert {k for k in alone["metrics"] if k.startswith("bucket/")}, "the held-out buckets were not scored"
     assert set(shared["metrics"]) == set(alone["metrics"])
     for key, value in alone["metrics"].items():
         assert shared["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     # the same documents, the same generated text and per-document scores
-    alone_samples = json.loads((ckpt / "eval_samples.json").read_text())
+    alone_samples = again.json(SAMPLES_FILE)
     assert shared_samples["toy_gen"]["output"] == alone_samples["toy_gen"]["output"]
     assert shared_samples["toy_mc"]["acc"] == alone_samples["toy_mc"]["acc"]

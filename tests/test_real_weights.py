@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from data.tokenizer import Tokenizer
+from evals.results_store import find_results
 from tests.test_train import REPO, clean_env
 
 HF_DIR = REPO / "corpus" / "smollm2-135m-instruct"
@@ -102,7 +103,8 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     write_multiple_choice_task(task_dir, "facts", docs)
     proc = script("evaluate.py", "--checkpoint", str(imported), "--tasks", "facts", "--task-dir", str(task_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads((imported / "eval_results.json").read_text())["metrics"]
+    ours = next(s for s in find_results(imported) if s.settings.tasks == ("facts",) and not s.settings.held_out)
+    ours = ours.summary["metrics"]
     stock = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={HF_DIR},dtype=float32",
          "--tasks", "facts", "--include_path", str(task_dir), "--output_path", str(tmp_path / "stock"),
@@ -140,5 +142,29 @@ def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     want = sum(tokens)
     final = [r for r in rows if "eval_bucket/tokens" in r][-1]
     assert final["eval_bucket/tokens"] == want and final["eval_bucket/ppl"] < 1e3, final
-    held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/eval_held_out.json")).read_text())
+    held_out = json.loads(next((run_dir / "checkpoints").glob("step_*/evals/*/eval_held_out.json")).read_text())
     assert held_out["scored"] == "responses" and sum(held_out["tokens"]) == want
+
+
+def test_an_imported_checkpoint_gets_its_held_out_loss_without_token_counts(imported, tmp_path):
+    """A pretrained baseline holds no training token counts: evaluate.py still gives its lm-eval scores and its
+    held-out loss (no frequency buckets, with a note; test_compare.py has buckets from --bucket-files)."""
+    from evals.tasks import write_multiple_choice_task
+
+    assert not (imported / "token_counts.safetensors").exists()
+    docs = [{"context": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0},
+            {"context": "Macbeth was written by", "choices": [" Milton", " Shakespeare"], "label": 1}]  # fmt: skip
+    write_multiple_choice_task(tmp_path / "tasks", "facts2", docs)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": t, "meta": {"pile_set_name": "Plays"}}) + "\n"
+                           for t in (TEXT, TEXT.upper(), TEXT[::-1])))  # fmt: skip
+    plain = script("evaluate.py", "--checkpoint", str(imported), "--val-files", str(val), "--val-tokens", "120",
+                   "--tasks", "facts2", "--task-dir", str(tmp_path / "tasks"))  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "holds no training token counts" in plain.stderr and "tokens/s" in plain.stderr  # the note, progress
+    (first,) = [s for s in find_results(imported) if s.settings.tasks == ("facts2",)]
+    assert first.complete and first.settings.buckets == "none" and "no frequency buckets" in first.summary["note"]
+    m = first.summary["metrics"]
+    assert "facts2/acc" in m and 0 < m["bucket/loss"] < 10 and not any(k.startswith("bucket/high") for k in m)
+    held = first.json("eval_held_out.json")
+    assert sum(held["tokens"]) == m["bucket/tokens"] and held["buckets"] == "none"

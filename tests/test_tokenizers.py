@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from evals.results_store import latest
 from tests.conftest import debug_overrides
 from tests.corpus import documents
 from tests.test_train import REPO, clean_env
@@ -93,7 +94,7 @@ def test_training_checkpoint_resume_and_eval_with_a_tokenizer_json(hf_tokenizer,
         cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "checkpoints" / "step_0000012" / "eval_results.json").read_text())
+    results = latest(run_dir / "checkpoints" / "step_0000012").summary
     assert results["metrics"]["bucket/ppl"] > 1
 
 

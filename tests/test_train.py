@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evals.results_store import latest
 from evals.tasks import write_multiple_choice_task
 from models.checkpoint import load_model, resolve_checkpoint
 from tests.conftest import debug_overrides
@@ -154,7 +155,7 @@ def test_evaluate_script_writes_results(mile_run, tmp_path):
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((mile_run.checkpoint / "eval_results.json").read_text())
+    results = latest(mile_run.checkpoint).summary  # the newest evaluation: this one, beside training's
     assert results["step"] == 30 and results["n_samples"]["toy_mc"]["effective"] == 6
     assert results["metrics"]["toy_mc/acc"] == pytest.approx(expected_accuracy(mile_run.run_dir, docs), abs=1e-9)
 

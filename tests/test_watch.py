@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from evals.results_store import find_results
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
 from tests.test_train import REPO, clean_env
@@ -66,8 +67,9 @@ def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the
     }
     assert all(r["tokens"] == tokens[r["step"]] and 0 <= r["eval/toy_mc/acc"] <= 1 for r in rows)
     for name, row in zip(STEPS, rows, strict=True):
-        results = json.loads((run_dir / "checkpoints" / name / "eval_results.json").read_text())
-        assert results["metrics"]["toy_mc/acc"] == row["eval/toy_mc/acc"]
+        (stored,) = find_results(run_dir / "checkpoints" / name)
+        assert stored.complete and stored.key == row["eval_setting"]
+        assert stored.summary["metrics"]["toy_mc/acc"] == row["eval/toy_mc/acc"]
     # the evaluations went to the training run's own W&B run (its id), offline
     run_id = (run_dir / "wandb_id").read_text()
     streams = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
@@ -75,6 +77,20 @@ def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the
     while not any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams) and time.monotonic() < deadline:
         time.sleep(0.5)  # W&B's service process writes the stream on its own
     assert len(streams) >= 2 and any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams)
+
+    # "done" is for the watcher's own settings: the same again evaluates nothing; another limit evaluates every
+    # checkpoint again, into its own folder, the first setting's results untouched
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
+    quiet = [sys.executable, *watch, "--wandb", "disabled"]
+    same = subprocess.run(quiet, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert same.returncode == 0 and "evaluating" not in same.stderr, same.stderr[-3000:]
+    other = subprocess.run([*quiet, "--limit", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert re.findall(r"evaluating (step_\d+)", other.stderr) == STEPS
+    for name, row in zip(STEPS, rows, strict=True):
+        by_key = {s.key: s for s in find_results(run_dir / "checkpoints" / name)}
+        assert len(by_key) == 2 and all(s.complete for s in by_key.values())
+        assert by_key[row["eval_setting"]].summary["metrics"]["toy_mc/acc"] == row["eval/toy_mc/acc"]
 
 
 def test_watcher_refuses_a_run_directory_that_cannot_appear(tmp_path):

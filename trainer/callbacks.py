@@ -168,6 +168,7 @@ class EvalCallback(Callback):
                     model=self.model,
                     shared=shared,
                     lockstep=self.lockstep,
+                    source="training",
                 )
             finally:
                 if training:

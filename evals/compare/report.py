@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from evals.compare import metrics as M
-from evals.compare.runs import Run, baseline, diverged, final, group_runs, mismatches, read_run
+from evals.compare.runs import (
+    Run,
+    SettingError,
+    baseline,
+    choose_setting,
+    diverged,
+    final,
+    group_runs,
+    mismatches,
+    read_run,
+)
 from evals.compare.stats import ALPHA, N_BOOT
 from losslab.log import get_logger
 
@@ -44,6 +54,8 @@ class Options:
     cluster: bool = False
     force: bool = False
     command: str = ""
+    eval_setting: str = ""
+    """The evaluation setting (key, ``evals/results_store.py``) to read every run's final evaluation with."""
 
 
 def rel(path: Path | str, out: Path) -> str:
@@ -120,6 +132,10 @@ def compare(run_dirs: Sequence[Path], out: Path, options: Options, schema: Any =
     from evals.compare import plots
 
     runs = [read_run(Path(d), schema) for d in run_dirs]
+    try:
+        choose_setting(runs, options.eval_setting, options.force)
+    except SettingError as e:
+        raise NotComparable(str(e)) from None
     problems = mismatches(runs)
     if problems and not options.force:
         raise NotComparable("; ".join(problems))
@@ -133,8 +149,12 @@ def compare(run_dirs: Sequence[Path], out: Path, options: Options, schema: Any =
     found = M.contrasts(groups, base, metrics, contrasts_asked, margin=options.margin,
                         score_margin=options.score_margin, method=options.method, cluster=options.cluster,
                         progress=lambda s: log.info(f"  {s}"))  # fmt: skip
+    labels = setting_labels(runs)
     for c in found:
         c.notes = coverage_notes(c)
+        mixed = sorted({labels[r.eval_setting] for g in (c.a, c.b) for r in groups[g]})
+        if len(labels) > 1 and not c.metric.key.startswith(("train", "inloop")) and len(mixed) > 1:
+            c.notes.append(f"evaluation settings {' vs '.join(mixed)} mixed")
     notes = {}
     for label, rs in groups.items():
         why = [f"seed {r.seed}: {w}" for r in rs if (w := diverged(r))]
@@ -156,10 +176,40 @@ def compare(run_dirs: Sequence[Path], out: Path, options: Options, schema: Any =
     if plots.plot_downstream_curves(groups, scores, chance, out):
         figures.append("downstream_curves.png")
     md = markdown(groups, settings, base, metrics, found, notes, chance, problems, figures, options, out)
+    at = md.index("## Held-out set")
+    md[at:at] = _setting_section(runs, labels)
     (out / "summary.md").write_text("\n".join(md) + "\n")
-    _write_csv(out / "summary.csv", records(groups, metrics, found, chance, out))
+    rows = records(groups, metrics, found, chance, out)
+    keys = {rel(r.dir, out): r.eval_setting for r in runs}
+    for row in rows:  # every run's evaluated number with the evaluation setting it came from
+        evaluated = row["kind"] == "run" and not str(row["metric"]).startswith(("train/", "inloop/"))
+        row["eval_setting"] = keys.get(row["run"], "") if evaluated else ""
+    _write_csv(out / "summary.csv", rows)
     _write_csv(out / "curves.csv", curve_rows(groups, out))
     return out / "summary.md"
+
+
+def setting_labels(runs: list[Run]) -> dict[str, str]:
+    """Evaluation setting key -> a short label (``S1``, ``S2``, ...) in the order the runs use them."""
+    return {k: f"S{i + 1}" for i, k in enumerate(dict.fromkeys(r.eval_setting for r in runs))}
+
+
+def _setting_section(runs: list[Run], labels: dict[str, str]) -> list[str]:
+    """Which evaluation every run's downstream and held-out numbers come from."""
+    md = ["## Evaluation setting", ""]
+    described = {r.eval_setting: r.evals[r.eval_setting].settings.describe() for r in runs if r.eval_setting}
+    if len(labels) == 1:
+        key = next(iter(labels))
+        md.append(f"Every run's downstream and held-out numbers come from the evaluation `{key}` of its final "
+                  f"checkpoint ({described[key]})." if key else "No run holds an evaluation of its final "
+                  "checkpoint: downstream numbers, if any, are the in-loop ones of metrics.jsonl.")  # fmt: skip
+    else:
+        md.append("**Forced comparison of mixed evaluation settings** (`--force`): each run's downstream and "
+                  "held-out numbers come from another evaluation; the runs' columns and every contrast that mixes "
+                  "them are labelled with the setting:")  # fmt: skip
+        md.extend(f"- {labels[k]}: `{k or 'none'}` ({described.get(k, 'no evaluation')}): "
+                  + ", ".join(r.name for r in runs if r.eval_setting == k) for k in labels)  # fmt: skip
+    return [*md, ""]
 
 
 def _held_out_section(groups: dict[str, list[Run]]) -> list[str]:
@@ -286,7 +336,9 @@ def paper_rows(found: list[M.Contrast], groups: dict[str, list[Run]]) -> list[st
 def run_tables(groups: dict[str, list[Run]], metrics: list[M.Metric], chance: dict[str, Any]) -> list[str]:
     """Every run's number on every metric (transposed: a row per metric, a column per run)."""
     runs = [(g, r) for g, rs in groups.items() for r in rs]
-    head = "| metric | " + " | ".join(f"{g} s{r.seed}" for g, r in runs) + " |"
+    labels = setting_labels([r for _, r in runs])
+    mark = (lambda r: f" [{labels[r.eval_setting]}]") if len(labels) > 1 else (lambda r: "")
+    head = "| metric | " + " | ".join(f"{g} s{r.seed}{mark(r)}" for g, r in runs) + " |"
     md = ["", "## Every run's numbers", "", head, "|---" * (len(runs) + 1) + "|"]
     rows = [("tokens", lambda r: f"{final(r.tokens):.0f}"),
             ("training ce, last logged", lambda r: f"{final(r.ce):.4f}"),

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from evals.runner import HELD_OUT_FILE, RESULTS_FILE, SAMPLES_FILE
+from evals.results_store import HELD_OUT_FILE, SAMPLES_FILE, StoredEval, find_results
 from evals.watch import EVAL_METRICS
 from losslab.losses import LossConfig, loss_tag
 
@@ -47,9 +47,15 @@ class Run:
     """``eval_domain/<d>/loss`` (and overall/average/worst) at the last step that logged them."""
     domain_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     """``eval_domain/...`` key -> (tokens, value) at each in-loop evaluation."""
+    evals: dict[str, StoredEval] = field(default_factory=dict)
+    """The complete evaluations of the last step's checkpoint by settings key (``evals/results_store.py``), newest
+    first."""
+    eval_setting: str = ""
+    """The key of the evaluation ``eval``, ``held_out`` and ``samples`` come from ("" when none)."""
     eval_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    """``eval/TASK/METRIC`` -> (tokens, value) at each evaluated checkpoint: in-loop (``metrics.jsonl``) or by the
-    watcher (``eval_metrics.jsonl``, ``evals/watch.py``)."""
+    """``eval/TASK/METRIC`` -> (tokens, value) at each checkpoint evaluated with the setting ``eval_setting``
+    (``setting_curves``); for a run with no stored evaluation of its last checkpoint, its in-loop evaluations
+    (``metrics.jsonl``)."""
 
     @property
     def name(self) -> str:
@@ -66,19 +72,49 @@ def _json(path: Path | None) -> Any:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
-def _eval_results(run_dir: Path, last_step: int) -> tuple[dict[str, Any] | None, Path | None]:
-    """The latest checkpoint's eval_results.json (also written by a later scripts/evaluate.py) and that
-    checkpoint, if it evaluated the last step."""
+def _stored_evals(run_dir: Path, last_step: int) -> dict[str, StoredEval]:
+    """The complete evaluations of the latest checkpoint (training's, and any by a later scripts/evaluate.py), if
+    it is the last step's, by settings key, newest first."""
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    if not ckpts or not (ckpts[-1] / RESULTS_FILE).is_file():
-        return None, None
-    results = json.loads((ckpts[-1] / RESULTS_FILE).read_text())
-    return (results, ckpts[-1]) if results.get("step") == last_step else (None, None)
+    if not ckpts:
+        return {}
+    found = [s for s in find_results(ckpts[-1]) if s.complete and s.step == last_step]
+    out: dict[str, StoredEval] = {}
+    for s in found:
+        out.setdefault(s.key, s)
+    return out
 
 
-def read_run(run_dir: Path, schema: Any = None) -> Run:
+def default_setting(run: Run) -> str:
+    """The evaluation a run is read with unless told: training's own, else the newest ("" when none)."""
+    trained = [k for k, s in run.evals.items() if s.source == "training"]
+    return trained[0] if trained else next(iter(run.evals), "")
+
+
+def use_evaluation(run: Run, key: str) -> None:
+    """Read ``run``'s final evaluation numbers (``eval``, tasks, limit, per-document files) from its evaluation
+    ``key`` (one of ``run.evals``); the in-loop per-domain losses are not an evaluation's and stay."""
+    stored = run.evals[key]
+    results = stored.summary
+    run.eval = {}
+    for name, value in results["metrics"].items():
+        run.eval[f"eval_bucket/{name.removeprefix('bucket/')}" if name.startswith("bucket/") else f"eval/{name}"] = (
+            value
+        )
+    run.eval_tasks = list(results.get("tasks") or [])
+    run.eval_limit = int(results.get("limit") or 0)
+    held_out = stored.json(HELD_OUT_FILE)
+    run.held_out = held_out if held_out and held_out.get("step") == results.get("step") else None
+    run.samples = stored.json(SAMPLES_FILE) or {}
+    run.eval_setting = key
+    run.eval_curves = setting_curves(run, key)
+
+
+def read_run(run_dir: Path, schema: Any = None, setting: str = "") -> Run:
     """A run from its directory. ``schema``: the config schema with its defaults (a run saved before a key existed
-    ran with that key's default), merged under the run's config.yaml."""
+    ran with that key's default), merged under the run's config.yaml. Its final evaluation is the one with settings
+    key ``setting`` when it has one, else training's (``default_setting``); ``choose_setting`` picks one for
+    several runs."""
     saved = OmegaConf.load(run_dir / "config.yaml")
     cfg = OmegaConf.merge(schema, saved) if schema is not None else saved
     # the loss section as today's config writes it (flat; a section saved before losses declared their
@@ -102,19 +138,9 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
                 curves.setdefault(k.removeprefix("eval_domain/"), []).append((r["step"] * tokens_per_step, v))
     # one point per step, in step order (a line written out of order, e.g. by an interrupted process, is not a curve)
     curves = {k: sorted(dict(pts).items()) for k, pts in curves.items()}
-    eval_curves = _eval_curves(rows, run_dir / EVAL_METRICS, tokens_per_step)
     last_step = train[-1]["step"] if train else 0
-    results, ckpt = _eval_results(run_dir, last_step)
     domains = {k: pts[-1][1] for k, pts in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))}
-    held_out = _json(ckpt / HELD_OUT_FILE) if ckpt else None
-    held_out = held_out if held_out and held_out.get("step") == last_step else None
-    tasks, limit = list(cfg.eval.tasks), int(cfg.eval.limit)
-    if results is not None:
-        for key, value in results["metrics"].items():
-            name = f"eval_bucket/{key.removeprefix('bucket/')}" if key.startswith("bucket/") else f"eval/{key}"
-            final_eval[name] = value
-        tasks, limit = list(results.get("tasks") or tasks), int(results.get("limit") or 0)
-    return Run(
+    run = Run(
         dir=run_dir,
         cfg=cfg,
         seed=int(cfg.train.seed),
@@ -123,30 +149,54 @@ def read_run(run_dir: Path, schema: Any = None) -> Run:
         ce=[r.get("ce", math.nan) for r in train],
         loss=[r["loss"] for r in train],
         val=val,
-        eval=final_eval,
-        eval_tasks=tasks,
-        eval_limit=limit,
+        eval=final_eval,  # the in-loop numbers, for a run whose checkpoint holds no evaluation
+        eval_tasks=list(cfg.eval.tasks),
+        eval_limit=int(cfg.eval.limit),
         info=_json(run_dir / "run_info.json") or {},
-        held_out=held_out,
-        samples=(_json(ckpt / SAMPLES_FILE) or {}) if ckpt else {},
         domains=domains,
         domain_curves={k: v for k, v in curves.items() if k.endswith(("/loss", "overall", "average", "worst"))},
-        eval_curves=eval_curves,
+        eval_curves=_eval_curves(rows, tokens_per_step),  # without a stored evaluation: the in-loop ones
+        evals=_stored_evals(run_dir, last_step),
     )
+    if run.evals:
+        use_evaluation(run, setting if setting in run.evals else default_setting(run))
+    return run
 
 
-def _eval_curves(rows: list[dict[str, Any]], watched: Path, tokens_per_step: float) -> dict[str, list[tuple]]:
-    """Each downstream score at each evaluated checkpoint, by training tokens: the in-loop evaluations logged in
-    ``metrics.jsonl`` and the watcher's ``eval_metrics.jsonl`` (which carries its tokens); one point per step,
-    the watcher's where both evaluated a step."""
+def _eval_curves(rows: list[dict[str, Any]], tokens_per_step: float) -> dict[str, list[tuple[float, float]]]:
+    """Each downstream score (``eval/...``) in ``rows`` (``metrics.jsonl``'s form) by training tokens, one point
+    per step (the last row of a step wins)."""
     points: dict[str, dict[int, tuple[float, float]]] = {}
-    extra = [json.loads(x) for x in watched.read_text().splitlines() if x.strip()] if watched.is_file() else []
-    for r in [*rows, *extra]:
+    for r in rows:
         tokens = r.get("tokens", r["step"] * tokens_per_step)
         for k, v in r.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)):
+            if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 points.setdefault(k, {})[r["step"]] = (tokens, v)
     return {k: [pts[s] for s in sorted(pts)] for k, pts in points.items()}
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def setting_curves(run: Run, key: str) -> dict[str, list[tuple[float, float]]]:
+    """Each downstream score (``eval/...``) at each checkpoint evaluated with the setting ``key``, by training
+    tokens, never another setting's: the complete results of that setting beside each checkpoint still on disk
+    (``CKPT/evals/<key>/``); the watcher's lines of that setting (``eval_metrics.jsonl``, ``evals/watch.py``);
+    and, when ``key`` is the in-loop evaluation's (the only setting training evaluated with, by the
+    ``source`` of the results on disk), its lines in ``metrics.jsonl``, which outlive the checkpoints that
+    ``checkpoint.keep`` removed. One point per step; stored results win over logged lines."""
+    rows = _rows(run.dir / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r and "tokens" in r]
+    tokens_per_step = train[-1]["tokens"] / train[-1]["step"] if train else math.nan
+    stored = [s for ckpt in sorted((run.dir / "checkpoints").glob("step_*")) for s in find_results(ckpt)]
+    trained = {s.key for s in stored if s.source == "training"}
+    logged = [r for r in rows if trained == {key}]
+    logged += [r for r in _rows(run.dir / EVAL_METRICS) if r.get("eval_setting") == key]
+    results = [{"step": s.step, "tokens": s.summary.get("tokens") or s.step * tokens_per_step,
+                **{f"eval/{k}": v for k, v in s.summary["metrics"].items() if not k.startswith("bucket/")}}
+               for s in stored if s.key == key and s.complete and s.step is not None]  # fmt: skip
+    return _eval_curves([*logged, *results], tokens_per_step)
 
 
 def _flat(cfg: Any) -> dict[str, Any]:
@@ -220,6 +270,43 @@ def diverged(run: Run) -> str:
     if last > low + 1.0:
         return f"final training ce {last:.2f}, more than 1 nat above its lowest ({low:.2f})"
     return ""
+
+
+class SettingError(ValueError):
+    """Runs without one evaluation setting in common (or with several and none chosen)."""
+
+
+def choose_setting(runs: list[Run], wanted: str = "", force: bool = False) -> str:
+    """The evaluation setting (key, ``evals/results_store.py``) every run is read with, applied to each run: the
+    one ``wanted``, else the one all runs have (several: training's, when it is the same for all), else
+    ``SettingError`` naming each run's settings. ``force``: each run keeps ``wanted`` when it has it, else its
+    own default (training's), and the report labels every number with its run's setting; returns ""."""
+    evaluated = [r for r in runs if r.evals]
+    if not evaluated:
+        return ""
+    common = [k for k in evaluated[0].evals if all(k in r.evals for r in runs)]
+    if wanted:
+        choice = wanted if wanted in common else ""
+        why = f"--eval-setting {wanted} is not an evaluation of every run"
+    elif len(common) == 1:
+        choice, why = common[0], ""
+    else:
+        trained = {default_setting(r) for r in runs}
+        choice = trained.pop() if len(trained) == 1 and not trained - set(common) and common else ""
+        why = ("no evaluation setting common to all runs" if not common else
+               f"several evaluation settings common to all runs ({', '.join(common)}): pick one with "
+               "--eval-setting KEY")  # fmt: skip
+    if choice:
+        for r in runs:
+            use_evaluation(r, choice)
+        return choice
+    if force:
+        for r in runs:
+            if wanted in r.evals:
+                use_evaluation(r, wanted)
+        return ""
+    listing = "; ".join(f"{r.name}: {', '.join(r.evals) or 'none'}" for r in runs)
+    raise SettingError(f"{why}; evaluations of the last checkpoint by run: {listing}")
 
 
 def mismatches(runs: list[Run]) -> list[str]:

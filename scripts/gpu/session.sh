@@ -94,7 +94,7 @@ print('triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transfo
       local start=$SECONDS
       $PY scripts/evaluate.py --checkpoint runs/bench/468m --tasks paper --task-dir eval_data --batch-size 64 \
         && echo "paper task set, 0-shot: $((SECONDS - start)) s" \
-        && cp runs/bench/468m/checkpoints/step_*/eval_results.json "$OUT/eval468_results.json"
+        && cp "$(ls -t runs/bench/468m/checkpoints/step_*/evals/*/eval_results.json | head -1)" "$OUT/eval468_results.json"
       ;;
     grid)  # the small grid of issue #9 (long: see scripts/gpu/README.md); resumable, re-run to continue
       [ -n "$(train_shards)" ] || { echo "the grid needs the study corpus carried (.carry/data/study)"; return 1; }
