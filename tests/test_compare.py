@@ -418,6 +418,13 @@ def test_an_evaluation_with_another_limit_is_kept_beside_trainings_and_compare_n
         labelled = {(r["run"].rsplit("/", 1)[-1], r["eval_setting"]) for r in csv.DictReader(fh)
                     if r["kind"] == "run" and r["metric"].startswith("eval/")}  # fmt: skip
     assert labelled == {("ce-s0", trained.key), ("ce-s1", trained.key), ("mile-s0", again[0].key)}
+    # the downstream curves are each run's setting's only: mile-s0's has the one checkpoint evaluated with limit 3
+    # (its in-loop lines are another setting's), the CE runs' every checkpoint of training's setting
+    with open(tmp_path / "forced" / "curves.csv") as fh:
+        curve = [c for c in csv.DictReader(fh) if c["series"] == "downstream" and c["metric"] == "eval/toy_mc/acc"]
+    points = {n: [float(c["value"]) for c in curve if c["run"].endswith(n)] for n in ("ce-s0", "ce-s1", "mile-s0")}
+    assert points["mile-s0"] == [again[0].summary["metrics"]["toy_mc/acc"]]
+    assert len(points["ce-s0"]) == len(points["ce-s1"]) == 2
 
 
 def test_a_failing_check_stops_an_evaluation_before_lm_eval_runs(study, corpus, tmp_path):

@@ -10,10 +10,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from evals.buckets import per_token_loss
 from evals.generation import write_generation_task
 from evals.results_store import SAMPLES_FILE, find_results, latest
 from evals.tasks import write_multiple_choice_task
+from models import GPT
+from models.config import GPTConfig
 from tests.test_distributed import common, launch
 from tests.test_train import REPO, clean_env
 
@@ -64,3 +69,54 @@ def test_two_ranks_share_the_in_loop_evaluation_and_score_as_one(corpus, tmp_pat
     alone_samples = again.json(SAMPLES_FILE)
     assert shared_samples["toy_gen"]["output"] == alone_samples["toy_gen"]["output"]
     assert shared_samples["toy_mc"]["acc"] == alone_samples["toy_mc"]["acc"]
+
+
+BLOCKS = """
+import sys, torch, torch.distributed as dist
+from evals.distributed import shared_per_token_loss
+from tests.test_eval_shared import tiny_model
+dist.init_process_group("gloo")
+windows, lengths = torch.load(sys.argv[1])
+loss, targets, counts = shared_per_token_loss(tiny_model(), windows, 2, lengths=lengths, progress="held-out loss")
+if dist.get_rank() == 0:
+    torch.save((loss, targets, counts), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=4, d_mlp=64, max_seq_len=16)).eval()
+
+
+def test_two_ranks_score_right_padded_rows_cut_per_batch_as_one_process_and_as_float64(tmp_path):
+    """The held-out loss of right-padded records (fine-tuning), shared in blocks by two gloo ranks, each batch of a
+    block cut to its longest row: the same losses as one process cutting its own batches, and as a float64
+    forward of each row alone, on every real target."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([5, 12, 3, 9, 12, 7, 4])  # 7 rows: blocks of 4 and 3 (+ 1 copy), 2 batches each
+    windows = torch.randint(1, 50, (7, 12), generator=gen)  # [n, width]
+    windows[torch.arange(12)[None, :] >= lengths[:, None]] = 0  # right padding
+    torch.save((windows, lengths), tmp_path / "in.pt")
+    (tmp_path / "blocks.py").write_text(BLOCKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "blocks.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out loss: 4 rows" in proc.stderr  # rank 0's progress line, its block's (one line: rank 1 is quiet)
+    shared, targets, counts = torch.load(tmp_path / "out.pt")
+    assert counts == [4, 3] and torch.equal(targets, windows[:, 1:].reshape(-1))
+    model = tiny_model()
+    alone, _ = per_token_loss(model, windows, batch_size=2, lengths=lengths)  # [n * (width - 1)]
+    # the real targets (the caller drops the rest: a shorter row's padding inside a batch cut to a longer one)
+    real = (torch.arange(11)[None, :] < lengths[:, None] - 1).reshape(-1)  # [n * (width - 1)]
+    torch.testing.assert_close(shared[real], alone[real], rtol=1e-5, atol=1e-6)
+    reference = torch.zeros(7, 11, dtype=torch.float64)
+    model = model.double()
+    with torch.no_grad():
+        for i, n in enumerate(lengths.tolist()):  # each row alone, its real tokens only, in float64
+            hidden = model(windows[i : i + 1, : n - 1])[0]  # [n - 1, d]
+            logits = F.linear(hidden, model.head.weight[:50])  # [n - 1, V]
+            reference[i, : n - 1] = F.cross_entropy(logits, windows[i, 1:n], reduction="none")
+    torch.testing.assert_close(shared.double()[real], reference.reshape(-1)[real], rtol=1e-5, atol=1e-5)
