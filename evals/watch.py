@@ -20,6 +20,7 @@ reader can keep one setting's; on W&B the metrics go to the run's own W&B run (i
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,14 @@ class WandbEval:
 
         cfg = run_config(run_dir).get("wandb") or {}
         run_id = (run_dir / "wandb_id").read_text().strip()
+        # Its own W&B service: one inherited from a parent process (WANDB_SERVICE, set by any wandb.init there)
+        # may already hold this run id for the training process, and refuses a second holder ("run ID is in use").
+        os.environ.pop("WANDB_SERVICE", None)
+        # Online, training may still be writing the run: W&B's shared mode is its way for a second process to
+        # write the same run (not the primary writer, labelled). Offline, each process writes its own files.
+        settings = wandb.Settings(quiet=True, console="off")
+        if mode == "online":
+            mode, settings = "shared", wandb.Settings(quiet=True, console="off", x_primary=False, x_label="eval-watch")
         self.run = wandb.init(
             mode=mode,
             dir=str(run_dir),
@@ -192,7 +201,7 @@ class WandbEval:
             entity=cfg.get("entity") or None,
             id=run_id,
             resume="allow",
-            settings=wandb.Settings(quiet=True, console="off"),
+            settings=settings,
         )
         # training logs at W&B's own step; a second writer's steps may be behind it, so the evaluation's
         # charts take the logged "step" as their x-axis instead
@@ -214,7 +223,11 @@ def open_wandb(run_dir: Path, mode: str) -> WandbEval | None:
     if not (run_dir / "wandb_id").is_file():
         log.warning(f"{run_dir}/wandb_id not found: the run logged no W&B run, the evaluations go to files only")
         return None
-    return WandbEval(run_dir, mode)
+    try:
+        return WandbEval(run_dir, mode)
+    except Exception as e:  # the dashboard is a copy: the evaluations still go to the run's files
+        log.warning(f"W&B run of {run_dir} could not be opened ({type(e).__name__}: {e}); evaluations go to files only")
+        return None
 
 
 def evaluate(ckpt: Path, s: WatchSettings) -> dict[str, Any]:

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                     step()
             ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
             ms = [(e.key, e.self_cpu_time_total / 1e3 / args.iters) for e in ops]
-            top = ", ".join(f"`{k}` {t:.0f}" for k, t in ms[: args.top])
-            print(f"| {name} | {precision} | {sum(t for _, t in ms):.0f} | {top} |", flush=True)
+            # three significant digits: a toy size takes well under a millisecond, which "0" would hide
+            top = ", ".join(f"`{k}` {t:.3g}" for k, t in ms[: args.top])
+            print(f"| {name} | {precision} | {sum(t for _, t in ms):.3g} | {top} |", flush=True)
     return 0
 
 

@@ -25,7 +25,15 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             stderr=open(f"{log}.err", "w"))  # fmt: skip
 
 
-def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the_run(corpus, tmp_path):
+def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the_run(corpus, tmp_path, monkeypatch):
+    # Both are started by a process that ran W&B itself, as a driver script would: its service (WANDB_SERVICE) is
+    # inherited by both children, and it refuses the watcher the run id that training holds unless the watcher
+    # starts its own.
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.init(dir=str(tmp_path), project="driver", settings=wandb.Settings(quiet=True, console="off")).finish()
+    monkeypatch.delenv("WANDB_MODE")
     docs = [{"context": c, "choices": [" the crown", " zzz"], "label": 0} for c in ("The king loves", "A fool")]
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     run_dir = tmp_path / "run"
