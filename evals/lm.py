@@ -213,10 +213,7 @@ class LosslabLM(TemplateLM):
                 g.temperature = temperature
                 g.rng = torch.Generator().manual_seed(int(gen_kwargs.get("seed", 0)) * 1_000_003 + index)
             gens.append(g)
-        order = sorted(gens, key=lambda g: -len(g.prompt))  # little padding; the longest (slowest) first
-        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, disable=disable_tqdm, desc="generate_until"):
-            self._generate_batch(batch)
+        self._generate_all(gens, disable_tqdm)
         out = []
         for g in gens:
             text = self.tok_decode(g.tokens)
@@ -224,6 +221,20 @@ class LosslabLM(TemplateLM):
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of token prompts (up to end-of-text, which is not included, or
+        ``max_new_tokens``), batched as ``generate_until`` batches them."""
+        gens = [_Generation(list(p), [], max_new_tokens) for p in prompts]
+        self._generate_all(gens, disable_tqdm=True)
+        return [g.tokens for g in gens]
+
+    def _generate_all(self, gens: list[_Generation], disable_tqdm: bool) -> None:
+        order = sorted(gens, key=lambda g: -len(g.prompt))  # little padding; the longest (slowest) first
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, disable=disable_tqdm, desc="generate_until"):
+            self._generate_batch(batch)
 
     def _generate_batch(self, batch: list[_Generation]) -> None:
         active = [g for g in batch if g.max_new > 0]

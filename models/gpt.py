@@ -171,13 +171,12 @@ class Rotary(nn.Module):
         cos = cos.view(*cos.shape[:-1], *[1] * heads, cos.shape[-1]).to(x.dtype)  # broadcasts over the heads
         sin = sin.view(cos.shape).to(x.dtype)
         half = self.dims // 2
-        x1, x2 = x[..., :half], x[..., half : self.dims]
+        # split, not slices: its backward is one cat of the pieces' gradients, where each slice's would fill a
+        # zero gradient of the whole input and add it
+        x1, x2, rest = x.split([half, half, x.shape[-1] - self.dims], dim=-1)
         # x * cos + rotate_half(x) * sin, half by half (the same products and sums: bit-identical, without the
         # rotated copy and the full-width temporaries)
-        parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-        if self.dims < x.shape[-1]:
-            parts.append(x[..., self.dims :])
-        return torch.cat(parts, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -195,13 +194,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0, packing: Packing | None = None) -> Tensor:
         B, T, D = x.shape
         G, hd = self.group, self.head_dim
-        qkv = self.qkv(x).view(B, T, self.kv_heads, G + 2, hd)  # [B, T, KV, g+2, hd]
+        # split (one cat in backward), not slices (a zero-filled gradient of the whole projection for each)
+        q, k, v = self.qkv(x).view(B, T, self.kv_heads, G + 2, hd).split([G, 1, 1], dim=3)  # [B, T, KV, g|1|1, hd]
         positions = None if packing is None else packing.positions
-        # Rotary reads the strided slices of the fused projection and writes q and k contiguous, token-major: the
+        # Rotary reads the strided pieces of the fused projection and writes q and k contiguous, token-major: the
         # head axes then move with views (query head h = kv * g + j reads key/value head kv = h // g).
-        q = self.rotary(qkv[:, :, :, :G], offset, positions).view(B, T, self.n_heads, hd).transpose(1, 2)  # [B,H,T,hd]
-        k = self.rotary(qkv[:, :, :, G], offset, positions).transpose(1, 2)  # [B, KV, T, hd]
-        v = qkv[:, :, :, G + 1].transpose(1, 2)  # [B, KV, T, hd]
+        q = self.rotary(q, offset, positions).view(B, T, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.rotary(k, offset, positions).view(B, T, self.kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.squeeze(3).transpose(1, 2)  # [B, KV, T, hd]
         if kv is not None:  # generation: attend to the cached positions too, and cache these
             k, v = kv.append(k, v)  # [B, KV, offset + T, hd]
         y = self._sdpa(q, k, v, offset, packing)  # [B, H, T, hd]

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from data.shards import DataError
 from data.tokenizer import Tokenizer
 from models.checkpoint_files import CheckpointError
+from models.gpt import GPT
 from models.hf import load_hf_folder
 
 
@@ -28,13 +29,18 @@ def import_hf(hf_dir: str, out: str, tokenizer: str = "") -> Path:
         tok = Tokenizer(tokenizer or hf_dir)
     except DataError as e:
         raise FileNotFoundError(f"{e}; pass --tokenizer") from None
-    out_dir = Path(out)
+    return write_model_dir(model, tok, Path(out), {"step": 0, "tokens": 0, "imported_from": str(hf_dir)})
+
+
+def write_model_dir(model: GPT, tok: Tokenizer, out_dir: Path, meta: dict) -> Path:
+    """A checkpoint directory that ``models.checkpoint.load_model`` reads: weights, model config, the tokenizer's
+    files and ``meta`` (no optimizer state)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
     (out_dir / "model_config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     for name, src in tok.files.items():  # the tokenizer travels with the model, as in a training checkpoint
         shutil.copyfile(src, out_dir / name)
-    (out_dir / "meta.json").write_text(json.dumps({"step": 0, "tokens": 0, "imported_from": str(hf_dir)}, indent=2))
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return out_dir
 
 
