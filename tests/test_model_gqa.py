@@ -295,3 +295,35 @@ def test_tied_checkpoint_holds_the_matrix_once_and_loads_back(tied_runs, run):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model.logits(ids), other.logits(ids), atol=1e-4)  # same training, either layout
+
+
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_left_padded_rows_decode_as_they_would_alone(block):
+    """Prompts of mixed lengths in one left-padded batch (``KVCache.empty(pad=...)``): each row's logits, prompt and
+    steps, are those of the row alone without padding (float64: the padding is masked, not merely small), whatever
+    the padding token; the preallocated cache equals the growing one; rows dropped with ``keep`` go on unchanged."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny_config(block, n_kv_heads=2, rotary_pct=0.5))).double()
+    lengths, steps = [7, 3, 11, 5], 4
+    prompts = [torch.randint(0, 300, (n,)) for n in lengths]
+    later = torch.randint(0, 300, (len(lengths), steps))  # the tokens fed after the prompts
+    with torch.no_grad():
+        alone = [model.logits(torch.cat([p, t])[None])[0] for p, t in zip(prompts, later, strict=True)]  # [n + s, V]
+        width = max(lengths)
+        pad = torch.tensor([width - n for n in lengths])
+        for filler, capacity in ((0, 0), (299, width + steps)):
+            ids = torch.stack([torch.cat([torch.full((width - n,), filler), p]) for n, p in zip(lengths, prompts,
+                                                                                             strict=True)])  # fmt: skip
+            cache = KVCache.empty(model.cfg.n_layers, pad=pad, capacity=capacity)
+            first = model.head(model(ids, cache))  # [B, width, V]
+            for b, n in enumerate(lengths):
+                assert torch.allclose(first[b, width - n :], alone[b][:n], atol=1e-10), (b, filler)
+            rows = torch.arange(len(lengths))
+            for s in range(steps):
+                if s == 2:  # rows 0 and 2 finish: the others go on
+                    rows = torch.tensor([1, 3])
+                    cache.keep(rows)
+                out = model.head(model(later[rows, s : s + 1], cache))[:, 0]  # [B', V]
+                for i, b in enumerate(rows.tolist()):
+                    assert torch.allclose(out[i], alone[b][lengths[b] + s], atol=1e-10), (b, s, capacity)
+            assert cache.length == width + steps and cache.layers[0].k.shape == (2, 2, width + steps, 16)

@@ -100,8 +100,16 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
     write_multiple_choice_task(task_dir, "facts", docs)
-    proc = script("evaluate.py", "--checkpoint", str(imported), "--tasks", "facts", "--task-dir", str(task_dir))
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "scripts/evaluate.py", "--checkpoint", str(imported), "--tasks", "facts",
+         "--task-dir", str(task_dir)],
+        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # evaluation reads checkpoints without DeepSpeed (models/checkpoint.py): never imported, nor its accelerator probe
+    imported_modules = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line]
+    assert "torch" in imported_modules and not any(m.split(".")[0] == "deepspeed" for m in imported_modules)
+    assert "Setting accelerator" not in proc.stdout + proc.stderr
     ours = json.loads((imported / "eval_results.json").read_text())["metrics"]
     stock = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={HF_DIR},dtype=float32",
