@@ -73,9 +73,11 @@ def uses_bf16(precision: str, device: str | torch.device) -> bool:
 
 class LosslabLM(TemplateLM):
     """``precision``: see ``uses_bf16``; with bf16 the forward runs under autocast and log-probabilities are still
-    computed in fp32. ``kv_cache``: generation
-    caches keys and values (one token per step) where the context window allows; False re-reads the window
-    every step (the reference the cached path is tested against)."""
+    computed in fp32. ``kv_cache``: generation caches keys and values (one token per step) where the context
+    window allows; False re-reads the window every step (the reference the cached path is tested against).
+
+    The model is this object's from then on: it is moved to ``device``, put in eval mode and, on a CPU, its
+    matrices are stored column-major (``GPT.column_major_``: same values, faster products of few rows)."""
 
     def __init__(
         self,
@@ -91,7 +93,7 @@ class LosslabLM(TemplateLM):
         self._device = torch.device(device)
         self.model = model.to(device).eval()
         if self._device.type == "cpu":
-            self.model.column_major_()  # faster products of few rows (GPT.column_major_); the model is ours now
+            self.model.column_major_()
         self.tok = tokenizer
         self.batch_size = batch_size
         self.max_length = model.cfg.max_seq_len
@@ -199,8 +201,9 @@ class LosslabLM(TemplateLM):
         ``seed`` (default 0) and the request's index in the call fix each request's generator, so a sample does
         not depend on how requests were batched. Prompts are sorted by length (longest first) and decode
         ``batch_size`` at a time, left-padded (``KVCache.empty(pad=...)``: the padding is masked and each row's
-        positions start at its first token, so a row computes what it would alone). A row stops at end-of-text,
-        at a stop sequence or at its ``max_gen_toks``, and leaves the batch."""
+        positions start at its first token, so a row computes what it would alone); a batch's prompts are read in
+        groups of similar lengths (``_prefill``). A row stops at end-of-text, at a stop sequence or at its
+        ``max_gen_toks``, and leaves the batch."""
         gens = []
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -244,22 +247,17 @@ class LosslabLM(TemplateLM):
         # longest row) and each step feeds one token; otherwise the window slides and each step re-reads each
         # row's last max_length tokens.
         longest = max(len(g.prompt) for g in active) + max(g.max_new for g in active)
-        n_layers = self.model.cfg.n_layers
-        cache = KVCache.empty(n_layers, capacity=longest) if self.kv_cache and longest <= self.max_length else None
+        cached = self.kv_cache and longest <= self.max_length
+        cache = None
         while active:
-            if cache is not None and cache.length:
-                ids = torch.tensor([[g.tokens[-1]] for g in active], device=self._device)  # [B, 1]
-                step_cache = cache
-            else:
-                windows = [(g.prompt + g.tokens)[-self.max_length :] for g in active]
-                width = max(len(w) for w in windows)
-                pad = [width - len(w) for w in windows]
-                ids = torch.tensor([[self.tok.eos_id] * p + w for p, w in zip(pad, windows, strict=True)],
-                                   device=self._device)  # fmt: skip  # [B, width], left-padded
-                step_cache = cache or KVCache.empty(n_layers)
-                step_cache.pad = torch.tensor(pad, device=self._device) if any(pad) else None
             with self._autocast():
-                last = self.model.head(self.model(ids, step_cache)[:, -1])  # [B, V]: next-token logits only
+                if cached and cache is None:
+                    cache, last = self._prefill([g.prompt for g in active], capacity=longest)
+                elif cache is not None:
+                    ids = torch.tensor([[g.tokens[-1]] for g in active], device=self._device)  # [B, 1]
+                    last = self.model.head(self.model(ids, cache)[:, -1])  # [B, V]: next-token logits only
+                else:  # re-read every row's window, left-padded
+                    last = self._last_logits([(g.prompt + g.tokens)[-self.max_length :] for g in active])[1]
             greedy = last.argmax(dim=-1).tolist()  # [B]
             keep = []
             for i, g in enumerate(active):
@@ -274,3 +272,38 @@ class LosslabLM(TemplateLM):
             if cache is not None and keep and len(keep) < len(active):  # finished rows leave the cache too
                 cache.keep(torch.tensor(keep, dtype=torch.long, device=self._device))
             active = [active[i] for i in keep]
+
+    def _last_logits(self, rows: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+        """Token rows of mixed lengths, left-padded into one batch -> (their cache, the next-token logits [B, V])."""
+        width = max(map(len, rows))
+        pad = [width - len(r) for r in rows]
+        ids = torch.tensor([[self.tok.eos_id] * p + r for p, r in zip(pad, rows, strict=True)], device=self._device)
+        cache = KVCache.empty(self.model.cfg.n_layers, pad=torch.tensor(pad, device=self._device) if any(pad) else None)
+        return cache, self.model.head(self.model(ids, cache)[:, -1])  # [B, V]: the last position's only
+
+    def _prefill(self, prompts: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor]:
+        """The prompts of a batch in groups of similar lengths (each left-padded to its longest with at most a
+        quarter of its positions padding, instead of all to the batch's longest: real prompts have a long tail)
+        -> (one cache left-padded to the longest prompt, with room for ``capacity`` positions; each row's
+        next-token logits [B, V])."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        groups: list[list[int]] = []  # row indices, longest first
+        for i in sorted(range(len(prompts)), key=lambda i: -lengths[i]):
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= 1.25 * (
+                sum(lengths[j] for j in groups[-1]) + lengths[i]
+            ):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        pad = torch.tensor([width - n for n in lengths], device=self._device)
+        cache = KVCache.empty(self.model.cfg.n_layers, pad=pad, capacity=capacity)
+        last = None
+        for group in groups:
+            part, logits = self._last_logits([prompts[i] for i in group])
+            if last is None:
+                last = logits.new_empty(len(prompts), logits.shape[-1])  # [B, V]
+            rows = torch.tensor(group, device=self._device)
+            last[rows] = logits
+            cache.place(rows, part, end=width)
+        return cache, last

@@ -25,7 +25,8 @@ key/value heads), so later calls feed one new token at a time. Prompts of mixed 
 left-padded: ``KVCache.empty(n_layers, pad=...)`` names each row's padding, which no position attends to and
 which shifts the row's rotary positions so that they start at 0 at its first real token (HF's ``position_ids``
 from the attention mask); ``capacity`` preallocates the keys and values of that many positions, so a step
-writes its own instead of copying the cache, and ``KVCache.keep`` drops finished rows.
+writes its own instead of copying the cache; ``KVCache.place`` fills rows from prompts run in smaller groups
+(no padding to the batch's longest prompt), and ``KVCache.keep`` drops finished rows.
 
 Packed documents (``forward(ids, segment_ids=...)``): a segment is a maximal run of equal ids in a row. Both
 isolation mechanisms apply: attention is block-diagonal causal (a token attends only to earlier tokens of its
@@ -80,6 +81,16 @@ class LayerKV:
             self.k, self.v = k, v
         return self.k, self.v
 
+    def place(self, rows: Tensor, k: Tensor, v: Tensor, end: int, batch: int) -> None:
+        """Write ``k``, ``v`` [b, KV, T, hd] into batch rows ``rows`` [b] at positions end - T .. end - 1 (a cache of
+        ``batch`` rows, its buffers zeroed on the first write: positions no part wrote are finite padding)."""
+        if self.k_buf is None:
+            shape = (batch, k.shape[1], max(self.capacity, end), k.shape[3])
+            self.k_buf, self.v_buf = k.new_zeros(shape), v.new_zeros(shape)
+        self.k_buf[rows, :, end - k.shape[2] : end] = k
+        self.v_buf[rows, :, end - k.shape[2] : end] = v
+        self.k, self.v = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+
     def keep(self, rows: Tensor) -> None:
         if self.k_buf is not None:
             length = self.k.shape[2]
@@ -102,6 +113,17 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int, *, pad: Tensor | None = None, capacity: int = 0) -> KVCache:
         return cls([LayerKV(capacity=capacity) for _ in range(n_layers)], pad=pad)
+
+    def place(self, rows: Tensor, part: KVCache, end: int) -> None:
+        """Fill batch rows ``rows`` [b] with the keys and values of ``part`` (those rows' prompts run alone or in a
+        smaller batch, left-padded to ``part.length``), right-aligned to end at position ``end``, this cache's new
+        length: prompts of very different lengths run in groups of similar lengths, not padded to the longest,
+        and make one left-padded cache. ``pad`` must give each row's padding in this cache."""
+        if self.pad is None or part.length > end:
+            raise ValueError("place() needs the batch's padding (pad) and a part no longer than the cache")
+        for kv, other in zip(self.layers, part.layers, strict=True):
+            kv.place(rows, other.k, other.v, end, len(self.pad))
+        self.length = end
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the batch rows ``rows`` [B'] (indices, in order): finished sequences leave the batch."""

@@ -301,23 +301,30 @@ def test_tied_checkpoint_holds_the_matrix_once_and_loads_back(tied_runs, run):
 def test_left_padded_rows_decode_as_they_would_alone(block):
     """Prompts of mixed lengths in one left-padded batch (``KVCache.empty(pad=...)``): each row's logits, prompt and
     steps, are those of the row alone without padding (float64: the padding is masked, not merely small), whatever
-    the padding token; the preallocated cache equals the growing one; rows dropped with ``keep`` go on unchanged."""
+    the padding token; the preallocated cache equals the growing one; a cache filled row group by row group
+    (``KVCache.place``: each prompt run alone) decodes the same; rows dropped with ``keep`` go on unchanged."""
     torch.manual_seed(0)
     model = perturbed(GPT(tiny_config(block, n_kv_heads=2, rotary_pct=0.5))).double()
     lengths, steps = [7, 3, 11, 5], 4
     prompts = [torch.randint(0, 300, (n,)) for n in lengths]
     later = torch.randint(0, 300, (len(lengths), steps))  # the tokens fed after the prompts
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
     with torch.no_grad():
         alone = [model.logits(torch.cat([p, t])[None])[0] for p, t in zip(prompts, later, strict=True)]  # [n + s, V]
-        width = max(lengths)
-        pad = torch.tensor([width - n for n in lengths])
-        for filler, capacity in ((0, 0), (299, width + steps)):
-            ids = torch.stack([torch.cat([torch.full((width - n,), filler), p]) for n, p in zip(lengths, prompts,
-                                                                                             strict=True)])  # fmt: skip
+        for mode, filler, capacity in (("padded", 0, 0), ("padded", 299, width + steps), ("placed", 0, width + 2)):
             cache = KVCache.empty(model.cfg.n_layers, pad=pad, capacity=capacity)
-            first = model.head(model(ids, cache))  # [B, width, V]
-            for b, n in enumerate(lengths):
-                assert torch.allclose(first[b, width - n :], alone[b][:n], atol=1e-10), (b, filler)
+            if mode == "padded":
+                ids = torch.stack([torch.cat([torch.full((width - n,), filler), p])
+                                   for n, p in zip(lengths, prompts, strict=True)])  # fmt: skip
+                first = model.head(model(ids, cache))  # [B, width, V]
+                for b, n in enumerate(lengths):
+                    assert torch.allclose(first[b, width - n :], alone[b][:n], atol=1e-10), (b, filler)
+            else:
+                for b, p in enumerate(prompts):
+                    part = KVCache.empty(model.cfg.n_layers)
+                    assert torch.allclose(model.head(model(p[None], part))[0], alone[b][: len(p)], atol=1e-10)
+                    cache.place(torch.tensor([b]), part, end=width)
             rows = torch.arange(len(lengths))
             for s in range(steps):
                 if s == 2:  # rows 0 and 2 finish: the others go on
@@ -325,5 +332,5 @@ def test_left_padded_rows_decode_as_they_would_alone(block):
                     cache.keep(rows)
                 out = model.head(model(later[rows, s : s + 1], cache))[:, 0]  # [B', V]
                 for i, b in enumerate(rows.tolist()):
-                    assert torch.allclose(out[i], alone[b][lengths[b] + s], atol=1e-10), (b, s, capacity)
+                    assert torch.allclose(out[i], alone[b][lengths[b] + s], atol=1e-10), (b, s, mode, capacity)
             assert cache.length == width + steps and cache.layers[0].k.shape == (2, 2, width + steps, 16)
