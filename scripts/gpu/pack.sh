@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Here, before a GPU session (no GPU needed): build everything the device tool carries, in git-ignored folders.
 #   bash scripts/gpu/pack.sh             # all of it (every stage of session.sh)
-#   bash scripts/gpu/pack.sh validate    # only what scripts/gpu/validate.sh needs: .whl/, the tokenizer, shard 000
+#   bash scripts/gpu/pack.sh validate    # only what scripts/gpu/validate.sh needs: .whl/, .whl-eval/, the tokenizer,
+#                                        # shard 000
 # .whl/                      wheels the GPU image lacks (deepspeed, omegaconf, ...; scripts/gpu/wheels.py)
 # .whl-eval/                 ... and lm-eval with its needs (carried only by calls that evaluate)
 # .carry/shared/             a copy of ../shared/{corpora,tokenizers} (the device gets the repo only)
@@ -13,11 +14,11 @@ exclude=.git/info/exclude
 mkdir -p "$(dirname $exclude)"
 for d in /.whl/ /.whl-eval/ /.carry/; do grep -qxF "$d" $exclude 2>/dev/null || echo "$d" >> $exclude; done
 if [ "${1:-}" = validate ]; then
-  $PY scripts/gpu/wheels.py
+  $PY scripts/gpu/wheels.py --eval  # .whl-eval: lm-eval, for the eval stage's stock side (issue #25)
   mkdir -p .carry/shared/corpora
   cp -ru ../shared/tokenizers .carry/shared/
   cp -u ../shared/corpora/debian_text_000.jsonl.zst .carry/shared/corpora/
-  du -sh .whl .carry/shared/tokenizers .carry/shared/corpora/debian_text_000.jsonl.zst | sed 's/^/carry: /'
+  du -sh .whl .whl-eval .carry/shared/tokenizers .carry/shared/corpora/debian_text_000.jsonl.zst | sed 's/^/carry: /'
   exit 0
 fi
 $PY scripts/gpu/wheels.py --eval
