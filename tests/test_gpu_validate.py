@@ -61,7 +61,7 @@ def validate(out: Path, tmp: Path, corpus: dict, **env: str) -> subprocess.Compl
     }
     full.pop("TRITON_INTERPRET", None)  # --toy must set it itself
     cmd = ["bash", "scripts/gpu/validate.sh", "--toy", str(out)]
-    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.cpu_adam  # the 6.7B offload stage

@@ -22,7 +22,7 @@
 #   scale    if time is left: 6.7B ZeRO-3 + optimizer offload, steps reached in the rest    -> scale_6.7b.json
 # Everything printed also goes to OUTDIR/validate.log: 8 files in all, the most the device tool returns.
 #
-# Time: VALIDATE_BUDGET (s, default 350; 540 with --toy) for the whole script; a stage gets min(its budget, what is
+# Time: VALIDATE_BUDGET (s, default 350; 720 with --toy) for the whole script; a stage gets min(its budget, what is
 # left) and is skipped when less than its minimum is left. Budgets BUDGET_<STAGE>, minima MIN_<STAGE> (seconds).
 # Sizes (defaults on the GPU / with --toy): CHECK_N CHECK_D CHECK_V (2048 256 50304 / 64 16 300), LOSS_N LOSS_D
 # LOSS_V (16384 1024 50304 / 64 16 300), MODEL_PRESET MODEL_SEQ MODEL_BATCH MODEL_MODES (468m 1024 32 compiled /
@@ -48,7 +48,7 @@ WHEELS=${VALIDATE_WHEELS-$([ "$TOY" = 1 ] || echo .whl)}  # --toy: none (.whl/ h
 EVAL_WHEELS=${VALIDATE_EVAL_WHEELS-$([ "$TOY" = 1 ] || echo .whl-eval)}
 WORK=${VALIDATE_WORK:-/tmp/losslab-validate}
 STAGES=" ${VALIDATE_STAGES:-setup kernels tests loss model hf eval big scale} "
-TOTAL=${VALIDATE_BUDGET:-$([ "$TOY" = 1 ] && echo 540 || echo 350)}  # --toy: a busy 2-core machine builds DeepSpeedCPUAdam slowly
+TOTAL=${VALIDATE_BUDGET:-$([ "$TOY" = 1 ] && echo 720 || echo 350)}  # --toy: a busy 2-core machine (load 10+) starts each stage slowly
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 SHARED=../shared; [ -d .carry/shared ] && SHARED=$PWD/.carry/shared
@@ -61,7 +61,7 @@ if [ "$TOY" = 1 ]; then  # every stage at toy sizes on the CPU: checks the scrip
   : "${CHECK_N:=64}" "${CHECK_D:=16}" "${CHECK_V:=300}" "${LOSS_N:=64}" "${LOSS_D:=16}" "${LOSS_V:=300}"
   : "${LOSS_WARMUP:=0}" "${LOSS_ITERS:=1}" "${MODEL_PRESET:=debug}" "${MODEL_SEQ:=32}" "${MODEL_BATCH:=2}"
   : "${MODEL_MODES:=eager}" "${MODEL_ITERS:=1}" "${BIG_PRESET:=debug}" "${BIG_SEQ:=32}" "${BIG_BATCH:=2}"
-  : "${HF_SEQ:=16}" "${HF_BATCH:=2}" "${HF_STEPS:=1}" "${HF_PRECISION:=fp32}" "${MIN_HF:=0}"
+  : "${HF_SEQ:=16}" "${HF_BATCH:=2}" "${HF_STEPS:=1}" "${HF_PRECISION:=fp32}" "${MIN_HF:=0}" "${BUDGET_HF:=150}"
   : "${HF_SHAPE:=vocab_size=300 hidden_size=16 intermediate_size=32 num_hidden_layers=1 num_attention_heads=2 num_key_value_heads=1 head_dim=8}"
   : "${BIG_MODES:=eager}" "${TEST_FILES:=tests/test_cuda.py}" "${MIN_BIG:=0}" "${MIN_SCALE:=0}"
   : "${SCALE_OVERRIDES:=model.preset=debug data.seq_len=32 train.micro_batch_size=2 train.global_batch_size=2 train.max_steps=3 train.precision=auto}"
