@@ -45,8 +45,7 @@ generation_kwargs:
   until: {until}
   do_sample: {do_sample}
   temperature: {temperature}
-  seed: {seed}
-  max_gen_toks: {max_gen_toks}
+{seed_line}  max_gen_toks: {max_gen_toks}
 process_results: !function {module}.process_results
 metric_list:
   - metric: rouge1
@@ -149,7 +148,8 @@ def write_generation_task(
             max_gen_toks=max_gen_toks,
             do_sample=json.dumps(temperature > 0),
             temperature=temperature,
-            seed=seed,
+            # greedy tasks carry no seed: transformers' generate() (lm_eval --model hf) refuses unknown arguments
+            seed_line=f"  seed: {seed}\n" if temperature > 0 else "",
             module=METRICS_MODULE,
         )
     )

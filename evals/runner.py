@@ -221,7 +221,8 @@ def evaluate_checkpoint(
 
     started = time.perf_counter()
     bf16 = uses_bf16(precision, device)  # decided here too: the weights are loaded in that dtype
-    if model is None:
+    owned = model is None  # a model handed in (training's) is evaluated as it is, never moved or re-laid out
+    if owned:
         model, ckpt = load_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     else:
         ckpt = resolve_checkpoint(checkpoint)
@@ -233,7 +234,7 @@ def evaluate_checkpoint(
         lm = SharedLM(model, tokenizer, lockstep=lockstep, **lm_args)
         rank = world()[0]
     else:
-        lm = LosslabLM(model, tokenizer, **lm_args)
+        lm = LosslabLM(model, tokenizer, move=owned, **lm_args)
         rank = 0
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     # rarity of generated tokens under the training counts (generation tasks); read now: a torn file fails now

@@ -21,7 +21,12 @@ forward as an external parameter of the head (found on first access inside the e
 The model returns final hidden states; the output head is a separate module so a training loss can consume
 ``(hidden, head.weight)`` without materialising the logits (see ``LMHead.forward``). For generation,
 ``forward(ids, cache=KVCache.empty(n_layers))`` keeps each layer's keys and values (only the ``kv_heads``
-key/value heads), so later calls feed one new token at a time.
+key/value heads), so later calls feed one new token at a time. Prompts of mixed lengths decode together
+left-padded: ``KVCache.empty(n_layers, pad=...)`` names each row's padding, which no position attends to and
+which shifts the row's rotary positions so that they start at 0 at its first real token (HF's ``position_ids``
+from the attention mask); ``capacity`` preallocates the keys and values of that many positions, so a step
+writes its own instead of copying the cache; ``KVCache.place`` fills rows from prompts run in smaller groups
+(no padding to the batch's longest prompt), and ``KVCache.keep`` drops finished rows.
 
 Packed documents (``forward(ids, segment_ids=...)``): a segment is a maximal run of equal ids in a row. Both
 isolation mechanisms apply: attention is block-diagonal causal (a token attends only to earlier tokens of its
@@ -50,20 +55,95 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
 
 @dataclass
 class LayerKV:
-    k: Tensor | None = None  # [B, kv_heads, L, hd]
+    k: Tensor | None = None  # [B, kv_heads, L, hd]: the L positions seen so far (a view of the buffer, if any)
     v: Tensor | None = None  # [B, kv_heads, L, hd]
+    capacity: int = 0  # > 0: positions preallocated on the first write (each step then writes its own)
+    k_buf: Tensor | None = None  # [B, kv_heads, capacity, hd]
+    v_buf: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cache the keys and values ``k``, ``v`` [B, KV, T, hd] of T new positions; -> those of all positions."""
+        length = 0 if self.k is None else self.k.shape[2]
+        if self.capacity and self.k_buf is None:
+            B, KV, _, hd = k.shape
+            self.k_buf = k.new_empty(B, KV, max(self.capacity, length + k.shape[2]), hd)
+            self.v_buf = v.new_empty(self.k_buf.shape)
+            if length:
+                self.k_buf[:, :, :length], self.v_buf[:, :, :length] = self.k, self.v
+        if self.k_buf is not None and length + k.shape[2] <= self.k_buf.shape[2]:
+            end = length + k.shape[2]
+            self.k_buf[:, :, length:end], self.v_buf[:, :, length:end] = k, v
+            self.k, self.v = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        else:
+            self.k_buf = self.v_buf = None  # full (or none): grow by concatenation
+            if self.k is not None:
+                k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # [B, KV, L + T, hd]
+            self.k, self.v = k, v
+        return self.k, self.v
+
+    def place(self, rows: Tensor, k: Tensor, v: Tensor, end: int, batch: int) -> None:
+        """Write ``k``, ``v`` [b, KV, T, hd] into batch rows ``rows`` [b] at positions end - T .. end - 1 (a cache of
+        ``batch`` rows, its buffers zeroed on the first write: positions no part wrote are finite padding)."""
+        if self.k_buf is None:
+            shape = (batch, k.shape[1], max(self.capacity, end), k.shape[3])
+            self.k_buf, self.v_buf = k.new_zeros(shape), v.new_zeros(shape)
+        self.k_buf[rows, :, end - k.shape[2] : end] = k
+        self.v_buf[rows, :, end - k.shape[2] : end] = v
+        self.k, self.v = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+
+    def keep(self, rows: Tensor) -> None:
+        if self.k_buf is not None:
+            length = self.k.shape[2]
+            self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
+            self.k, self.v = self.k_buf[:, :, :length], self.v_buf[:, :, :length]
+        elif self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 @dataclass
 class KVCache:
-    """Keys and values of the ``length`` positions seen so far, per layer (incremental greedy decoding)."""
+    """Keys and values of the ``length`` positions seen so far, per layer (incremental decoding). ``pad``: [B]
+    int64, the left padding of each row (its first ``pad[b]`` positions are not tokens: no position attends to
+    them, and the row's positions count from its first token)."""
 
     layers: list[LayerKV]
     length: int = 0
+    pad: Tensor | None = None
 
     @classmethod
-    def empty(cls, n_layers: int) -> KVCache:
-        return cls([LayerKV() for _ in range(n_layers)])
+    def empty(cls, n_layers: int, *, pad: Tensor | None = None, capacity: int = 0) -> KVCache:
+        return cls([LayerKV(capacity=capacity) for _ in range(n_layers)], pad=pad)
+
+    def place(self, rows: Tensor, part: KVCache, end: int) -> None:
+        """Fill batch rows ``rows`` [b] with the keys and values of ``part`` (those rows' prompts run alone or in a
+        smaller batch, left-padded to ``part.length``), right-aligned to end at position ``end``, this cache's new
+        length: prompts of very different lengths run in groups of similar lengths, not padded to the longest,
+        and make one left-padded cache. ``pad`` must give each row's padding in this cache."""
+        if self.pad is None or part.length > end:
+            raise ValueError("place() needs the batch's padding (pad) and a part no longer than the cache")
+        for kv, other in zip(self.layers, part.layers, strict=True):
+            kv.place(rows, other.k, other.v, end, len(self.pad))
+        self.length = end
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` [B'] (indices, in order): finished sequences leave the batch."""
+        for kv in self.layers:
+            kv.keep(rows)
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+
+    def padded(self, T: int) -> Packing:
+        """Positions and attention mask of T new tokens after the cached ones, in left-padded rows."""
+        assert self.pad is not None
+        device = self.pad.device
+        query = torch.arange(self.length, self.length + T, device=device)  # [T] absolute positions
+        key = torch.arange(self.length + T, device=device)  # [L + T]
+        real = key[None, :] >= self.pad[:, None]  # [B, L + T]: not padding
+        causal = key[None, :] <= query[:, None]  # [T, L + T]
+        # a padding position attends to itself (only): no row of the mask is empty, so none gives NaN
+        mask = (real[:, None, :] & causal[None]) | (key[None, :] == query[:, None])[None]  # [B, T, L + T]
+        positions = (query[None, :] - self.pad[:, None]).clamp(min=0)  # [B, T]
+        return Packing(positions=positions, mask=mask[:, None])
 
 
 @dataclass
@@ -95,27 +175,30 @@ class Rotary(nn.Module):
         self.dims = dims
         inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims))  # [dims/2]
         t = torch.arange(max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)  # [T, dims/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [T, dims]
+        freqs = torch.outer(t, inv_freq)  # [T, dims/2]: both halves of the rotated channels use the same angles
         # fp32 tables; non-persistent so checkpoints hold only learned weights.
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
-        # x: [B, H, T, hd] at positions offset .. offset + T - 1, or at ``positions`` [B, T] (packed segments)
+        # x: [B, T, *heads, hd], token-major (the heads after the position axis), at positions offset .. offset +
+        # T - 1, or at ``positions`` [B, T] (packed segments, padded rows) -> contiguous, same shape
         if self.dims == 0:
-            return x
+            return x.contiguous()
+        T, heads = x.shape[1], x.ndim - 3
         if positions is None:
-            T = x.shape[-2]
-            cos = self.cos[offset : offset + T].to(x.dtype)  # [T, dims]
-            sin = self.sin[offset : offset + T].to(x.dtype)
+            cos, sin = self.cos[offset : offset + T], self.sin[offset : offset + T]  # [T, dims/2]
         else:
-            cos = self.cos[positions].to(x.dtype)[:, None]  # [B, 1, T, dims]
-            sin = self.sin[positions].to(x.dtype)[:, None]
-        x_rot, x_pass = x[..., : self.dims], x[..., self.dims :]
+            cos, sin = self.cos[positions], self.sin[positions]  # [B, T, dims/2]
+        cos = cos.view(*cos.shape[:-1], *[1] * heads, cos.shape[-1]).to(x.dtype)  # broadcasts over the heads
+        sin = sin.view(cos.shape).to(x.dtype)
         half = self.dims // 2
-        rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_half
-        return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+        # split, not slices: its backward is one cat of the pieces' gradients, where each slice's would fill a
+        # zero gradient of the whole input and add it
+        x1, x2, rest = x.split([half, half, x.shape[-1] - self.dims], dim=-1)
+        # x * cos + rotate_half(x) * sin, half by half (the same products and sums: bit-identical, without the
+        # rotated copy and the full-width temporaries)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -133,15 +216,16 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: LayerKV | None = None, offset: int = 0, packing: Packing | None = None) -> Tensor:
         B, T, D = x.shape
         G, hd = self.group, self.head_dim
-        qkv = self.qkv(x).view(B, T, self.kv_heads, G + 2, hd)  # [B, T, KV, g+2, hd]
-        q = qkv[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]; head h -> kv h // g
-        k, v = qkv[:, :, :, G].transpose(1, 2), qkv[:, :, :, G + 1].transpose(1, 2)  # each [B, KV, T, hd]
+        # split (one cat in backward), not slices (a zero-filled gradient of the whole projection for each)
+        q, k, v = self.qkv(x).view(B, T, self.kv_heads, G + 2, hd).split([G, 1, 1], dim=3)  # [B, T, KV, g|1|1, hd]
         positions = None if packing is None else packing.positions
-        q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+        # Rotary reads the strided pieces of the fused projection and writes q and k contiguous, token-major: the
+        # head axes then move with views (query head h = kv * g + j reads key/value head kv = h // g).
+        q = self.rotary(q, offset, positions).view(B, T, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.rotary(k, offset, positions).view(B, T, self.kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.squeeze(3).transpose(1, 2)  # [B, KV, T, hd]
         if kv is not None:  # generation: attend to the cached positions too, and cache these
-            if kv.k is not None:
-                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)  # [B, KV, offset + T, hd]
-            kv.k, kv.v = k, v
+            k, v = kv.append(k, v)  # [B, KV, offset + T, hd]
         y = self._sdpa(q, k, v, offset, packing)  # [B, H, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -156,7 +240,7 @@ class Attention(nn.Module):
             k, v = (t.repeat_interleave(self.group, dim=1) for t in (k, v))  # [B, H, L, hd]; head h -> kv h // g
             gqa = False
         extra = {"enable_gqa": True} if gqa else {}
-        if packing is not None:  # packed segments: block-diagonal causal (the mask includes causality)
+        if packing is not None:  # packed segments or padded rows: the mask includes causality
             return F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask, **extra)
         # A prompt attends causally; a single new token attends to every position before it.
         return F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0, **extra)
@@ -297,8 +381,9 @@ class GPT(nn.Module):
             raise ValueError("a non-empty KV cache is extended one token at a time")
         if cache.length + T > self.cfg.max_seq_len:
             raise ValueError(f"{cache.length + T} positions exceed max_seq_len={self.cfg.max_seq_len}")
+        padded = None if cache.pad is None else cache.padded(T)  # left-padded rows: their positions and mask
         for block, kv in zip(self.blocks, cache.layers, strict=True):
-            x = block(x, kv, cache.length)
+            x = block(x, kv, cache.length, padded)
         cache.length += T
         return self.ln_f(x)
 
@@ -307,3 +392,17 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def column_major_(self) -> GPT:
+        """Store every weight matrix transposed in memory, with the same values and shape (``W.t().contiguous()
+        .t()``), for inference on a CPU: a product of few rows with a [out, in] weight (``F.linear``, one token
+        per sequence when decoding, a few continuation rows when scoring) takes another, for most of the model's
+        shapes faster, CPU kernel when the weight's columns are contiguous (the end-to-end effect is in the
+        generation and evaluate.py rows of docs/benchmarks.md, 2026-12-07). Sums may round differently (another
+        kernel; tests/test_model_gqa.py checks the logits against float64), so the training step keeps the layout
+        it was written for."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, LMHead)) and module.weight.ndim == 2:
+                module.weight.data = module.weight.data.t().contiguous().t()  # the tied head is embed.weight
+        return self

@@ -20,6 +20,7 @@ from data.tokenizer import Tokenizer
 from losslab.log import fail
 from models.checkpoint import META, describe_files, seal
 from models.checkpoint_files import CheckpointError
+from models.gpt import GPT
 from models.hf import load_hf_folder
 
 
@@ -29,14 +30,19 @@ def import_hf(hf_dir: str, out: str, tokenizer: str = "") -> Path:
         tok = Tokenizer(tokenizer or hf_dir)
     except DataError as e:
         raise FileNotFoundError(f"{e}; pass --tokenizer") from None
-    out_dir = Path(out)
+    return write_model_dir(model, tok, Path(out), {"step": 0, "tokens": 0, "imported_from": str(hf_dir)})
+
+
+def write_model_dir(model: GPT, tok: Tokenizer, out_dir: Path, meta: dict) -> Path:
+    """A checkpoint directory that ``models.checkpoint.load_model`` reads: weights, model config, the tokenizer's
+    files and ``meta`` (no optimizer state)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
     follow_umask(out_dir / "model.safetensors")  # safetensors writes 0600 whatever the umask
     (out_dir / "model_config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     for name, src in tok.files.items():  # the tokenizer travels with the model, as in a training checkpoint
         shutil.copyfile(src, out_dir / name)
-    meta = {"step": 0, "tokens": 0, "imported_from": str(hf_dir), **describe_files(out_dir)}
+    meta = {**meta, **describe_files(out_dir)}
     (out_dir / META).write_text(json.dumps(seal(meta), indent=2))  # with every file's checksum
     return out_dir
 

@@ -95,3 +95,38 @@ def test_bench_checkpoint_runs_and_puts_the_checksums_back(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "xxh3_128" in out and "sha256" in out and "cost of checksums" in out
     assert checkpoint.HashingCheckpointEngine is HashingCheckpointEngine and checkpoint.FileDigests is FileDigests
+
+
+def test_bench_eval_compares_with_the_stock_tools_at_toy_size(corpus, tmp_path):
+    """The three comparisons of issue #25 end to end on a toy model of SmolLM2's kind (GQA, tied, llama), one run
+    a side: generation next to transformers' generate(), evaluate.py next to lm_eval --model hf on both task
+    kinds (subprocesses, as a user runs them), and the fine-tuning step next to transformers."""
+    from scripts import bench_eval
+
+    out = tmp_path / "eval.json"
+    argv = ["--model", "random:toy", "--tokenizer", corpus["tokenizer"], "--text", corpus["val"], "--work",
+            str(tmp_path / "work"), "--runs", "1", "--gen-batches", "2", "5", "--gen-prompts", "5", "--gen-tokens",
+            "4", "--ll-limit", "4", "--gen-limit", "3", "--eval-batch", "4", "--task-new-tokens", "4",
+            "--cloze-docs", "8", "--train-batch", "2", "--train-seq", "16", "--threads", "1",
+            "--json", str(out)]  # fmt: skip
+    assert bench_eval.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["part"], r.get("batch"), r.get("task"), r.get("precision")) for r in rows] == [
+        ("generation", 2, None, None),
+        ("generation", 5, None, None),
+        ("evaluate", 4, "shakespeare_cloze", None),
+        ("evaluate", 4, "shakespeare_dialogue", None),
+        ("train_step", 2, None, "fp32"),
+        ("train_step", 2, None, "bf16"),
+    ]
+    for r in rows:
+        assert r["losslab"]["median"] > 0 and r["stock"]["median"] > 0
+        assert abs(r["ratio"] - r["losslab"]["median"] / r["stock"]["median"]) < 1e-9
+    gen = [r for r in rows if r["part"] == "generation"]
+    assert all(r["equal_outputs"] and r["new_tokens"]["losslab"] == r["new_tokens"]["stock"] > 0 for r in gen)
+    evals = [r for r in rows if r["part"] == "evaluate"]
+    assert all(r["same_scores"] for r in evals)
+    assert set(evals[0]["scores"]) == {"acc", "acc_norm"} and "rouge1" in evals[1]["scores"]
+    for r in rows:  # the same model, batch and targets on both sides: the same loss before any update
+        if r["part"] == "train_step":
+            assert abs(r["first_loss"]["losslab"] - r["first_loss"]["stock"]) < 1e-3 * r["first_loss"]["stock"]

@@ -182,6 +182,113 @@ def test_batched_generation_equals_one_request_at_a_time(lm):
     assert uncached == batched
 
 
+def test_generation_equals_transformers_generate_with_left_padding_whatever_the_batch_holds(lm):
+    """Prompts of mixed lengths decode left-padded: token for token what transformers' generate() gives on the same
+    model (exported) with left padding and an attention mask, for every batch size and order of the requests."""
+    from models.hf import to_hf_model
+
+    texts = ["The king", "A fool fears the night and", "O", "Her father serves the duke with a heavy", "My good lord"]
+    prompts = [lm.tok_encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    new, eos = 8, lm.tok.eos_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = to_hf_model(lm.model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                             eos_token_id=eos, pad_token_id=eos)[:, width:].tolist()  # fmt: skip
+    theirs = [row[: row.index(eos)] if eos in row else row for row in out]
+    assert any(len(t) == new for t in theirs) and len({tuple(t) for t in theirs}) > 1
+    for batch_size in (1, 2, 3, 5):
+        assert LosslabLM(lm.model, lm.tok, batch_size=batch_size).greedy(prompts, new) == theirs, batch_size
+    assert LosslabLM(lm.model, lm.tok, batch_size=2).greedy(prompts[::-1], new) == theirs[::-1]
+
+
+def byte_level_tokenizer(folder, texts: list[str]) -> Tokenizer:
+    """A byte-level BPE ``tokenizer.json`` (SmolLM2's kind: a character's bytes may split across tokens)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return Tokenizer(folder / "tokenizer.json")
+
+
+def test_generated_text_grows_token_by_token_as_the_whole_output_decodes(lm, tmp_path):
+    """Stop sequences are looked for in the text each new token adds (``_Generation.extend_text``), not in the
+    whole output decoded again: at every step that text is the whole output's decoding (less a character whose
+    bytes have not all arrived), with sentencepiece (leading-space rule, byte fallback) and byte-level BPE."""
+    import random
+
+    from evals.lm import _Generation
+    from tests.corpus import documents
+
+    texts = [d["text"] for d in documents(30, seed=3)]
+    unusual = "Fair is  foul,\n\tand foul — is fair: café ☃ naïve 日本語 🙂, 42.\n"
+    rng = random.Random(0)
+    for tok in (lm.tok, byte_level_tokenizer(tmp_path / "bpe", [*texts, unusual])):
+        streams = [tok.encode(t) for t in [unusual, *texts[:3]]]
+        streams += [[rng.randrange(tok.vocab_size) for _ in range(40)] for _ in range(20)]  # any token after any
+        pending = 0
+        for stream in streams:
+            g = _Generation([0], [], len(stream))
+            for t in stream:
+                g.tokens.append(t)
+                added = g.extend_text(tok.decode)
+                whole = tok.decode(g.tokens)
+                assert whole.startswith(g.text) and g.text.endswith(added), (tok.path, g.tokens)
+                if not whole.endswith("\ufffd"):
+                    assert g.text == whole, (tok.path, g.tokens)
+                pending += g.text != whole
+        assert pending > 0  # some characters did wait for their last byte
+
+
+def test_a_stop_sequence_is_found_where_the_new_text_completes_it(lm):
+    """A stop that straddles earlier text and the new characters is found at the token that completes it, and
+    only there (the text before was searched already)."""
+    from evals.lm import _Generation
+
+    g = _Generation([0], ["fair:", "o"], 100)
+    g.text = "Fair is foul and fa"
+    assert not g.stopped("") and not g.stopped("a")  # "o" is in the old text only, "fair:" not yet complete
+    g.text += "ir: "
+    assert g.stopped("ir: ")
+    g = _Generation([0], ["\n\n"], 100)
+    g.text = "line\n"
+    assert not g.stopped("\n")
+    g.text += "\n"
+    assert g.stopped("\n")
+
+
+def test_loglikelihoods_read_each_longest_input_once(lm):
+    """An input that is a prefix of another is scored from that one's forward (one-token answers of a question
+    share their context's): fewer rows through the model, the same log-likelihoods as direct float64 sums."""
+    ctx = lm.tok_encode("The king loves the")
+    choices = [lm.tok_encode(" crown and the sea"), [ctx[-1]], [5], [6, 7], [6, 7, 8]]  # [5], [ctx[-1]]: one token
+    other = lm.tok_encode("A fool")
+    requests = [(("", ""), ctx, c) for c in choices] + [(("", ""), other, [9]), (("", ""), other, [9])]
+    rows: list[int] = []
+    hook = lm.model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        hook.remove()
+    # the inputs (context + continuation less its last token): the one-token answers' is the context, a prefix of
+    # the others'; ctx + [6] is a prefix of ctx + [6, 7]; the repeated request reads its twin's
+    inputs = {tuple((c + t)[:-1]) for _, c, t in requests}
+    roots = {x for x in inputs if not any(y != x and y[: len(x)] == x for y in inputs)}
+    assert sum(rows) == len(roots) < len(requests)
+    for (_, c, t), (ll, greedy) in zip(requests, got, strict=True):
+        assert abs(ll - direct_loglikelihood(lm.model, c, t)) < 1e-4
+        assert greedy == direct_is_greedy(lm.model, c, t)
+
+
 def test_frequency_buckets_partition_the_vocabulary():
     counts = torch.tensor([500, 300, 100, 50, 30, 10, 5, 3, 2, 0])
     b = frequency_buckets(counts)

@@ -15,7 +15,7 @@ import pytest
 from scripts.gpu import report
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["setup", "kernels", "tests", "loss", "model", "hf", "big", "scale"]
+STAGES = ["setup", "kernels", "tests", "loss", "model", "hf", "eval", "big", "scale"]
 # what the device tool brings back: at most 8 files, named plainly, directly in OUTDIR
 FILES = {
     "validate.log",
@@ -24,7 +24,7 @@ FILES = {
     "tests.jsonl",
     "bench_loss.json",
     "bench_model.json",
-    "bench_model_1.2b.json",
+    "bench_eval.json",
     "scale_6.7b.json",
 }
 
@@ -61,7 +61,7 @@ def validate(out: Path, tmp: Path, corpus: dict, **env: str) -> subprocess.Compl
     }
     full.pop("TRITON_INTERPRET", None)  # --toy must set it itself
     cmd = ["bash", "scripts/gpu/validate.sh", "--toy", str(out)]
-    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.cpu_adam  # the 6.7B offload stage
@@ -90,21 +90,32 @@ def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
     # stage 2: Liger cannot run here, and says so in its row
     loss_rows = json.loads((out / "bench_loss.json").read_text())["losses"]
     assert [r["skipped"] for r in loss_rows if r["impl"] == "liger"] == ["Liger's kernels need CUDA"]
-    # stage 3 and 4 (and the hf stage's rows, added to bench_model.json)
+    # stage 3, the hf stage's rows (marked "bench") and the big stage's (marked "stage"), all in one file
     rows = json.loads((out / "bench_model.json").read_text())
     model = [r for r in rows if "bench" not in r]
     hf_rows = {r["variant"]: r for r in rows if r.get("bench") == "hf_patch"}
     assert set(hf_rows) == {"patched ce", "plain ce", "patched mile"}
     assert hf_rows["patched ce"]["max_rel_loss_diff_vs_plain"] < 1e-5  # the patched ce is transformers' own loss
     assert all(r["peak_mib"] > 0 and r["s_per_step"] > 0 for r in hf_rows.values())
-    assert [(r["block"], r["impl"]) for r in model] == [
-        ("neox", "losslab"),
-        ("neox", "hf"),
-        ("llama", "losslab"),
-        ("llama", "hf"),
+    assert [(r["block"], r["impl"], r.get("stage")) for r in model] == [
+        ("neox", "losslab", None),
+        ("neox", "hf", None),
+        ("llama", "losslab", None),
+        ("llama", "hf", None),
+        ("llama", "losslab", "big"),
     ]
     assert all(r["micro_batch"] == 2 for r in model)
-    assert [r["impl"] for r in json.loads((out / "bench_model_1.2b.json").read_text())] == ["losslab"]
+    # the eval stage (#25): generation and the fine-tuning step next to transformers (the lm_eval subprocesses
+    # run in tests/test_bench.py)
+    evals = json.loads((out / "bench_eval.json").read_text())
+    assert evals["env"]["model"] == "random:toy"
+    assert [(r["part"], r.get("batch"), r.get("precision")) for r in evals["rows"]] == [
+        ("generation", 2, None),
+        ("generation", 5, None),
+        ("train_step", 2, "fp32"),
+        ("train_step", 2, "bf16"),
+    ]
+    assert all(r["equal_outputs"] for r in evals["rows"] if r["part"] == "generation")
     scale = json.loads((out / "scale_6.7b.json").read_text())
     assert scale["steps"] == 3 and scale["rc"] == 0 and scale["tokens_per_s"] > 0
     log = (out / "validate.log").read_text()
@@ -130,6 +141,9 @@ def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
         "fused MiLe <= 1.05x fused CE time",
         "debug neox >= 1.3x HF eager (same run)",
         "debug neox >= 55% MFU",
+        "generation batch 2 >= 1.0x generate() tokens/s, equal outputs",
+        "fine-tuning step bf16 >= 1.0x transformers tokens/s",
+        "evaluate.py <= 1.0x lm_eval --model hf wall time, same scores | not run | not measured",
         "6.7B ZeRO-3 offload",
         "HF patch: ce loss = HF's, every step",
         "HF patch: peak memory of a step < HF's",

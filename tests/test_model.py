@@ -84,8 +84,10 @@ def test_rotary_turns_channel_pairs_by_position_times_frequency(pct):
     angle = torch.arange(T, dtype=torch.float64)[:, None] * base ** (-2.0 * torch.arange(half) / r)  # [T, r/2]
     z = torch.complex(x[..., :half].double(), x[..., half:r].double()) * torch.polar(torch.ones_like(angle), angle)
     expected = torch.cat([z.real, z.imag, x[..., r:].double()], dim=-1).float()
-    assert torch.allclose(rot(x), expected, atol=1e-5)
-    assert torch.allclose(rot(x[:, :, 7:], offset=7), expected[:, :, 7:], atol=1e-5)  # generation's offset
+    tokens_first = x.transpose(1, 2)  # Rotary reads [B, T, H, hd] (the heads after the position axis)
+    assert torch.allclose(rot(tokens_first).transpose(1, 2), expected, atol=1e-5)
+    later = rot(tokens_first[:, 7:], offset=7).transpose(1, 2)  # generation's offset
+    assert torch.allclose(later, expected[:, :, 7:], atol=1e-5)
 
 
 @pytest.mark.parametrize("pct", [0.0, 0.25, 1.0])

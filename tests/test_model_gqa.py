@@ -295,3 +295,108 @@ def test_tied_checkpoint_holds_the_matrix_once_and_loads_back(tied_runs, run):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model.logits(ids), other.logits(ids), atol=1e-4)  # same training, either layout
+
+
+@pytest.mark.parametrize("block", ["neox", "llama"])
+def test_left_padded_rows_decode_as_they_would_alone(block):
+    """Prompts of mixed lengths in one left-padded batch (``KVCache.empty(pad=...)``): each row's logits, prompt and
+    steps, are those of the row alone without padding (float64: the padding is masked, not merely small), whatever
+    the padding token; the preallocated cache equals the growing one; a cache filled row group by row group
+    (``KVCache.place``: each prompt run alone) decodes the same; rows dropped with ``keep`` go on unchanged."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny_config(block, n_kv_heads=2, rotary_pct=0.5))).double()
+    lengths, steps = [7, 3, 11, 5], 4
+    prompts = [torch.randint(0, 300, (n,)) for n in lengths]
+    later = torch.randint(0, 300, (len(lengths), steps))  # the tokens fed after the prompts
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    with torch.no_grad():
+        alone = [model.logits(torch.cat([p, t])[None])[0] for p, t in zip(prompts, later, strict=True)]  # [n + s, V]
+        for mode, filler, capacity in (("padded", 0, 0), ("padded", 299, width + steps), ("placed", 0, width + 2)):
+            cache = KVCache.empty(model.cfg.n_layers, pad=pad, capacity=capacity)
+            if mode == "padded":
+                ids = torch.stack([torch.cat([torch.full((width - n,), filler), p])
+                                   for n, p in zip(lengths, prompts, strict=True)])  # fmt: skip
+                first = model.head(model(ids, cache))  # [B, width, V]
+                for b, n in enumerate(lengths):
+                    assert torch.allclose(first[b, width - n :], alone[b][:n], atol=1e-10), (b, filler)
+            else:
+                for b, p in enumerate(prompts):
+                    part = KVCache.empty(model.cfg.n_layers)
+                    assert torch.allclose(model.head(model(p[None], part))[0], alone[b][: len(p)], atol=1e-10)
+                    cache.place(torch.tensor([b]), part, end=width)
+            rows = torch.arange(len(lengths))
+            for s in range(steps):
+                if s == 2:  # rows 0 and 2 finish: the others go on
+                    rows = torch.tensor([1, 3])
+                    cache.keep(rows)
+                out = model.head(model(later[rows, s : s + 1], cache))[:, 0]  # [B', V]
+                for i, b in enumerate(rows.tolist()):
+                    assert torch.allclose(out[i], alone[b][lengths[b] + s], atol=1e-10), (b, s, mode, capacity)
+            assert cache.length == width + steps and cache.layers[0].k.shape == (2, 2, width + steps, 16)
+
+
+@pytest.mark.parametrize("block", ["llama", "neox"])
+def test_fp32_loss_and_gradients_equal_transformers_in_float64(block):
+    """The training step's path (the fused projection split into q, k and v, rotary applied half by half to the
+    strided pieces, a pass-through remainder in NeoX's partial rotary): loss and every weight's gradient in fp32
+    against transformers' eager model in float64, a plain reference written apart from ours."""
+    import torch.nn.functional as F
+
+    if block == "llama":
+        hf, ours = llama_pair(tied=True)
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPTNeoXConfig(
+            vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=64, use_parallel_residual=True, layer_norm_eps=0.3, hidden_act="gelu",
+            attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 333.0,
+                                                  "partial_rotary_factor": 0.5},
+            rotary_pct=0.5, rotary_emb_base=333.0, rope_theta=333.0, partial_rotary_factor=0.5,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        hf = perturbed(transformers.GPTNeoXForCausalLM(config), seed=3)
+        cfg = tiny_config("neox", norm_eps=0.3, rotary_base=333.0, rotary_pct=0.5)
+        ours = GPT(cfg)
+        ours.load_state_dict(hf_to_losslab(cfg, hf.state_dict()))
+    hf.config._attn_implementation = "eager"
+    hf = hf.double().train()
+    ours = ours.float().train()
+    ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(4))
+    ref = F.cross_entropy(hf(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+    got = F.cross_entropy(ours.logits(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    ref.backward()
+    got.backward()
+    assert abs(got.item() - ref.item()) < 1e-5 * ref.item()
+    expected = hf_to_losslab(ours.cfg, {n: p.grad for n, p in hf.named_parameters()})
+    for name, p in ours.named_parameters():
+        scale = expected[name].abs().max().item()
+        assert scale > 0, name
+        assert (p.grad.double() - expected[name]).abs().max().item() < 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("block", ["llama", "neox"])
+def test_column_major_weights_keep_their_values_and_give_the_float64_logits(block):
+    """``GPT.column_major_`` (CPU inference, evals/lm.py): every matrix keeps its values and shape with its
+    columns contiguous; a cached, left-padded decode gives the float64 model's logits."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny_config(block, n_kv_heads=2, tie_embeddings=block == "llama", rotary_pct=0.5)))
+    reference = __import__("copy").deepcopy(model).double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.column_major_()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        if p.ndim == 2:
+            assert p.stride() == (1, p.shape[0]), name
+    assert model.head.weight is model.embed.weight or block == "neox"
+    ids = torch.randint(0, 300, (3, 12))
+    pad = torch.tensor([0, 4, 7])
+    with torch.no_grad():
+        expected = [reference.logits(ids[b, pad[b] :][None])[0] for b in range(3)]  # each row alone, float64
+        cache = KVCache.empty(model.cfg.n_layers, pad=pad, capacity=14)
+        got = model.head(model(ids[:, :10], cache))  # [3, 10, V]
+        last = model.head(model(ids[:, 10:11], cache))[:, 0]  # [3, V]: one cached step
+    for b in range(3):
+        n = 10 - pad[b]
+        assert (got[b, pad[b] :].double() - expected[b][:n]).abs().max() < 1e-4
+        assert (last[b].double() - expected[b][n]).abs().max() < 1e-4

@@ -68,6 +68,8 @@ def test_imported_model_computes_what_transformers_computes(imported, hf_model):
 
 
 def test_greedy_generation_equals_transformers_generate(imported, hf_model):
+    """Chat prompts of mixed lengths, batched left-padded (two batch sizes, two orders): token for token what
+    transformers' generate() gives for each prompt alone and for the whole set left-padded in one batch."""
     from lm_eval.api.instance import Instance
 
     from evals.lm import LosslabLM
@@ -75,19 +77,34 @@ def test_greedy_generation_equals_transformers_generate(imported, hf_model):
 
     hf, hf_tok = hf_model
     model, ckpt = load_model(imported)
-    lm = LosslabLM(model, checkpoint_tokenizer(ckpt, model.cfg), batch_size=2, device="cpu")
+    questions = ("What is the capital of France?", "Name a play by Shakespeare.", "Hi!",
+                 "Explain in one sentence why the sky is blue, as you would to a child of six years old.")  # fmt: skip
     prompts = [
         hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        for q in ("What is the capital of France?", "Name a play by Shakespeare.")
+        for q in questions
     ]
-    ours = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["<|im_end|>"], "max_gen_toks": 16}), i)
-                              for i, p in enumerate(prompts)])  # fmt: skip
-    for prompt, mine in zip(prompts, ours, strict=True):
-        ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        with torch.no_grad():
-            out = hf.generate(ids, max_new_tokens=16, do_sample=False)
-        theirs = hf_tok.decode(out[0, ids.shape[1] :]).split("<|im_end|>")[0]
-        assert mine == theirs
+    ids = [hf_tok(p, add_special_tokens=False).input_ids for p in prompts]
+    assert len({len(x) for x in ids}) == len(ids)
+    new, eos = 16, hf_tok.eos_token_id
+    alone = []
+    with torch.no_grad():
+        for x in ids:
+            out = hf.generate(torch.tensor([x]), max_new_tokens=new, do_sample=False)[0, len(x) :].tolist()
+            alone.append(out[: out.index(eos)] if eos in out else out)
+        width = max(map(len, ids))
+        padded = torch.tensor([[eos] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        out = hf.generate(input_ids=padded, attention_mask=mask, max_new_tokens=new, do_sample=False).tolist()
+    together = [row[width:][: row[width:].index(eos)] if eos in row[width:] else row[width:] for row in out]
+    assert together == alone
+    tok = checkpoint_tokenizer(ckpt, model.cfg)
+    assert [tok.encode(p) for p in prompts] == ids
+    for batch_size, order in ((2, 1), (4, -1)):
+        lm = LosslabLM(model, tok, batch_size=batch_size, device="cpu")
+        assert lm.greedy(ids[::order], new) == alone[::order], batch_size
+    texts = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["<|im_end|>"], "max_gen_toks": new}), i)
+                               for i, p in enumerate(prompts)])  # fmt: skip
+    assert texts == [hf_tok.decode(t).split("<|im_end|>")[0] for t in alone]
 
 
 def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
@@ -101,8 +118,16 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
     write_multiple_choice_task(task_dir, "facts", docs)
-    proc = script("evaluate.py", "--checkpoint", str(imported), "--tasks", "facts", "--task-dir", str(task_dir))
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "scripts/evaluate.py", "--checkpoint", str(imported), "--tasks", "facts",
+         "--task-dir", str(task_dir)],
+        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # evaluation reads checkpoints without DeepSpeed (models/checkpoint.py): never imported, nor its accelerator probe
+    imported_modules = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line]
+    assert "torch" in imported_modules and not any(m.split(".")[0] == "deepspeed" for m in imported_modules)
+    assert "Setting accelerator" not in proc.stdout + proc.stderr
     ours = next(s for s in find_results(imported) if s.settings.tasks == ("facts",) and not s.settings.held_out)
     ours = ours.summary["metrics"]
     stock = subprocess.run(

@@ -5,7 +5,9 @@ command, the figures, and each target met or missed, next to the anchors measure
     python scripts/gpu/report.py OUTDIR --write docs/benchmarks.md      # insert it above "## GPU — not yet measured"
 
 Files it reads (any may be missing: a stage that did not run is reported as not measured): stages.jsonl,
-kernels.json, tests.jsonl (pytest-reportlog), bench_loss.json, bench_model.json, bench_model_1.2b.json, scale_6.7b.json.
+kernels.json, tests.jsonl (pytest-reportlog), bench_loss.json, bench_model.json (the hf stage's rows marked
+``"bench": "hf_patch"``, the 1.2B rows ``"stage": "big"``; older folders: bench_model_1.2b.json), bench_eval.json,
+scale_6.7b.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ TARGETS = {
     "mfu": 0.55,
     "6.7b_tokens_per_s": 7e3,
     "6.7b_host_gib": 100.0,
+    # issue #25, against the stock tools on the same model: tokens/s ratios at least, wall-time ratio at most
+    "eval_vs_stock": 1.0,
 }
 FILES = (
     "stages.jsonl",
@@ -41,9 +45,10 @@ FILES = (
     "tests.jsonl",
     "bench_loss.json",
     "bench_model.json",
-    "bench_model_1.2b.json",
+    "bench_eval.json",
     "scale_6.7b.json",
 )
+LEGACY = ("bench_model_1.2b.json",)  # read where present: folders written before the 1.2B rows joined bench_model
 
 
 @dataclass
@@ -64,7 +69,14 @@ def _read(path: Path):
 
 
 def load(out_dir: Path) -> dict:
-    return {name: _read(out_dir / name) for name in FILES}
+    return {name: _read(out_dir / name) for name in FILES + LEGACY}
+
+
+def model_rows(data: dict) -> tuple[list[dict], list[dict]]:
+    """(the model stage's rows, the big stage's rows) of bench_model.json (and a legacy bench_model_1.2b.json)."""
+    rows = data["bench_model.json"] or []
+    big = [r for r in rows if r.get("stage") == "big"] + (data.get("bench_model_1.2b.json") or [])
+    return [r for r in rows if r.get("stage") != "big"], big
 
 
 def finite(x) -> bool:
@@ -390,14 +402,64 @@ def _message(report: dict) -> str:
     return lines[0][:500] if lines else ""
 
 
+def eval_checks(bench: dict | None) -> tuple[list[Check], list[str]]:
+    """Issue #25: generation, evaluate.py and the fine-tuning step next to the stock tools (scripts/bench_eval.py)."""
+    wanted = [
+        "generation >= 1.0x transformers generate() tokens/s, equal outputs",
+        "evaluate.py <= 1.0x lm_eval --model hf wall time, same scores",
+        "fine-tuning step >= 1.0x transformers tokens/s",
+    ]
+    if not bench or not bench.get("rows"):
+        return [Check(t, "no bench_eval.json", "not measured") for t in wanted], []
+    env, rows = bench.get("env", {}), bench["rows"]
+    lines = [
+        f"Evaluation next to the stock tools (`scripts/bench_eval.py`, issue #25): model {env.get('model', '?')}, "
+        f"medians of the runs, each side's min-max; ratio = losslab / stock.",
+        "",
+        "| comparison | losslab | stock | ratio (paired min-max) | same output |",
+        "|---|---|---|---|---|",
+    ]
+    checks, seen = [], set()
+    for r in rows:
+        part = r["part"]
+        if "skipped" in r:
+            lines.append(f"| {part} | | | not measured: {r['skipped']} | |")
+            continue
+        if part == "generation":
+            what, same = f"greedy generation, batch {r['batch']} (tokens/s)", r["equal_outputs"]
+            target, ok = f"generation batch {r['batch']} >= 1.0x generate() tokens/s, equal outputs", same
+        elif part == "evaluate":
+            what, same = f"evaluate.py, {r['task']}, {r['limit']} docs (s)", r["same_scores"]
+            target, ok = f"evaluate.py on {r['task']} <= 1.0x lm_eval --model hf time, same scores", same
+        else:
+            what, same = f"fine-tuning step, {r['precision']}, {r['batch']} x {r['seq']} (tokens/s)", None
+            target, ok = f"fine-tuning step {r['precision']} >= 1.0x transformers tokens/s", True
+        seen.add(part)
+        o, s_, p = r["losslab"], r["stock"], r["paired_ratio"]
+        lines.append(
+            f"| {what} | {o['median']:.1f} ({o['min']:.1f}-{o['max']:.1f}) | {s_['median']:.1f} "
+            f"({s_['min']:.1f}-{s_['max']:.1f}) | {r['ratio']:.2f}x ({p['min']:.2f}-{p['max']:.2f}) | "
+            f"{'' if same is None else 'yes' if same else '**no**'} |"
+        )
+        v = verdict(r["ratio"], TARGETS["eval_vs_stock"], at_most=not r["higher_is_better"])
+        checks.append(Check(target, f"{r['ratio']:.2f}x" + ("" if ok else " (outputs differ)"),
+                            v if ok or v == "not measured" else "misses"))  # fmt: skip
+    for part, t in zip(("generation", "evaluate", "train_step"), wanted, strict=True):
+        if part not in seen:
+            checks.append(Check(t, "not run", "not measured"))
+    return checks, lines
+
+
 def parts(data: dict) -> list[tuple[list[Check], list[str]]]:
     """(checks against the targets, markdown lines) of each stage, in the order validate.sh runs them."""
+    model, big = model_rows(data)
     return [
         kernel_lines(data["kernels.json"], test_results(data["tests.jsonl"])),
         loss_checks(data["bench_loss.json"]),
-        model_checks(data["bench_model.json"]),
-        hf_checks(data["bench_model.json"]),
-        big_checks(data["bench_model_1.2b.json"]),
+        model_checks(model),
+        hf_checks(model),
+        eval_checks(data["bench_eval.json"]),
+        big_checks(big),
         scale_checks(data["scale_6.7b.json"]),
     ]
 
