@@ -53,12 +53,12 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import torch
 
+from evals.results_store import latest
 from losslab.log import fail, get_logger
 
 log = get_logger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 LL_TASK, GEN_TASK = "shakespeare_cloze", "shakespeare_dialogue"
-RESULTS = "eval_results.json"  # evaluate.py writes it next to the checkpoint
 SHAPES = {  # random:SHAPE -> GPTConfig fields (the vocabulary is the tokenizer's)
     "smollm2": dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536, max_seq_len=2048, block="llama",
                     rotary_pct=1.0, rotary_base=100000.0, parallel_residual=False, bias=False, tie_embeddings=True),
@@ -280,9 +280,8 @@ def bench_generation(setup: Setup, args: argparse.Namespace) -> list[dict]:
 # --- (b) evaluate.py vs lm_eval --model hf ----------------------------------------------------------------------
 
 
-def read_scores(path: Path, task: str, stock: bool) -> dict[str, float]:
+def read_scores(raw: dict, task: str, stock: bool) -> dict[str, float]:
     """The task's metrics (not their standard errors) from evaluate.py's eval_results.json or lm-eval's results."""
-    raw = json.loads(path.read_text())
     if stock:
         flat = {k.split(",")[0]: v for k, v in raw["results"][task].items() if "," in k}
     else:
@@ -290,17 +289,20 @@ def read_scores(path: Path, task: str, stock: bool) -> dict[str, float]:
     return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"}
 
 
-def run_eval(cmd: list[str], env: dict, task: str, result: Path | None) -> dict[str, float]:
-    """One evaluation as a user runs it -> its scores (from ``result``, or from lm-eval's ``--output_path``)."""
+def run_eval(cmd: list[str], env: dict, task: str, ckpt: Path | None) -> dict[str, float]:
+    """One evaluation as a user runs it -> its scores (from the newest evaluation of ``ckpt`` that scored the task,
+    or from lm-eval's ``--output_path``)."""
     out = None
-    if result is None:
+    if ckpt is None:
         out = Path(tempfile.mkdtemp(prefix="lm_eval_"))
         cmd = [*cmd, "--output_path", str(out)]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"failed on {task}: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        return read_scores(result or next(out.rglob("results_*.json")), task, stock=result is None)
+        if ckpt is not None:
+            return read_scores(latest(ckpt, task).summary, task, stock=False)
+        return read_scores(json.loads(next(out.rglob("results_*.json")).read_text()), task, stock=True)
     finally:
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
@@ -323,7 +325,7 @@ def bench_evaluate(setup: Setup, args: argparse.Namespace) -> list[dict]:
         stock = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                  f"pretrained={setup.hf},dtype=float32", "--include_path", str(setup.tasks),
                  "--batch_size", str(args.eval_batch), *common]  # fmt: skip
-        sides = {"losslab": functools.partial(run_eval, ours, env, task, setup.ckpt / RESULTS),
+        sides = {"losslab": functools.partial(run_eval, ours, env, task, setup.ckpt),
                  "stock": functools.partial(run_eval, stock, env, task, None)}  # fmt: skip
         wall, cpu, scores = alternate(args.eval_runs or args.runs, sides, "cpu")
         mine, theirs = scores["losslab"][0], scores["stock"][0]

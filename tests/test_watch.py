@@ -25,15 +25,13 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             stderr=open(f"{log}.err", "w"))  # fmt: skip
 
 
-def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the_run(corpus, tmp_path, monkeypatch):
+def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the_run(corpus, tmp_path):
     # Both are started by a process that ran W&B itself, as a driver script would: its service (WANDB_SERVICE) is
     # inherited by both children, and it refuses the watcher the run id that training holds unless the watcher
     # starts its own.
     import wandb
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    wandb.init(dir=str(tmp_path), project="driver", settings=wandb.Settings(quiet=True, console="off")).finish()
-    monkeypatch.delenv("WANDB_MODE")
+    wandb.init(mode="offline", dir=str(tmp_path), project="driver", settings=wandb.Settings(quiet=True)).finish()
     docs = [{"context": c, "choices": [" the crown", " zzz"], "label": 0} for c in ("The king loves", "A fool")]
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     run_dir = tmp_path / "run"
@@ -85,6 +83,7 @@ def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the
     while not any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams) and time.monotonic() < deadline:
         time.sleep(0.5)  # W&B's service process writes the stream on its own
     assert len(streams) >= 2 and any(b"eval/toy_mc/acc" in s.read_bytes() for s in streams)
+    assert not any("W&B run of" in log for log in logs)  # every watcher opened the run's W&B run
 
     # "done" is for the watcher's own settings: the same again evaluates nothing; another limit evaluates every
     # checkpoint again, into its own folder, the first setting's results untouched
