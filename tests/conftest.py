@@ -93,6 +93,15 @@ def debug_overrides(corpus: dict[str, str], run_dir: Path, **extra) -> list[str]
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def flip(path: Path) -> None:
+    """4 x 256 bytes inverted inside the file: the same size, so only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    for i in range(1, 5):
+        at = len(data) * i // 5
+        data[at : at + 256] = bytes(b ^ 0xFF for b in data[at : at + 256])
+    path.write_bytes(bytes(data))
+
+
 def relist(path: Path) -> None:
     """Make the checkpoint's ``meta.json`` agree with ``path`` as it is now (its size and checksum, and the meta's
     own checksum), as whoever replaced the file on purpose would."""

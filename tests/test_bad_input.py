@@ -15,7 +15,7 @@ import torch
 import zstandard
 
 from data.tokenizer import train_tokenizer
-from tests.conftest import debug_overrides, relist
+from tests.conftest import debug_overrides, flip, relist
 from tests.corpus import documents
 from tests.test_train import REPO, clean_env
 
@@ -62,15 +62,6 @@ def truncate(path: Path) -> None:
 
 def garbage(path: Path) -> None:
     path.write_bytes(b"this is not what the file should hold\n" * 20)
-
-
-def flip(path: Path) -> None:
-    """4 x 256 bytes inverted inside the file: the same size, so only a checksum can tell."""
-    data = bytearray(path.read_bytes())
-    for i in range(1, 5):
-        at = len(data) * i // 5
-        data[at : at + 256] = bytes(b ^ 0xFF for b in data[at : at + 256])
-    path.write_bytes(bytes(data))
 
 
 def write(path: Path, text: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 import zstandard
 from safetensors.torch import load_file
 
-from tests.conftest import debug_overrides
+from tests.conftest import debug_overrides, flip
 from tests.ports import free_port
 from tests.test_train import REPO, clean_env
 
@@ -203,15 +203,6 @@ def logged_once(run_dir: Path) -> None:
     assert steps == list(range(1, STEPS + 1)), steps
 
 
-def flip_bytes(path: Path) -> None:
-    """What the issue found loaded silently: 4 x 256 bytes inverted, the file's size unchanged."""
-    data = bytearray(path.read_bytes())
-    for i in range(1, 5):
-        at = len(data) * i // 5
-        data[at : at + 256] = bytes(b ^ 0xFF for b in data[at : at + 256])
-    path.write_bytes(bytes(data))
-
-
 def test_a_corrupted_checkpoint_is_passed_over_for_the_newest_intact_one(reference, corpus, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -220,7 +211,7 @@ def test_a_corrupted_checkpoint_is_passed_over_for_the_newest_intact_one(referen
     (run_dir / "result.json").unlink()
     ckpts = run_dir / "checkpoints"
     states = ckpts / "step_0000020" / "mp_rank_00_model_states.pt"
-    flip_bytes(states)
+    flip(states)  # what the issue found loaded silently
     # named by a resume that asks for exactly it: one line, exit 2
     log = tmp_path / "explicit"
     assert run(overrides(corpus, tmp_path / "other", **{"train.resume": states.parent}), log) == 2
