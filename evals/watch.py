@@ -191,17 +191,15 @@ class WandbEval:
         os.environ.pop("WANDB_SERVICE", None)
         # Online, training may still be writing the run: W&B's shared mode is its way for a second process to
         # write the same run (not the primary writer, labelled). Offline, each process writes its own files.
-        settings = wandb.Settings(quiet=True, console="off")
-        if mode == "online":
-            mode, settings = "shared", wandb.Settings(quiet=True, console="off", x_primary=False, x_label="eval-watch")
+        shared = {"x_primary": False, "x_label": "eval-watch"} if mode == "online" else {}
         self.run = wandb.init(
-            mode=mode,
+            mode="shared" if shared else mode,
             dir=str(run_dir),
             project=cfg.get("project"),
             entity=cfg.get("entity") or None,
             id=run_id,
             resume="allow",
-            settings=settings,
+            settings=wandb.Settings(quiet=True, console="off", **shared),
         )
         # training logs at W&B's own step; a second writer's steps may be behind it, so the evaluation's
         # charts take the logged "step" as their x-axis instead

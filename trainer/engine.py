@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import logging
 import os
 import socket
 import sys
@@ -63,7 +62,6 @@ def exit_process(code: int) -> NoReturn:
     if dist.is_initialized():
         dist.destroy_process_group()
     atexit._run_exitfuncs()  # what the interpreter would run at exit: W&B's and logging's flushes among them
-    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
