@@ -257,12 +257,14 @@ def plot_downstream(groups: dict[str, list[Run]], keys: list[str], chance: dict[
 def plot_downstream_curves(groups: dict[str, list[Run]], keys: list[str], chance: dict[str, Any], out: Path) -> bool:
     """Each task score against training tokens at every evaluated checkpoint (``eval.every_checkpoint`` or the
     watcher): one panel per score, each loss in its colour, a thin line per seed and the mean over the seeds that
-    share the points as a thick one, chance dashed. Drawn when some run was evaluated at more than one
-    checkpoint."""
+    share the points as a thick one, chance dashed. Each loss also has its own line style: small models often give
+    two losses the same scores, and a loss drawn solid under another's dashes stays visible. Drawn when some run
+    was evaluated at more than one checkpoint."""
     keys = [k for k in keys if any(len(r.eval_curves.get(k, [])) > 1 for rs in groups.values() for r in rs)]
     if not keys:
         return False
     color = colours(groups)
+    style = {label: ("-", "--", "-.", ":")[i % 4] for i, label in enumerate(groups)}
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
@@ -272,11 +274,12 @@ def plot_downstream_curves(groups: dict[str, list[Run]], keys: list[str], chance
             get = (lambda r, k=key: [t / 1e6 for t, _ in r.eval_curves.get(k, [])],
                    lambda r, k=key: [v for _, v in r.eval_curves.get(k, [])])  # fmt: skip
             for r in runs:
-                ax.plot(get[0](r), get[1](r), color=color[label], linewidth=0.7, alpha=0.5, marker=".", markersize=3)
+                ax.plot(get[0](r), get[1](r), color=color[label], linestyle=style[label], linewidth=0.7, alpha=0.5,
+                        marker=".", markersize=3)  # fmt: skip
             x, ys = _aligned([r for r in runs if key in r.eval_curves], *get)
             if ys:
                 ax.plot(x, [statistics.fmean(c) for c in zip(*ys, strict=True)], color=color[label], linewidth=2,
-                        label=f"{label} ({len(ys)} seed{'s' * (len(ys) > 1)})")  # fmt: skip
+                        linestyle=style[label], label=f"{label} ({len(ys)} seed{'s' * (len(ys) > 1)})")  # fmt: skip
         level = chance.get(key.removeprefix("eval/").rpartition("/")[0])
         if level is not None:
             ax.axhline(level[0], color="black", linestyle="--", linewidth=1, label="chance")
