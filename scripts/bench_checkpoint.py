@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -129,4 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.engine import exit_process
+
+    exit_process(main())  # as scripts/train.py ends: no C++ teardown, where a gloo rank can abort after finishing

@@ -184,4 +184,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from trainer.engine import exit_process
+
     main()
+    exit_process(0)  # as scripts/train.py ends: no C++ teardown, where a gloo rank can abort after finishing
