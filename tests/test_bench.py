@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from losslab.losses import LOSSES
 from scripts import bench_loss, bench_model, profile_loss
 
@@ -97,6 +99,7 @@ def test_bench_checkpoint_runs_and_puts_the_checksums_back(tmp_path, capsys):
     assert checkpoint.HashingCheckpointEngine is HashingCheckpointEngine and checkpoint.FileDigests is FileDigests
 
 
+@pytest.mark.slow
 def test_bench_eval_compares_with_the_stock_tools_at_toy_size(corpus, tmp_path):
     """The three comparisons of issue #25 end to end on a toy model of SmolLM2's kind (GQA, tied, llama), one run
     a side: generation next to transformers' generate(), evaluate.py next to lm_eval --model hf on both task

@@ -96,6 +96,7 @@ def test_two_ranks_match_one_rank_for_every_zero_stage(single_rank, corpus, tmp_
     assert_same_losses(run_dir, single_rank)
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_adam
 def test_optimizer_offload_matches_the_device_optimizer(single_rank, corpus, tmp_path):
     """The 6.7B route: ZeRO-3 with the optimizer on the CPU (DeepSpeedCPUAdam, JIT-compiled on first use),
@@ -157,6 +158,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_preempted_and_resumed(two_ranks, corpus, tmp_path):
     """The multi-node path as it runs on a cluster without ssh: the deepspeed launcher started once per "node"
     (``--no_ssh --node_rank``, a hostfile of two hosts of one slot each, the master on the loopback address and a

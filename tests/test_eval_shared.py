@@ -23,6 +23,7 @@ from tests.test_distributed import common, launch
 from tests.test_train import REPO, clean_env
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_in_loop_evaluation_and_score_as_one(corpus, tmp_path):
     tasks = tmp_path / "tasks"
     # 7 documents of 2 or 3 choices (17 requests: an odd count, shares of 9 and 8) and 5 prompts

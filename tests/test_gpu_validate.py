@@ -64,6 +64,7 @@ def validate(out: Path, tmp: Path, corpus: dict, **env: str) -> subprocess.Compl
     return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_adam  # the 6.7B offload stage
 def test_validate_dry_runs_every_stage_on_the_cpu_and_reports(corpus, tmp_path):
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 
+@pytest.mark.slow
 def test_zero3_through_transformers_trains_as_its_own_loss(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(

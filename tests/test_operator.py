@@ -148,6 +148,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exactly(corpus, tmp_path):
     """What Slurm and Kubernetes do: SIGTERM to every process of the job. Under the deepspeed launcher each rank
     gets it twice (directly, and forwarded by launch.py); that must be one request, not an abort."""

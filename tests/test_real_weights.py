@@ -17,6 +17,10 @@ from data.tokenizer import Tokenizer
 from evals.results_store import find_results
 from tests.test_train import REPO, clean_env
 
+# the worker's own share of the cores (scripts/test.sh: one thread per pytest-xdist worker): more threads than cores
+# spin-wait on each other, and a 135M-parameter step then took 21 s instead of 1.5 s
+THREADS = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
 HF_DIR = REPO / "corpus" / "smollm2-135m-instruct"
 TEXT = (
     "Fair is foul, and foul is fair: hover through the fog and filthy air. The losses of a language model are "
@@ -32,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, f"scripts/{name}", *args],
-        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env={**clean_env(), **THREADS}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
 
 
@@ -107,6 +111,7 @@ def test_greedy_generation_equals_transformers_generate(imported, hf_model):
     assert texts == [hf_tok.decode(t).split("<|im_end|>")[0] for t in alone]
 
 
+@pytest.mark.slow
 def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     from evals.tasks import write_multiple_choice_task
 
@@ -121,7 +126,7 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "scripts/evaluate.py", "--checkpoint", str(imported), "--tasks", "facts",
          "--task-dir", str(task_dir)],
-        cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env={**clean_env(), **THREADS}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # evaluation reads checkpoints without DeepSpeed (models/checkpoint.py): never imported, nor its accelerator probe
@@ -142,6 +147,7 @@ def test_evaluate_equals_stock_lm_eval_hf(imported, tmp_path):
     assert ours["facts/acc"] == result["acc,none"] and ours["facts/acc_norm"] == result["acc_norm,none"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_hf_folder(tmp_path):
     records = tmp_path / "pairs.jsonl"
     pairs = [("HAMLET: To be, or not to be?\nHORATIO:", " My lord, that is the question."),

@@ -121,7 +121,9 @@ def test_checkpoint_round_trip_gives_back_moments_and_rng_states(
         assert b["exp_avg"].abs().sum() > 0 and b["exp_avg_sq"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("stage,offload", [(0, False), (2, False), (3, False), (3, True)])
+@pytest.mark.parametrize(
+    "stage,offload", [(0, False), (2, False), (3, False), pytest.param(3, True, marks=pytest.mark.cpu_adam)]
+)
 def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state(
     corpus, dist_env, tmp_path, monkeypatch, stage, offload
 ):

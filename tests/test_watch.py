@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from evals.results_store import find_results
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides
@@ -25,6 +27,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             stderr=open(f"{log}.err", "w"))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_watcher_evaluates_each_checkpoint_once_across_a_kill_and_stops_with_the_run(corpus, tmp_path):
     # Both are started by a process that ran W&B itself, as a driver script would: its service (WANDB_SERVICE) is
     # inherited by both children, and it refuses the watcher the run id that training holds unless the watcher

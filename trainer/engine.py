@@ -32,16 +32,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_cpu_shm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory CPU all-reduce when its communication layer starts
+    (60-85 s of compiling on 2 cores, again for every Python environment that shares the extension cache).
+    Returning None is DeepSpeed's own "op unavailable" path: collectives fall back to gloo. ``LOSSLAB_CPU_SHM=1``
+    lets it build. Called by ``init_distributed`` and by anything that starts DeepSpeed's communication layer
+    another way (transformers' Trainer: tests/dist/hf_zero3.py)."""
+    if os.environ.get("LOSSLAB_CPU_SHM", "0") != "1":
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group; works under the deepspeed/torchrun launchers and as a plain
     ``python`` process (a world of one). Idempotent. Returns (rank, world_size)."""
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         backend = "nccl" if cuda else "gloo"
-        if not cuda and os.environ.get("LOSSLAB_CPU_SHM", "0") != "1":
-            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU at every start (60-85 s on 2 cores);
-            # returning None is its own "op unavailable" path, which falls back to gloo collectives.
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        if not cuda:
+            skip_cpu_shm_build()
         if "RANK" not in os.environ:  # no launcher: a world of one, whose store needs no port (none to race for)
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by libraries; nothing binds it

@@ -47,6 +47,9 @@ def run(folder: str, patched: bool) -> tuple[list[float], bool]:
 
 
 def main() -> None:
+    from trainer.engine import skip_cpu_shm_build
+
+    skip_cpu_shm_build()  # as losslab's own engine does: no minute-long compile of an op a CPU test never needs
     folder = tempfile.mkdtemp()
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True)  # fmt: skip
