@@ -21,6 +21,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.files import file_sha256, write_atomic
+from losslab.log import fail
 from trainer.run_info import git_sha
 
 
@@ -76,7 +77,7 @@ def collect(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "corpus": corpus,
-        "data_files": {_shown(f): file_sha256(f) for f in args.data if Path(f).is_file()},
+        "data_files": {_shown(f): file_sha256(f) for f in args.data},
         "runs": runs,
     }
 
@@ -136,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="*", default=[], help="other input files to hash")
     parser.add_argument("runs", nargs="*")
     args = parser.parse_args(argv)
+    # a provenance that quietly leaves out an input or a run would say less than it seems to
+    for path in args.data:
+        if not Path(path).is_file():
+            return fail(f"--data {path}: no such file")
+    for run in args.runs:
+        if not Path(run).is_dir():
+            return fail(f"run directory {run}: not found")
     rec = collect(args)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "provenance.json", json.dumps(rec, indent=2) + "\n")

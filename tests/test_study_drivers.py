@@ -1,6 +1,6 @@
-"""The study drivers' command lines (the drivers themselves run for hours and fetch packages; their toy-size runs
-are recorded in docs/benchmarks.md): a misspelt flag stops them at once with one line naming it, before any
-set-up, download or training."""
+"""The study drivers' command lines and their provenance record (the drivers themselves run for hours and fetch
+packages; their toy-size runs are recorded in docs/benchmarks.md): a misspelt flag stops them at once with one line
+naming it, before any set-up, download or training."""
 
 from __future__ import annotations
 
@@ -20,3 +20,31 @@ def test_an_unknown_flag_is_one_line_and_exit_2(script, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "unknown argument '--acept-changed-corpus'" in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_the_provenance_names_every_input_and_refuses_a_missing_one(tmp_path):
+    """scripts/study_record.py hashes each --data file and lists each run; an input or a run that is not there
+    stops it with one line naming it (exit 2), and nothing is written."""
+    import hashlib
+    import json
+    import sys
+
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"text": "held out"}\n')
+    run = tmp_path / "ce-s0"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"complete": True, "steps": 30}))
+    out = tmp_path / "report"
+    cmd = [sys.executable, "scripts/study_record.py", "--out", str(out), "--command", "bash scripts/cpu_study.sh"]
+    for args, named in (([str(data), str(tmp_path / "tok.model")], "tok.model"), ([str(data)], "ce-s1")):
+        proc = subprocess.run([*cmd, "--data", *args, "--", str(run), str(tmp_path / "ce-s1")], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and named in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert not out.exists()
+    proc = subprocess.run([*cmd, "--data", str(data), "--", str(run)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((out / "provenance.json").read_text())
+    assert rec["data_files"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert [(r["complete"], r["steps"]) for r in rec["runs"]] == [(True, 30)]
+    assert "bash scripts/cpu_study.sh" in (out / "provenance.md").read_text()
