@@ -122,8 +122,12 @@ class HeldOutSet:
 
     @property
     def identity(self) -> str:
-        """A hash of the sampled documents and their token counts: equal for every run that scored this set."""
-        text = "\n".join(f"{d.sha} {d.domain} {d.tokens}" for d in self.documents)
+        """A hash of the sampled documents, their token counts and the window they are scored in: equal for every
+        run that scored this set the same way. The window is part of it because it changes the numbers: each
+        window's first token is context, never a target, so the same documents packed at another ``seq_len``
+        score another number of tokens (and an evaluation at another width must not file its result under the
+        training's key)."""
+        text = f"window {self.seq_len + 1}\n" + "\n".join(f"{d.sha} {d.domain} {d.tokens}" for d in self.documents)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def summary(self) -> str:

@@ -10,7 +10,16 @@ import pytest
 
 from data.shards import ReadStats, iter_documents, write_shard
 from data.tokenizer import Tokenizer
-from evals.heldout import DOC_SHARE, HeldOutError, SampleSpec, kish, load_or_sample, read_pieces, sample_held_out
+from evals.heldout import (
+    DOC_SHARE,
+    HeldOutError,
+    SampleSpec,
+    kish,
+    load_or_sample,
+    pack,
+    read_pieces,
+    sample_held_out,
+)
 from tests.corpus import sentence
 
 # A held-out file sorted by domain, as scripts/split_corpus.py once wrote one: a big first domain (alone more than
@@ -85,6 +94,11 @@ def test_the_set_is_the_same_for_every_run_whatever_the_files_order(val, tmp_pat
     assert [d.key for d in other.documents] != [d.key for d in one.documents]  # found elsewhere, the same text
     reseeded, _ = sample_held_out([str(root / "val.jsonl.zst")], tok, 32, SampleSpec(6000, 400, seed=1))
     assert reseeded.identity != one.identity  # eval.val_seed draws another sample
+    # the same documents in wider windows: fewer window starts, so more targets scored; another identity
+    wider, pieces = sample_held_out([str(root / "val.jsonl.zst")], tok, 64, spec)
+    assert [(d.sha, d.tokens) for d in wider.documents] == [(d.sha, d.tokens) for d in one.documents]
+    targets = [(pack(s, pieces, tok.eos_id).document[:, 1:] >= 0).sum().item() for s in (one, wider)]
+    assert targets[0] < targets[1] and wider.identity != one.identity
 
 
 def test_a_domain_without_held_out_documents_is_a_warning_naming_it(val, tmp_path, capfd):
