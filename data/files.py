@@ -1,9 +1,10 @@
-"""File helpers every floor of losslab may use: content hashes and atomic writes."""
+"""File helpers every floor of losslab may use: content hashes, atomic writes and the checkout's commit."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import xxhash
@@ -13,6 +14,9 @@ DIGEST = "xxh3_128"
 tampering) but ~10x faster than sha256 here, so hashing a multi-GB checkpoint adds little to its save
 (``docs/benchmarks.md``)."""
 _BLOCK = 16 << 20
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "docs/results"
+"""Published reports: what a report writes, never code it was made by (see ``git_commit``)."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -75,3 +79,20 @@ def follow_umask(root: str | os.PathLike) -> None:
             continue
         executable = p.is_dir() or p.stat().st_mode & 0o111
         os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
+def git_commit(short: int = 0) -> str:
+    """This checkout's commit (``short``: its first characters), with ``-dirty`` when a tracked file other than the
+    published reports (``docs/results/``) has uncommitted changes; ``unknown`` outside git. A report written
+    into ``docs/results/`` changes tracked files there itself: that says nothing about the code that made it, and
+    counting it made every published report read "made by uncommitted code"."""
+    try:
+        run = {"cwd": REPO_ROOT, "capture_output": True, "text": True, "timeout": 30}
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){RESULTS}"], check=True, **run).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not sha:
+        return "unknown"
+    return (sha[:short] if short else sha) + ("-dirty" if dirty else "")

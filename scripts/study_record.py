@@ -20,9 +20,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
-from data.files import file_sha256, write_atomic
+from data.files import file_sha256, git_commit, write_atomic
 from losslab.log import fail
-from trainer.run_info import git_sha
 
 
 def _json(path: Path) -> dict:
@@ -67,7 +66,7 @@ def collect(args: argparse.Namespace) -> dict:
     corpus = _json(Path(args.corpus)) if args.corpus else {}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "report_commit": git_sha(),
+        "report_commit": git_commit(),
         "run_commits": sorted({r["git_sha"] for r in runs if r["git_sha"]}),
         "commands": args.command,
         "machine": {

@@ -48,3 +48,32 @@ def test_the_provenance_names_every_input_and_refuses_a_missing_one(tmp_path):
     assert rec["data_files"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
     assert [(r["complete"], r["steps"]) for r in rec["runs"]] == [(True, 30)]
     assert "bash scripts/cpu_study.sh" in (out / "provenance.md").read_text()
+
+
+def test_a_report_published_into_docs_results_does_not_count_as_uncommitted_code(tmp_path):
+    """A study publishes into tracked files under docs/results/; the commit recorded for the code that made the
+    report must not read "-dirty" because of that, and must when the code itself has changed (run in a clone)."""
+    import json
+    import sys
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--local", str(REPO), str(clone)], check=True, timeout=120)
+    # this checkout's uncommitted changes too, committed in the clone: the code under test is the code here
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=REPO, capture_output=True, check=True).stdout
+    if diff:
+        subprocess.run(["git", "apply", "--index"], cwd=clone, input=diff, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "wip"], cwd=clone,
+                       check=True)  # fmt: skip
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+
+    def recorded() -> str:
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, str(clone / "scripts/study_record.py"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((out / "provenance.json").read_text())["report_commit"]
+
+    (clone / "docs/results/README.md").write_text("rewritten by a study's --publish\n")
+    assert recorded() == head
+    (clone / "trainer/loop.py").write_text("# changed code\n")
+    assert recorded() == head + "-dirty"

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from data.files import DIGEST, file_digest, follow_umask, write_atomic
+from data.files import DIGEST, file_digest, follow_umask, git_commit, write_atomic
 from losslab.log import get_logger
 from models.checkpoint import (
     CHECKPOINTS,
@@ -66,7 +66,6 @@ from trainer.checkpoint_io import (
 )
 from trainer.collectives import first_failure, from_rank0, gathered
 from trainer.engine import consolidated_state_dict, gather_portable_state, scatter_portable_state
-from trainer.run_info import git_sha
 
 log = get_logger(__name__)
 
@@ -168,7 +167,7 @@ def save_checkpoint(
         for name in files.keys() - sums.keys():  # written past the hooks (a decoupled DeepSpeed writer)
             errors.attempt(tmp / name, lambda name=name: sums.__setitem__(name, file_digest(tmp / name)))
         body = seal({**meta, "files": files, DIGESTS: {k: sums[k] for k in files if k in sums}, "digest": DIGEST,
-                     "git_sha": git_sha()})  # fmt: skip
+                     "git_sha": git_commit()})  # fmt: skip
         errors.attempt(tmp / META, lambda: (tmp / META).write_text(json.dumps(body, indent=2)))
         # `latest` before the rename: until the rename it names no complete checkpoint, and readers then take
         # the newest complete one, which is still the previous checkpoint

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.files import git_commit
 from data.mixture import MixtureReport
 from data.mixture import describe as describe_mixture
 from data.shards import DataError, resolve_files
@@ -53,7 +54,6 @@ from trainer.perf import flops_per_token, peak_flops
 from trainer.plugins import load_callbacks
 from trainer.resume_check import Plan, plan_launch
 from trainer.run_dir import METRICS, finished, prepare_run_dir, truncate_metrics
-from trainer.run_info import git_sha
 from trainer.run_record import announce, launch_entry, launches
 from trainer.signals import Preemption
 
@@ -323,7 +323,7 @@ def _record_launch(
     cfg, ckpt, mixture = inputs.cfg, inputs.resume_ckpt, inputs.mixture
     config_yaml = to_yaml(cfg)
     info = {
-        "git_sha": git_sha(),
+        "git_sha": git_commit(),
         "world_size": inputs.world,
         "grad_accum": inputs.grad_accum,
         "num_params": model.num_params(),

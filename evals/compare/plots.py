@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,10 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
                     label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)}; thin: each seed)")  # fmt: skip
         if base_mean and label != base:
             ax.plot(base_x, base_mean, color=color[base], linewidth=1.5, linestyle="--", label=f"{base} (mean)")
-        note = f" — diverged: {notes[label]}" if label in notes else ""
+        # the reasons of every diverged seed are in summary.md: a panel's title holds one short line of them
+        note = (
+            f"\ndiverged: {textwrap.shorten(notes[label], 70, placeholder=' … (summary.md)')}" if label in notes else ""
+        )
         ax.set_title(f"{label}{note}", fontsize=9, color="#b00000" if note else "black")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
@@ -129,6 +133,7 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
             ax.tick_params(labelsize=7)
     fig.suptitle(f"{what}; each loss in its own row and scale, no smoothing", fontsize=10)
     fig.tight_layout()
+    fig.subplots_adjust(top=1 - 0.5 / fig.get_figheight())  # half an inch for the title: tight_layout leaves it none
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
     return True

@@ -9,12 +9,12 @@ import csv
 import math
 import os
 import statistics
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.files import git_commit
 from evals.compare import metrics as M
 from evals.compare.runs import (
     Run,
@@ -65,18 +65,6 @@ def rel(path: Path | str, out: Path) -> str:
         return str(p.relative_to(REPO))
     except ValueError:
         return os.path.relpath(p, out.resolve())
-
-
-def _git_sha() -> str:
-    """This checkout's commit, ``-dirty`` when tracked files have uncommitted changes."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + ("-dirty" if sha and dirty else "")
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -305,7 +293,7 @@ def markdown(groups: dict[str, list[Run]], settings: dict[str, str], base: str |
     shas = sorted({r.info.get("git_sha", "unknown") or "unknown" for rs in groups.values() for r in rs})
     short = [s[:10] + ("-dirty" if s.endswith("-dirty") else "") for s in shas]  # -dirty: uncommitted changes
     md.append(f"Runs trained at commit(s) {', '.join(f'`{s}`' for s in short)}; report made at commit "
-              f"`{_git_sha()}` by `{options.command or 'scripts/compare_runs.py'}`.")  # fmt: skip
+              f"`{git_commit(10)}` by `{options.command or 'scripts/compare_runs.py'}`.")  # fmt: skip
     md.append("Runs: " + ", ".join(f"`{rel(r.dir, out)}`" for rs in groups.values() for r in rs) + ".")
     md.extend(["", "Every number is in `summary.csv` (per run, per group, per contrast); curves in `curves.csv`. "
                "Figures: " + ", ".join(f"[{f}]({f})" for f in figures) + "."])  # fmt: skip
