@@ -131,9 +131,10 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
         for ax in row:
             ax.set_xlabel("training tokens (millions)", fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.suptitle(f"{what}; each loss in its own row and scale, no smoothing", fontsize=10)
+    height = fig.get_figheight()
+    fig.suptitle(f"{what}; each loss in its own row and scale, no smoothing", fontsize=10, y=1 - 0.1 / height, va="top")
     fig.tight_layout()
-    fig.subplots_adjust(top=1 - 0.5 / fig.get_figheight())  # half an inch for the title: tight_layout leaves it none
+    fig.subplots_adjust(top=1 - 0.7 / height)  # the title's own strip (inches): tight_layout leaves it none
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
     return True
