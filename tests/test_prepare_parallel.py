@@ -3,6 +3,7 @@ SIGKILL and started again, ``--part`` halves merged — each output byte for byt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,15 @@ def running(pid: str) -> bool:
     except FileNotFoundError:
         return False
     return "\tZ" not in next(x for x in status if x.startswith("State"))
+
+
+def children(pid: int) -> list[str]:
+    """The process's children, whichever of its threads started them."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            out += (task / "children").read_text().split()
+    return out
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -78,10 +88,11 @@ def test_a_killed_run_resumes_with_the_shards_not_done(shards, corpus, tmp_path)
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     deadline = time.monotonic() + 120
     try:
-        while not list(parts.glob("*/manifest.json")):  # the first shard is done: kill the run
+        # a shard done and shard jobs running: kill the run (jobs end together: a moment after one is done, the
+        # next may not have started yet, and there is nothing to kill)
+        while not (list(parts.glob("*/manifest.json")) and (jobs := children(proc.pid))):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a shard was done"
             time.sleep(0.01)
-        jobs = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         proc.send_signal(signal.SIGKILL)  # the main process only: its shard jobs must die with it
     finally:
         proc.kill()
