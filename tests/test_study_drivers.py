@@ -58,6 +58,8 @@ def test_a_report_published_into_docs_results_does_not_count_as_uncommitted_code
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--local", str(REPO), str(clone)], check=True, timeout=120)
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    subprocess.run(["git", "checkout", "-q", "--detach", here], cwd=clone, check=True)  # a worktree's HEAD too
     # this checkout's uncommitted changes too, committed in the clone: the code under test is the code here
     diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=REPO, capture_output=True, check=True).stdout
     if diff:
