@@ -42,12 +42,15 @@ def text_digest(text: str) -> str:
     return xxhash.xxh3_128(text.encode()).hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader (or a crash) never sees half of it. A write that fails
-    (a full disk) leaves ``path`` as it was and no temporary file behind."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` (text or bytes) so that a reader (or a crash) never sees half of it. A write
+    that fails (a full disk) leaves ``path`` as it was and no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ from data.corpus_text import (
     to_documents,
     wordnet_glosses,
 )
-from data.files import file_sha256
+from data.files import file_sha256, write_atomic
 from losslab.log import fail, get_logger
 
 log = get_logger(__name__)
@@ -307,9 +307,7 @@ def build_domain(domain: Domain, spec: Spec, deb: Path, version: str, out: Path)
         raise BuildError(f"{domain.name}: {deb.name} gave no document of {spec.min_chars} characters or more")
     content, frame = shard_bytes(domain, version, docs, spec.zstd_level)
     path = out / domain.shard_file
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(frame)
-    tmp.replace(path)
+    write_atomic(path, frame)
     return {
         "sha256": hashlib.sha256(frame).hexdigest(),
         "content_sha256": hashlib.sha256(content).hexdigest(),
@@ -416,9 +414,7 @@ def build(args: argparse.Namespace) -> int:
         "accepted_differences": accepted,
         "domains": report,
     }
-    tmp = manifest_path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     total = sum(d["text_bytes"] for d in report.values())
     docs = sum(d["documents"] for d in report.values())
     print(f"wrote {out}: {len(report)} shards, {docs} documents, {total / 1e6:.1f} MB of text")

