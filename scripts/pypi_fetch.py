@@ -15,6 +15,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout first on sys.path)
+
 from data.files import file_sha256, write_atomic
 
 
