@@ -20,6 +20,8 @@ import pytest
 import zstandard
 from safetensors.torch import load_file
 
+from evals.results_store import find_results
+from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides, flip
 from tests.ports import free_port
 from tests.test_train import REPO, clean_env
@@ -124,6 +126,33 @@ def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(moment, reference
         assert "no complete checkpoint to continue from; starting the run again" in out
     assert not (ckpts / ".tmp-step_0000010").exists()
     assert_same_run(run_dir, reference)
+
+
+def test_a_run_killed_during_its_final_evaluation_is_finished_by_the_same_command(reference, corpus, tmp_path):
+    """SIGKILL after the final checkpoint is written, while its evaluation runs (a job's time running out, the
+    machine taken away). The same command again trains no step: it evaluates that checkpoint and ends the run
+    (it used to stop with "nothing left to train", and the run's final evaluation was never made)."""
+    docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(8)]
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    run_dir = tmp_path / "run"
+    extra = {"eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks")}
+    proc = start(overrides(corpus, run_dir, **extra), log=tmp_path / "killed")
+    final = f"checkpoint step {STEPS} (final)"
+    wait_for(lambda: final in (tmp_path / "killed.out").read_text(), proc)  # lm-eval's set-up takes seconds
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    ckpt = run_dir / "checkpoints" / f"step_{STEPS:07d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name
+    assert not (run_dir / "result.json").exists() and not any(e.complete for e in find_results(ckpt))
+
+    log = tmp_path / "relaunched"
+    assert run(overrides(corpus, run_dir, **{**extra, "train.resume": "auto"}), log) == 0, output(log)[1][-3000:]
+    out = output(log)[0]
+    assert f"resumed from {ckpt}, the run's final checkpoint: no step left to train" in out
+    assert "eval toy_mc/acc:" in out and f"after {STEPS} steps" in lines(out, "final training loss: ")[0]
+    assert not lines(out, "step ")  # no step trained
+    assert [e.complete for e in find_results(ckpt)] == [True]
+    assert_same_run(run_dir, reference)  # every step once, the same losses and weights, result.json complete
 
 
 def test_torn_metrics_line_is_survived(reference, corpus, tmp_path):

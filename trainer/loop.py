@@ -91,6 +91,11 @@ def _train(cfg: RunConfig) -> TrainResult:
             if preempted:
                 log.warning(f"pre-empted: stopped after step {step}, checkpoint {ckpt}")
                 break
+        if run.start_step > cfg.train.max_steps and ckpt is not None:
+            # relaunched from the run's final checkpoint (trainer/resume_check.py: the run was stopped after
+            # writing it, during its final evaluation): what that checkpoint is owed, and no step
+            for cb in run.callbacks:
+                cb.on_checkpoint(step, ckpt, final=True, emit=run.emit)
     except BaseException as e:  # the run stops here: say so in result.json, whatever stopped it
         _write_result(run, complete=False, step=step, loss=last_loss, ckpt=ckpt, error=f"{type(e).__name__}: {e}")
         _end_callbacks(run, failed=True)

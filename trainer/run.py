@@ -311,7 +311,11 @@ def _restore(inputs: Inputs, engine: Any, run_dir: Path) -> Start:
     start_step = meta["step"] + 1
     if inputs.rank == 0:
         truncate_metrics(run_dir / METRICS, meta["step"])
-        print(f"resumed from {ckpt} at step {start_step}", flush=True)
+        if start_step > inputs.cfg.train.max_steps:
+            print(f"resumed from {ckpt}, the run's final checkpoint: no step left to train; finishing the run "
+                  "(its final evaluation)", flush=True)  # fmt: skip
+        else:
+            print(f"resumed from {ckpt} at step {start_step}", flush=True)
     return Start(start_step, meta.get("log_interval"), iter(inputs.source))
 
 
