@@ -14,8 +14,9 @@ quiet_pip() {  # pip, without the noise of this machine's unused local index loc
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
+gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu; then
     spec="${LOSSLAB_TORCH:-torch}"
   else
     spec="${LOSSLAB_TORCH:-torch==2.13.0}"
@@ -30,4 +31,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing losslab and its dependencies"
   quiet_pip .venv/bin/pip install -q -e '.[dev]'
   echo "$want" >"$stamp"
+fi
+# DeepSpeed's CPU Adam (ZeRO-Offload's optimizer) compiled once per machine and kept, instead of at its first use in
+# every new environment (scripts/prebuild_cpu_adam.py); a machine with a GPU keeps DeepSpeed's default
+if ! gpu; then
+  .venv/bin/python scripts/prebuild_cpu_adam.py
 fi

@@ -22,12 +22,17 @@ _cpu_adam_build: subprocess.Popen | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """DeepSpeedCPUAdam is JIT-compiled on a machine's first use (~90 s on 2 cores, then cached in
+    """Where scripts/setup.sh did not compile DeepSpeedCPUAdam ahead of time (scripts/prebuild_cpu_adam.py: a
+    machine with a GPU, a failed build), DeepSpeed JIT-compiles it at first use (~90 s on 2 cores, then cached in
     ~/.cache/torch_extensions): when a selected test will need it, start that build now, in the background at low
     priority, so that it overlaps the tests before it instead of stalling the first one that needs it (which
     waits on the build's own lock if it is still running)."""
+    from scripts.prebuild_cpu_adam import op_installed
+
     global _cpu_adam_build
     if torch.cuda.is_available() or not any(item.get_closest_marker("cpu_adam") for item in session.items):
+        return
+    if op_installed():
         return
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # one build for all pytest-xdist workers
         return

@@ -233,3 +233,33 @@ def test_a_wheel_in_a_fresh_virtualenv_runs_the_losses_with_torch_alone(wheel, t
     (purelib / "transformers.pth").write_text(f"{hf_site}\n")
     patched = run([str(python), "-c", FRESH_HF], elsewhere, **env)
     assert patched.returncode == 0 and "hf ok" in patched.stdout, patched.stderr[-3000:]
+
+
+def test_the_cpu_adam_wheel_is_keyed_by_what_the_compiled_op_depends_on():
+    from scripts.prebuild_cpu_adam import cpu_flags, wheel_key
+
+    info = "processor\t: 0\nflags\t\t: sse avx2 fpu\n\nprocessor\t: 1\nflags\t\t: sse avx2 fpu avx512f\n"
+    assert cpu_flags(info) == "avx2 fpu sse"  # the first CPU's, in a fixed order
+    assert cpu_flags("Features\t: fp asimd crc32\n") == "asimd crc32 fp" and cpu_flags("") == ""
+    base = ("0.19.8", "2.13.0+cpu", "cp311", "avx2 fpu sse")
+    assert wheel_key(*base).startswith("deepspeed-0.19.8-torch-2.13.0_cpu-cp311-")
+    others = ("0.19.9", "2.12.0", "cp312", "avx2")
+    keys = {wheel_key(*base[:i], other, *base[i + 1 :]) for i, other in enumerate(others)}
+    assert wheel_key(*base) not in keys and len(keys) == 4  # each part changes the key
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is not None or not Path("/proc/cpuinfo").is_file(),
+    reason="scripts/setup.sh compiles CPU Adam ahead of time on Linux machines without a GPU",
+)
+def test_setup_leaves_deepspeeds_cpu_adam_compiled_so_that_no_run_compiles_it(tmp_path):
+    """What scripts/setup.sh ran, run again: nothing to do (or, in an environment set up before it, the build,
+    once). Then DeepSpeed loads the op without compiling anything: torch's JIT build folder is never created."""
+    proc = subprocess.run([sys.executable, "scripts/prebuild_cpu_adam.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    load = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
+    ext = tmp_path / "torch_extensions"
+    proc = run([sys.executable, "-c", load], REPO, TORCH_EXTENSIONS_DIR=str(ext))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not ext.exists(), sorted(ext.rglob("*"))
