@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -69,6 +70,9 @@ def build_wheel(deepspeed: str, dest: Path) -> Path:
     """DeepSpeed's sdist built into a wheel holding the compiled CPU Adam, written into ``dest`` whole or not at
     all (a second setup running at the same time finds either nothing or the finished wheel)."""
     dest.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("setuptools") is None:  # DeepSpeed's setup.py runs in this environment (it needs
+        # torch, so no isolated build), and a Python 3.12+ virtualenv comes without setuptools
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "setuptools"], capture_output=True, check=False)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
         env = {**os.environ, "DS_BUILD_OPS": "0", "DS_BUILD_CPU_ADAM": "1"}
         cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-cache-dir",
