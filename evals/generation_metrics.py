@@ -53,6 +53,23 @@ def distinct_n(outputs: Iterable[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def distinct_n_left_out(outputs: Sequence[str], n: int) -> list[float]:
+    """Distinct-n of the outputs with each output left out once (the delete-1 jackknife's replicates): entry ``i``
+    equals ``distinct_n`` of every output but the ``i``-th, from one count of the n-grams — leaving output ``i``
+    out removes its n-grams from the total, and from the different ones those that occur in no other output."""
+    per = [Counter(ngrams(words(text), n)) for text in outputs]
+    total: Counter = Counter()
+    for counts in per:
+        total.update(counts)
+    grams, different = sum(total.values()), len(total)
+    out = []
+    for counts in per:
+        left = grams - sum(counts.values())
+        gone = sum(1 for gram, k in counts.items() if total[gram] == k)  # every occurrence is in this output
+        out.append((different - gone) / left if left else 0.0)
+    return out
+
+
 def length_words(text: str) -> int:
     """Length of one output in whitespace tokens."""
     return len(text.split())

@@ -1,7 +1,10 @@
 """The coverage of the comparison intervals by simulation (``evals/compare/coverage.py``), written into
 ``docs/statistics.md`` between its coverage markers:
 ``python scripts/coverage_sim.py [--studies 2000] [--boot 1000] [--out docs/statistics.md]``.
-About 20 minutes on one core at the defaults; ``--studies 200`` for a quick look (prints only, with ``--print``)."""
+About 20 minutes on one core at the defaults; ``--studies 200`` for a quick look (prints only, with ``--print``).
+``--distinct``: the distinct-n intervals of ``scripts/generation_table.py`` instead (``evals/compare/
+coverage_distinct.py``; ``--studies`` for the jackknife, ``--boot-studies`` for the percentile bootstrap it
+replaced, at 200 replicates), between the distinct-n markers; about 10 minutes at the defaults."""
 
 from __future__ import annotations
 
@@ -13,12 +16,18 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals.compare.coverage import CASES, Coverage, coverage
+from evals.compare.coverage_distinct import DISTINCT_CASES, DistinctCoverage, distinct_coverage
 from evals.compare.stats import METHODS
 from losslab.log import fail, get_logger
 
 log = get_logger(__name__)
 
 BEGIN, END = "<!-- coverage table: scripts/coverage_sim.py -->", "<!-- end of coverage table -->"
+DISTINCT_BEGIN = "<!-- distinct-n coverage table: scripts/coverage_sim.py --distinct -->"
+DISTINCT_END = "<!-- end of distinct-n coverage table -->"
+DISTINCT_BOOT = 200
+"""Replicates of the distinct-n bootstrap (the interval replaced): each costs a distinct-n count per model, and
+its failure (every replicate below the value) is far beyond what more replicates would change."""
 
 
 def table(results: list[Coverage], studies: int, boot: int, command: str) -> str:
@@ -40,6 +49,51 @@ def table(results: list[Coverage], studies: int, boot: int, command: str) -> str
     return "\n".join(lines)
 
 
+def distinct_table(results: list[DistinctCoverage], command: str) -> str:
+    """One row per case: each method's coverage of one model's distinct-n and of the paired difference."""
+    cols = [(m, t) for m in ("jackknife", "bootstrap") for t in ("one model", "difference")]
+    lines = [
+        "Coverage ± its Monte-Carlo error (95%), the mean half-width in parentheses, the simulated studies in "
+        f"brackets (the bootstrap at {DISTINCT_BOOT} replicates). "
+        f"Command: `{command}`.",
+        "",
+        "| case | prompts | " + " | ".join(f"{m}: {t}" for m, t in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for case in dict.fromkeys(r.case for r in results):
+        by = {(r.method, r.target): r for r in results if r.case == case}
+        cells = [f"{by[k].covered:.3f} ± {by[k].error:.3f} ({by[k].mean_half_width:.4f}) [{by[k].studies}]"
+                 if k in by else "—" for k in cols]  # fmt: skip
+        lines.append(f"| {case.name} | {case.prompts} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    head, rest = path.read_text().split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def distinct_main(args: argparse.Namespace, out: Path) -> int:
+    results: list[DistinctCoverage] = []
+    start = time.perf_counter()
+    for i, case in enumerate(DISTINCT_CASES):
+        results += distinct_coverage(case, studies=args.studies, seed=args.seed)
+        boot = distinct_coverage(case, studies=args.boot_studies, n_boot=DISTINCT_BOOT, seed=args.seed + 1)
+        results += [r for r in boot if r.method == "bootstrap"]
+        log.info(f"[{i + 1}/{len(DISTINCT_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
+    flags = [f"--studies {args.studies}" if args.studies != 2000 else "",
+             f"--boot-studies {args.boot_studies}" if args.boot_studies != 200 else "",
+             f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
+    text = distinct_table(results, " ".join(["python scripts/coverage_sim.py --distinct", *(f for f in flags if f)]))
+    if args.print:
+        print(text)
+        return 0
+    replace_between(out, DISTINCT_BEGIN, DISTINCT_END, text)
+    print(f"wrote the distinct-n coverage table into {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=2000, help="simulated studies per case")
@@ -47,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/statistics.md", help="the file whose coverage table is replaced")
     parser.add_argument("--print", action="store_true", help="print the table only, write nothing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distinct", action="store_true", help="the distinct-n intervals' coverage instead")
+    parser.add_argument("--boot-studies", type=int, default=200, help="--distinct: studies for the bootstrap")
     args = parser.parse_args(argv)
     if args.studies < 10 or args.boot < 50:
         return fail("--studies must be >= 10 and --boot >= 50")
     out = Path(args.out)
-    if not args.print and (not out.is_file() or BEGIN not in out.read_text() or END not in out.read_text()):
-        return fail(f"{out} has no coverage table markers ({BEGIN} ... {END})")
+    begin, end = (DISTINCT_BEGIN, DISTINCT_END) if args.distinct else (BEGIN, END)
+    if not args.print and (not out.is_file() or begin not in out.read_text() or end not in out.read_text()):
+        return fail(f"{out} has no coverage table markers ({begin} ... {end})")
+    if args.distinct:
+        return distinct_main(args, out)
     results = []
     start = time.perf_counter()
     for i, case in enumerate(CASES):
@@ -68,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print(text)
         return 0
-    doc = out.read_text()
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    out.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    replace_between(out, BEGIN, END, text)
     print(f"wrote the coverage table into {out}")
     return 0
 

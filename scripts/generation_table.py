@@ -8,10 +8,12 @@ the in-loop evaluation or ``scripts/evaluate.py``; ``evals/results_store.py``), 
 same evaluation (else of the newest one that has them); the table names the evaluation each row comes from.
 ``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated with
 ``scripts/evaluate.py`` on the same task) as the first row. Every metric gets a 95% interval from resampling
-the prompts (2,000 times; ROUGE, length and the degenerate fraction are means over prompts; distinct-n and rarity
-are corpus-level, recomputed on each resample), and every row its difference to the reference row (``--reference``:
-a row's name; default the first run) with a *paired* interval — both rows on the same resampled prompts — a
-p-value, its Holm adjustment over the table and a verdict where the metric has a better direction. Rarity uses
+the prompts (2,000 times; ROUGE, length and the degenerate fraction are means over prompts, rarity a pooled ratio,
+recomputed on each resample) — except distinct-n, which a resample with replacement distorts (a prompt drawn twice
+repeats all its n-grams) and which gets the delete-1 jackknife over the prompts instead — and every row its
+difference to the reference row (``--reference``: a row's name; default the first run) with a *paired* interval —
+both rows on the same resampled prompts, or without the same prompt — a p-value, its Holm adjustment over the
+table and a verdict where the metric has a better direction. Rarity uses
 the reference run's tokenizer and training counts for every row, so the rows are comparable. The response
 perplexity by frequency bucket (``eval.buckets`` on held-out records) gets intervals from resampling records.
 """
@@ -87,10 +89,13 @@ def rarity_parts(outputs: list[str], tokenizer: Any, counts: Any) -> tuple[np.nd
     return np.array([-log_p[i].sum() for i in ids]), np.array([float(len(i)) for i in ids])
 
 
-def statistics(row: Row, tokenizer: Any, counts: Any) -> dict[str, Callable[[np.ndarray], float]]:
-    """Each metric of a row as a function of the drawn prompts (only the metrics its samples allow)."""
-    from evals.generation_metrics import distinct_n
+JACKKNIFED = ("distinct1", "distinct2")
+"""Metrics whose intervals come from the delete-1 jackknife over the prompts (``evals/compare/stats.py``
+``jackknife_estimate``), not from the bootstrap."""
 
+
+def statistics(row: Row, tokenizer: Any, counts: Any) -> dict[str, Callable[[np.ndarray], float]]:
+    """Each bootstrapped metric of a row as a function of the drawn prompts (only the metrics its samples allow)."""
     s = row.samples or {}
     out: dict[str, Callable[[np.ndarray], float]] = {}
     for c in ("rouge1", "rouge2", "rougeL", "length", "degenerate"):
@@ -98,18 +103,25 @@ def statistics(row: Row, tokenizer: Any, counts: Any) -> dict[str, Callable[[np.
             values = np.asarray(s[c], dtype=np.float64)
             out[c] = lambda idx, v=values: float(v[idx].mean())
     outputs = s.get("output")
-    if outputs is not None:
-        out["distinct1"] = lambda idx, o=outputs: distinct_n([o[i] for i in idx], 1)
-        out["distinct2"] = lambda idx, o=outputs: distinct_n([o[i] for i in idx], 2)
-        if tokenizer is not None and counts is not None:
-            r, n = rarity_parts(outputs, tokenizer, counts)
-            out["rarity"] = lambda idx, r=r, n=n: float(r[idx].sum() / n[idx].sum()) if n[idx].sum() else math.nan
+    if outputs is not None and tokenizer is not None and counts is not None:
+        r, n = rarity_parts(outputs, tokenizer, counts)
+        out["rarity"] = lambda idx, r=r, n=n: float(r[idx].sum() / n[idx].sum()) if n[idx].sum() else math.nan
     return out
+
+
+def jackknifed(row: Row) -> dict[str, tuple[float, np.ndarray]]:
+    """Each jackknifed metric of a row: its value over every prompt and its [n] values with each prompt left out."""
+    from evals.generation_metrics import distinct_n, distinct_n_left_out
+
+    outputs = (row.samples or {}).get("output")
+    if outputs is None:
+        return {}
+    return {f"distinct{k}": (distinct_n(outputs, k), np.asarray(distinct_n_left_out(outputs, k))) for k in (1, 2)}
 
 
 def table(rows: list[Row], reference: str, task: str) -> list[str]:
     """The value of each metric per row with its 95% interval, then each row minus the reference row."""
-    from evals.compare.stats import holm, percentile_estimate, prompt_bootstrap, verdict
+    from evals.compare.stats import holm, jackknife_estimate, percentile_estimate, prompt_bootstrap, verdict
     from models.checkpoint import COUNTS_FILE, checkpoint_tokenizer, saved_model_config
     from models.checkpoint_files import load_safetensors
 
@@ -121,6 +133,7 @@ def table(rows: list[Row], reference: str, task: str) -> list[str]:
     paired = len(ids) == 1 and ref.samples is not None
     n = len(ref.samples["doc_id"]) if ref.samples else 0
     stats = {r.name: statistics(r, tokenizer, counts) for r in rows}
+    jack = {r.name: jackknifed(r) for r in rows}
     keys = [(r.name, c) for r in rows for c in COLUMNS if c in stats[r.name]]
     boot = prompt_bootstrap([stats[r][c] for r, c in keys], n, N_BOOT) if paired and keys else None
     col = {k: i for i, k in enumerate(keys)}
@@ -134,19 +147,22 @@ def table(rows: list[Row], reference: str, task: str) -> list[str]:
                 value = stats[r.name][c](everything)
                 lo, hi = np.nanquantile(boot[:, col[(r.name, c)]], [0.025, 0.975])
                 cells.append(f"{value:.4f} [{lo:.4f}, {hi:.4f}]")
+            elif c in jack[r.name] and paired:
+                e = jackknife_estimate(*jack[r.name][c], "prompt jackknife")
+                cells.append(f"{e.diff:.4f} [{e.lo:.4f}, {e.hi:.4f}]")
             else:
                 value = r.metrics.get(f"{task}/{c}")
                 cells.append("—" if value is None else f"{value:.4f} (no per-prompt data)")
         prompts = len(r.samples["doc_id"]) if r.samples else "?"
         lines.append(f"| {r.name} | {r.loss} | " + " | ".join(cells) + f" | {prompts} |")
-    lines.append("\n[95% interval]: percentiles of 2,000 resamples of the prompts. A corpus-level number (distinct-n, "
-                 "rarity) recomputed on a resample counts a repeated prompt's n-grams again, so its interval sits a "
-                 "little below the value; the paired differences below cancel most of that.")  # fmt: skip
+    lines.append("\n[95% interval]: percentiles of 2,000 resamples of the prompts; for distinct-n, which a resample "
+                 "distorts (a prompt drawn twice repeats all its n-grams, so every resample's value would sit below "
+                 "the sample's), the delete-1 jackknife over the prompts (t on n - 1 degrees of freedom).")  # fmt: skip
     reference_rarity = ref.metrics.get(f"{task}/rarity_reference")
     if reference_rarity is not None:
         lines.append(f"Rarity of the reference replies: {reference_rarity:.4f} (mean -log relative training frequency "
                      f"under `{ref.name}`'s counts).")  # fmt: skip
-    if boot is None:
+    if not paired or (boot is None and not jack[ref.name]):
         lines.append("\nNo paired differences: the rows were not scored on the same prompts, or saved no per-prompt "
                      "values.")  # fmt: skip
         return lines
@@ -159,6 +175,9 @@ def table(rows: list[Row], reference: str, task: str) -> list[str]:
                 value = stats[r.name][c](everything) - stats[ref.name][c](everything)
                 diff = boot[:, col[(r.name, c)]] - boot[:, col[(ref.name, c)]]
                 found.append((r.name, c, percentile_estimate(value, diff, "paired prompt bootstrap", n)))
+            elif c in jack[r.name] and c in jack[ref.name]:  # both without the same prompt
+                (a, a_out), (b, b_out) = jack[r.name][c], jack[ref.name][c]
+                found.append((r.name, c, jackknife_estimate(a - b, a_out - b_out, "paired prompt jackknife")))
     adjusted = holm([e.p for *_, e in found])
     lines += ["", f"Differences to `{ref.name}` (paired over the same {n} prompts; p-values Holm-adjusted over the "
               f"{len(found)} differences of this table; verdicts where the metric has a better direction):", "",

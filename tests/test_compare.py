@@ -193,6 +193,21 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     lo, hi = (float(x) for x in interval.strip("[]").split(", "))
     ref_lo, ref_hi = np.quantile(boot[:, 0] - boot[:, 1], [0.025, 0.975])
     assert (lo, hi) == pytest.approx((ref_lo, ref_hi), abs=6e-5)
+    # distinct-n: the delete-1 jackknife over the prompts, centred on the value (not the bootstrap, whose resamples
+    # repeat prompts and sit below it), for the row and for the paired difference
+    from evals.compare.stats import jackknife_estimate
+    from evals.generation_metrics import distinct_n_left_out
+
+    jack = {k: (distinct_n(samples[k]["output"], 1), np.array(distinct_n_left_out(samples[k]["output"], 1)))
+            for k in ("ce-s0", "mile-s0")}  # fmt: skip
+    one = jackknife_estimate(*jack["mile-s0"], "prompt jackknife")
+    lo, hi = (float(x) for x in tables["mile-s0"]["distinct1"].split(" [")[1].rstrip("]").split(", "))
+    assert (lo, hi) == pytest.approx((one.lo, one.hi), abs=6e-5) and lo <= one.diff <= hi
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mile-s0 | distinct1 |"))
+    (a1, a_out), (b1, b_out) = jack["mile-s0"], jack["ce-s0"]
+    diff = jackknife_estimate(a1 - b1, a_out - b_out, "paired prompt jackknife")
+    interval = [float(x) for x in row.split(" | ")[3].strip("[]").split(", ")]
+    assert interval == pytest.approx([diff.lo, diff.hi], abs=6e-5)
     assert "| before fine-tuning | rouge1 |" in proc.stdout.split("Differences to")[1]
     bucket_rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.split("Held-out perplexity")[1]
                    .splitlines() if line.startswith("| ") and not line.startswith("| run")}  # fmt: skip

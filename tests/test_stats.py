@@ -195,6 +195,29 @@ def test_the_coverage_check_passes_the_interval_and_fails_broken_ones(case):
         assert _coverage(two_level, case) < 0.88
 
 
+def test_distinct_n_with_each_reply_left_out_is_distinct_n_of_the_others():
+    from evals.generation_metrics import distinct_n, distinct_n_left_out
+
+    rng = np.random.default_rng(3)
+    replies = [" ".join(f"w{w}" for w in rng.integers(0, 30, rng.integers(0, 9))) for _ in range(40)]
+    replies += ["", "a", "a b a b a b"]  # no words, too few words for a 2-gram, a loop
+    for n in (1, 2, 3):
+        assert distinct_n_left_out(replies, n) == [
+            distinct_n(replies[:i] + replies[i + 1 :], n) for i in range(len(replies))
+        ]  # exactly: the same two integers divided
+
+
+def test_the_distinct_n_coverage_check_passes_the_jackknife_and_fails_the_bootstrap():
+    """60 prompts, 150 simulated studies (Monte-Carlo error about ±0.035 near 0.95); ``scripts/coverage_sim.py
+    --distinct`` runs more, for the table in docs/statistics.md."""
+    from evals.compare.coverage_distinct import DistinctCase, distinct_coverage
+
+    case = DistinctCase("60 prompts, distinct-1", prompts=60)
+    got = {(r.method, r.target): r.covered for r in distinct_coverage(case, 150, 600, n_boot=100, seed=5)}
+    assert got[("jackknife", "one model")] >= 0.9 and got[("jackknife", "difference")] >= 0.9
+    assert got[("bootstrap", "one model")] < 0.2 and got[("bootstrap", "difference")] < 0.85
+
+
 def test_kish():
     assert kish([1, 1, 1, 1]) == 4 and kish([10, 0, 0]) == 1
     # one document of 26% of the tokens among 22 equal ones: about 12 effective documents

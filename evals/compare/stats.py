@@ -397,14 +397,34 @@ def verdict(est: Estimate, margin: float, *, lower_is_better: bool = True, p: fl
 def prompt_bootstrap(statistics: Sequence[Callable[[np.ndarray], float]], n: int, n_boot: int = N_BOOT,
                      seed: int = 0) -> np.ndarray:  # fmt: skip
     """[n_boot, len(statistics)] each statistic (``f(prompt indices) -> value``: a mean over the prompts drawn, or a
-    corpus-level number such as distinct-n) on ``n_boot`` resamples of the ``n`` prompts with replacement — the
-    same resample for every statistic, so differences between two models' statistics are paired."""
+    pooled ratio such as rarity; not distinct-n: ``jackknife_estimate``) on ``n_boot`` resamples of the ``n``
+    prompts with replacement — the same resample for every statistic, so differences between two models'
+    statistics are paired."""
     rng = np.random.default_rng(seed)
     out = np.empty((n_boot, len(statistics)))
     for i in range(n_boot):
         idx = rng.integers(0, n, n)
         out[i] = [f(idx) for f in statistics]
     return out
+
+
+def jackknife_estimate(value: float, left_out: np.ndarray, method: str) -> Estimate:
+    """An ``Estimate`` centred on ``value`` from its delete-1 jackknife replicates ``left_out`` [n] (the statistic
+    with each prompt left out once; for a paired difference, both models without the same prompt): standard error
+    ``sqrt((n - 1) / n * sum((r_i - mean r)^2))``, t quantiles on n - 1 degrees of freedom. For corpus-level
+    numbers that a resample with replacement distorts: distinct-n counts a prompt drawn twice as twice the
+    repeated n-grams, so every resample's value sits below the sample's (``docs/statistics.md``: coverage)."""
+    r = np.asarray(left_out, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    n = len(r)
+    if n < 2:
+        return Estimate(value, math.nan, math.inf, -math.inf, math.inf, -math.inf, math.inf, math.nan, method, n)
+    se = math.sqrt((n - 1) / n * float(((r - r.mean()) ** 2).sum()))
+    df = float(n - 1)
+    half, half90 = _t(1 - ALPHA / 2, df) * se, _t(1 - ALPHA, df) * se
+    # every replicate equal (se 0): no variability to test against; the interval has no width (no information)
+    p = float(2 * (1 - _t_cdf(abs(value) / se, df))) if se > 0 else float(value == 0)
+    return Estimate(value, se, df, value - half, value + half, value - half90, value + half90, p, method, n, float(n))
 
 
 def percentile_estimate(value: float, boot: np.ndarray, method: str, n: int) -> Estimate:
