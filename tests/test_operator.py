@@ -128,30 +128,44 @@ def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(moment, reference
     assert_same_run(run_dir, reference)
 
 
-def test_a_run_killed_during_its_final_evaluation_is_finished_by_the_same_command(reference, corpus, tmp_path):
-    """SIGKILL after the final checkpoint is written, while its evaluation runs (a job's time running out, the
-    machine taken away). The same command again trains no step: it evaluates that checkpoint and ends the run
-    (it used to stop with "nothing left to train", and the run's final evaluation was never made)."""
+@pytest.mark.parametrize("moment", ["final", "mid-run"])
+def test_a_checkpoints_evaluation_cut_short_by_a_kill_is_made_by_the_relaunch(moment, reference, corpus, tmp_path):
+    """SIGKILL after a checkpoint is written, while its evaluation runs (a job's time running out, the machine
+    taken away). The same command again makes that evaluation before anything else: from the final checkpoint it
+    trains no step and ends the run (it used to stop with "nothing left to train", the run's final evaluation
+    never made); from an earlier one (``eval.every_checkpoint``) it then trains on. Each evaluation once."""
     docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(8)]
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     run_dir = tmp_path / "run"
-    extra = {"eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks")}
+    extra = {"eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks"), "eval.every_checkpoint": "true"}
+    if moment == "final":
+        extra["eval.every_checkpoint"] = "false"
+    step = STEPS if moment == "final" else 10
     proc = start(overrides(corpus, run_dir, **extra), log=tmp_path / "killed")
-    final = f"checkpoint step {STEPS} (final)"
-    wait_for(lambda: final in (tmp_path / "killed.out").read_text(), proc)  # lm-eval's set-up takes seconds
+    line = f"checkpoint step {step}{' (final)' if moment == 'final' else ''}:"
+    wait_for(lambda: line in (tmp_path / "killed.out").read_text(), proc)  # lm-eval's set-up takes seconds
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    ckpt = run_dir / "checkpoints" / f"step_{STEPS:07d}"
+    ckpt = run_dir / "checkpoints" / f"step_{step:07d}"
     assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name
     assert not (run_dir / "result.json").exists() and not any(e.complete for e in find_results(ckpt))
 
     log = tmp_path / "relaunched"
     assert run(overrides(corpus, run_dir, **{**extra, "train.resume": "auto"}), log) == 0, output(log)[1][-3000:]
     out = output(log)[0]
-    assert f"resumed from {ckpt}, the run's final checkpoint: no step left to train" in out
+    if moment == "final":
+        assert f"resumed from {ckpt}, the run's final checkpoint: no step left to train" in out
+        assert not lines(out, "step ")  # no step trained
+    else:
+        assert f"resumed from {ckpt} at step {step + 1}" in out and lines(out, f"step {STEPS}/{STEPS}")
+    assert f"evaluating {ckpt}: its evaluation did not finish" in out
     assert "eval toy_mc/acc:" in out and f"after {STEPS} steps" in lines(out, "final training loss: ")[0]
-    assert not lines(out, "step ")  # no step trained
-    assert [e.complete for e in find_results(ckpt)] == [True]
+    evaluated = [step, STEPS] if moment == "mid-run" else [STEPS]
+    for s in evaluated:
+        done = find_results(run_dir / "checkpoints" / f"step_{s:07d}")
+        assert [(e.complete, e.summary["source"]) for e in done] == [(True, "training")], s
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/toy_mc/acc" in r] == evaluated  # each once, in order
     assert_same_run(run_dir, reference)  # every step once, the same losses and weights, result.json complete
 
 

@@ -142,8 +142,23 @@ class EvalCallback(Callback):
         self.model, self.lockstep = model, lockstep
         self.last: dict[str, Any] | None = None
 
+    def due(self, *, final: bool) -> bool:
+        """Whether this run evaluates a checkpoint it writes (the final one, or each with ``every_checkpoint``)."""
+        return bool(self.cfg.tasks or self.val_files) and (final or self.cfg.every_checkpoint)
+
+    def owed(self, ckpt: Path, *, final: bool) -> bool:
+        """A checkpoint this run evaluates that holds no finished in-loop evaluation: the launch that wrote it stopped
+        before its evaluation ended (decided on rank 0, for every rank: they evaluate together)."""
+        from evals.results_store import find_results
+
+        owed = [self.due(final=final) and not any(
+            e.complete and e.summary.get("source") == "training" for e in find_results(ckpt))]  # fmt: skip
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(owed, src=0)
+        return owed[0]
+
     def on_checkpoint(self, step: int, ckpt: Path, *, final: bool, emit: Emit) -> None:
-        if not (self.cfg.tasks or self.val_files) or not (final or self.cfg.every_checkpoint):
+        if not self.due(final=final):
             return
         from evals.runner import evaluate_checkpoint
         from trainer.engine import accelerator_device

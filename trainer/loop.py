@@ -66,6 +66,8 @@ def _train(cfg: RunConfig) -> TrainResult:
     ckpt = run.resumed_from  # the checkpoint it resumed from, until this launch writes one
     clock = _Clock(run.shape.tokens_per_step * step)
     try:
+        if ckpt is not None:
+            _evaluate_if_owed(run, step, ckpt, final=step == cfg.train.max_steps)
         for step in range(run.start_step, cfg.train.max_steps + 1):
             for cb in run.callbacks:
                 cb.pre_step(step)
@@ -91,11 +93,6 @@ def _train(cfg: RunConfig) -> TrainResult:
             if preempted:
                 log.warning(f"pre-empted: stopped after step {step}, checkpoint {ckpt}")
                 break
-        if run.start_step > cfg.train.max_steps and ckpt is not None:
-            # relaunched from the run's final checkpoint (trainer/resume_check.py: the run was stopped after
-            # writing it, during its final evaluation): what that checkpoint is owed, and no step
-            for cb in run.callbacks:
-                cb.on_checkpoint(step, ckpt, final=True, emit=run.emit)
     except BaseException as e:  # the run stops here: say so in result.json, whatever stopped it
         _write_result(run, complete=False, step=step, loss=last_loss, ckpt=ckpt, error=f"{type(e).__name__}: {e}")
         _end_callbacks(run, failed=True)
@@ -113,6 +110,18 @@ def _train(cfg: RunConfig) -> TrainResult:
         model=run.model,
         preempted=preempted,
     )
+
+
+def _evaluate_if_owed(run: Run, step: int, ckpt: Path, *, final: bool) -> None:
+    """The in-loop evaluation of the checkpoint this launch resumed from, where the launch that wrote it stopped
+    before that evaluation ended (killed while it ran): made now, before any step, so that no evaluation the
+    run's settings ask for is silently missing. From the run's final checkpoint (``trainer/resume_check.py``)
+    this is all a relaunch does before the run ends."""
+    evaluation = next(cb for cb in run.callbacks if isinstance(cb, EvalCallback))
+    if evaluation.owed(ckpt, final=final):
+        if torch.distributed.get_rank() == 0:
+            print(f"evaluating {ckpt}: its evaluation did not finish before the last launch stopped", flush=True)
+        evaluation.on_checkpoint(step, ckpt, final=final, emit=run.emit)
 
 
 def _write_result(

@@ -321,8 +321,8 @@ def plan_launch(cfg: RunConfig, ckpt: Path | None, *, finished: bool, world_size
         )
     max_steps = new_cfg.train.max_steps
     # The run's own final checkpoint, and the run never ended (killed during what follows that checkpoint: its
-    # final evaluation): resume=auto finishes it, trains nothing (trainer/loop.py). Named explicitly, or once the
-    # run has ended, a last-step checkpoint has nothing left to give.
+    # final evaluation): resume=auto finishes it — the evaluation if it is owed, result.json — and trains nothing
+    # (trainer/loop.py). Named explicitly, or once the run has ended, a last-step checkpoint has nothing to give.
     finishing = step == max_steps and t.resume == "auto" and not finished
     if (step >= max_steps and not finishing) or (finished and not extending and t.resume == "auto"):
         what = f"{ckpt} is the run's last step ({step} of train.max_steps={max_steps})" if step >= max_steps else (

@@ -312,8 +312,8 @@ def _restore(inputs: Inputs, engine: Any, run_dir: Path) -> Start:
     if inputs.rank == 0:
         truncate_metrics(run_dir / METRICS, meta["step"])
         if start_step > inputs.cfg.train.max_steps:
-            print(f"resumed from {ckpt}, the run's final checkpoint: no step left to train; finishing the run "
-                  "(its final evaluation)", flush=True)  # fmt: skip
+            print(f"resumed from {ckpt}, the run's final checkpoint: no step left to train; finishing the run",
+                  flush=True)  # fmt: skip
         else:
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
     return Start(start_step, meta.get("log_interval"), iter(inputs.source))
