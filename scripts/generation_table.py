@@ -116,7 +116,8 @@ def jackknifed(row: Row) -> dict[str, tuple[float, np.ndarray]]:
     outputs = (row.samples or {}).get("output")
     if outputs is None:
         return {}
-    return {f"distinct{k}": (distinct_n(outputs, k), np.asarray(distinct_n_left_out(outputs, k))) for k in (1, 2)}
+    n_of = {"distinct1": 1, "distinct2": 2}
+    return {c: (distinct_n(outputs, n_of[c]), np.asarray(distinct_n_left_out(outputs, n_of[c]))) for c in JACKKNIFED}
 
 
 def table(rows: list[Row], reference: str, task: str) -> list[str]:
