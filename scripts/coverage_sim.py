@@ -4,7 +4,8 @@
 About 20 minutes on one core at the defaults; ``--studies 200`` for a quick look (prints only, with ``--print``).
 ``--distinct``: the distinct-n intervals of ``scripts/generation_table.py`` instead (``evals/compare/
 coverage_distinct.py``; ``--studies`` for the jackknife, ``--boot-studies`` for the percentile bootstrap it
-replaced, at 200 replicates), between the distinct-n markers; about 10 minutes at the defaults."""
+replaced, at 200 replicates; and ``seeds_jackknife``, the loss-level interval of 3 paired seeds, at half
+``--studies``), between the distinct-n markers; about 15 minutes at the defaults."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from evals.compare.coverage import CASES, Coverage, coverage
-from evals.compare.coverage_distinct import DISTINCT_CASES, DistinctCoverage, distinct_coverage
+from evals.compare.coverage_distinct import (
+    DISTINCT_CASES,
+    SEEDED_CASES,
+    DistinctCoverage,
+    distinct_coverage,
+    seeded_coverage,
+)
 from evals.compare.stats import METHODS
 from losslab.log import fail, get_logger
 
@@ -52,19 +59,20 @@ def table(results: list[Coverage], studies: int, boot: int, command: str) -> str
 def distinct_table(results: list[DistinctCoverage], command: str) -> str:
     """One row per case: each method's coverage of one model's distinct-n and of the paired difference."""
     cols = [(m, t) for m in ("jackknife", "bootstrap") for t in ("one model", "difference")]
+    cols.append(("seeds_jackknife", "difference"))
     lines = [
         "Coverage ± its Monte-Carlo error (95%), the mean half-width in parentheses, the simulated studies in "
         f"brackets (the bootstrap at {DISTINCT_BOOT} replicates). "
         f"Command: `{command}`.",
         "",
-        "| case | prompts | " + " | ".join(f"{m}: {t}" for m, t in cols) + " |",
+        "| case | prompts x seeds | " + " | ".join(f"{m}: {t}" for m, t in cols) + " |",
         "|---|---|" + "---|" * len(cols),
     ]
     for case in dict.fromkeys(r.case for r in results):
         by = {(r.method, r.target): r for r in results if r.case == case}
         cells = [f"{by[k].covered:.3f} ± {by[k].error:.3f} ({by[k].mean_half_width:.4f}) [{by[k].studies}]"
                  if k in by else "—" for k in cols]  # fmt: skip
-        lines.append(f"| {case.name} | {case.prompts} | " + " | ".join(cells) + " |")
+        lines.append(f"| {case.name} | {case.prompts} x {case.seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -82,6 +90,9 @@ def distinct_main(args: argparse.Namespace, out: Path) -> int:
         boot = distinct_coverage(case, studies=args.boot_studies, n_boot=DISTINCT_BOOT, seed=args.seed + 1)
         results += [r for r in boot if r.method == "bootstrap"]
         log.info(f"[{i + 1}/{len(DISTINCT_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
+    for i, case in enumerate(SEEDED_CASES):
+        results.append(seeded_coverage(case, studies=max(10, args.studies // 2), seed=args.seed))
+        log.info(f"[{i + 1}/{len(SEEDED_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
     flags = [f"--studies {args.studies}" if args.studies != 2000 else "",
              f"--boot-studies {args.boot_studies}" if args.boot_studies != 200 else "",
              f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
@@ -120,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             log.info(f"[{i + 1}/{len(CASES)}] {case.name:55s} {name:10s} {r.covered:.3f} ± {r.error:.3f} "
                      f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    for i, case in enumerate(SEEDED_CASES):
+        results.append(seeded_coverage(case, studies=max(10, args.studies // 2), seed=args.seed))
+        log.info(f"[{i + 1}/{len(SEEDED_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
     flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
              else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
     command = " ".join(["python scripts/coverage_sim.py", *(f for f in flags if f)])

@@ -13,7 +13,11 @@ recomputed on each resample) — except distinct-n, which a resample with replac
 repeats all its n-grams) and which gets the delete-1 jackknife over the prompts instead — and every row its
 difference to the reference row (``--reference``: a row's name; default the first run) with a *paired* interval —
 both rows on the same resampled prompts, or without the same prompt — a p-value, its Holm adjustment over the
-table and a verdict where the metric has a better direction. Rarity uses
+table and a verdict where the metric has a better direction. Runs named ``SETTING-sSEED`` (``scripts/run_grid.sh``)
+are also compared setting by setting: each setting's mean over its seeds against the reference row's setting,
+seeds paired by number, the interval taking the seeds' spread through t and the prompts' through the bootstrap or
+the jackknife (``seeds_t``, ``seeds_jackknife``), Holm over that table; a row is a single run's seed and prompts,
+a setting's is the study's answer. Rarity uses
 the reference run's tokenizer and training counts for every row, so the rows are comparable. The response
 perplexity by frequency bucket (``eval.buckets`` on held-out records) gets intervals from resampling records.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,7 +195,83 @@ def table(rows: list[Row], reference: str, task: str) -> list[str]:
             word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word
         pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         lines.append(f"| {name} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
-    return lines
+    return lines + loss_table(rows, reference, (tokenizer, counts))
+
+
+SEEDED = re.compile(r"(?P<group>.+)-s(?P<seed>\d+)")
+"""A run named ``GROUP-sSEED`` (``scripts/run_grid.sh``): seed SEED of the loss setting GROUP."""
+
+
+def per_run(row: Row, rarity: tuple[Any, Any]) -> dict[str, tuple[str, Any]]:
+    """Each metric of one run for the loss-level comparison: ``("prompts", [n] values)`` for a mean over prompts,
+    ``("jackknife", (value, [n] values with each prompt left out))`` for a corpus-level number."""
+    s = row.samples or {}
+    means = [c for c in ("rouge1", "rouge2", "rougeL", "length", "degenerate") if c in s]
+    out: dict[str, tuple[str, Any]] = {c: ("prompts", np.asarray(s[c], dtype=np.float64)) for c in means}
+    out.update({c: ("jackknife", v) for c, v in jackknifed(row).items()})
+    if s.get("output") is not None and rarity[0] is not None and rarity[1] is not None:
+        r, n = rarity_parts(s["output"], *rarity)
+        if n.sum() > 0 and (n.sum() - n > 0).all():
+            out["rarity"] = ("jackknife", (float(r.sum() / n.sum()), (r.sum() - r) / (n.sum() - n)))
+    return out
+
+
+def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list[str]:
+    """Each loss setting's seed mean against the reference row's (runs named ``GROUP-sSEED``, seeds paired by
+    number): per-prompt means through ``seeds_t`` (the seeds through t, the prompts through the bootstrap),
+    corpus-level numbers through ``seeds_jackknife`` (the prompts through the jackknife); the model before
+    fine-tuning, one model and no seed, against the same seeds. Holm over the table. Empty unless some setting
+    has two seeds or more."""
+    from evals.compare.stats import Paired, holm, seeds_jackknife, seeds_t, verdict
+
+    groups: dict[str, dict[int, Row]] = {}
+    for r in rows:
+        m = SEEDED.fullmatch(r.name)
+        groups.setdefault(m["group"] if m else r.name, {})[int(m["seed"]) if m else -1] = r
+    ref_match = SEEDED.fullmatch(reference)
+    ref_group = ref_match["group"] if ref_match else reference
+    if max(len(g) for g in groups.values()) < 2 or len(groups[ref_group]) < 2:
+        return []
+    values = {name: {seed: per_run(r, rarity) for seed, r in g.items()} for name, g in groups.items()}
+    found = []
+    for name, runs in values.items():
+        if name == ref_group:
+            continue
+        ref_runs = values[ref_group]
+        single = list(runs) == [-1]  # one model, no seed (the model before fine-tuning): against every seed
+        seeds = sorted(ref_runs) if single else sorted(set(runs) & set(ref_runs))
+        paired = bool(seeds)
+        a_seeds = [-1] * len(seeds) if single else (seeds or sorted(runs))
+        b_seeds = seeds or sorted(ref_runs)
+        for c in COLUMNS:
+            if not all(c in runs[s] for s in a_seeds) or not all(c in ref_runs[s] for s in b_seeds):
+                continue
+            kind = ref_runs[b_seeds[0]][c][0]
+            if kind == "prompts":
+                a = np.stack([runs[s][c][1] for s in a_seeds])  # [ka, n]
+                b = np.stack([ref_runs[s][c][1] for s in b_seeds])
+                e = seeds_t(Paired.of(a, b, paired=paired))
+            else:
+                a, a_left = zip(*(runs[s][c][1] for s in a_seeds), strict=True)
+                b, b_left = zip(*(ref_runs[s][c][1] for s in b_seeds), strict=True)
+                e = seeds_jackknife(a, np.stack(a_left), b, np.stack(b_left), paired=paired)
+            found.append((name, "1 (no seed)" if single else str(len(a_seeds)), c, e))
+    if not found:
+        return []
+    adjusted = holm([e.p for *_, e in found])
+    out = ["", f"**Loss settings** (runs `SETTING-sSEED`): the mean over each setting's seeds minus `{ref_group}`'s, "
+           "seeds paired by number; the interval takes the seeds' spread through t and the prompts' through the "
+           "bootstrap (means over prompts) or the jackknife (distinct-n, rarity); p-values Holm-adjusted over the "
+           f"{len(found)} differences of this table:", "",
+           "| setting | seeds | metric | Δ | 95% interval | p | p (Holm) | verdict |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (name, k, c, e), p in zip(found, adjusted, strict=True):
+        word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word if c in DIRECTION else "—"
+        if max(e.seeds) < 2:  # the prompts' spread alone: one seed cannot show the seeds' (docs/statistics.md)
+            word = "— (one seed a side)"
+        pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
+        out.append(f"| {name} | {k} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
+    return out
 
 
 BUCKET_COLUMNS = ("loss", "high_loss", "medium_loss", "low_loss")

@@ -209,6 +209,16 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     interval = [float(x) for x in row.split(" | ")[3].strip("[]").split(", ")]
     assert interval == pytest.approx([diff.lo, diff.hi], abs=6e-5)
     assert "| before fine-tuning | rouge1 |" in proc.stdout.split("Differences to")[1]
+    # the loss settings: each setting's seed mean against CE's (two seeds), the seeds paired by number
+    settings = proc.stdout.split("**Loss settings**")[1].split("Held-out perplexity")[0]
+    lines = [x for x in settings.splitlines() if x.startswith("| ") and not x.startswith("| setting")]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line.split(" | ") for line in lines}
+    base = latest(before).json(SAMPLES_FILE)["toy_gen"]
+    ce = np.array([samples[k]["rouge1"] for k in ("ce-s0", "ce-s1")])  # [2, n]
+    row = rows[("before fine-tuning", "1 (no seed)", "rouge1")]
+    assert float(row[3]) == pytest.approx(np.mean(base["rouge1"]) - ce.mean(), abs=6e-5)
+    # MiLe has one seed: a number, the prompts' spread alone, and no verdict
+    assert rows[("mile", "1", "rouge1")][-1].strip(" |") == "— (one seed a side)"
     bucket_rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.split("Held-out perplexity")[1]
                    .splitlines() if line.startswith("| ") and not line.startswith("| run")}  # fmt: skip
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]

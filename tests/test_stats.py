@@ -218,6 +218,40 @@ def test_the_distinct_n_coverage_check_passes_the_jackknife_and_fails_the_bootst
     assert got[("bootstrap", "one model")] < 0.2 and got[("bootstrap", "difference")] < 0.85
 
 
+def test_seeds_jackknife_is_seeds_t_for_a_mean_over_prompts():
+    """For a mean over prompts the jackknife's prompt variance is the textbook one, so the seed-and-prompt
+    interval matches seeds_t's (whose prompt part is a bootstrap: within its Monte-Carlo error)."""
+    from evals.compare.stats import seeds_jackknife
+
+    rng = np.random.default_rng(2)
+    n, k = 200, 3
+    doc, doc_diff = rng.normal(0, 0.3, n), rng.normal(0, 0.2, n)  # what both share, and how they differ, per prompt
+    a = 0.5 + doc + doc_diff + rng.normal(0, 0.05, (k, 1)) + rng.normal(0, 0.1, (k, n))  # [k, n]
+    b = 0.4 + doc + rng.normal(0, 0.05, (k, 1)) + rng.normal(0, 0.1, (k, n))
+
+    def left_out(x):  # [k, n] -> [k, n] each run's mean without each prompt
+        return (x.sum(1, keepdims=True) - x) / (n - 1)
+
+    jack = seeds_jackknife(a.mean(1), left_out(a), b.mean(1), left_out(b), paired=True)
+    boot = seeds_t(Paired.of(a, b, paired=True), n_boot=4000)
+    assert jack.diff == pytest.approx(boot.diff) and jack.seeds == (3, 3) and "jackknife" in jack.method
+    assert jack.seed_var == pytest.approx(boot.seed_var)
+    assert jack.doc_var == pytest.approx(boot.doc_var, rel=0.1) and jack.se == pytest.approx(boot.se, rel=0.05)
+
+
+def test_the_seeded_distinct_n_check_passes_seeds_jackknife_and_fails_the_prompts_alone():
+    """Three paired seeds whose own effects dominate: the seeds' spread must be in the interval."""
+    from evals.compare.coverage_distinct import DistinctCase, seeded_coverage
+    from evals.compare.stats import jackknife_estimate
+
+    def prompts_only(a, a_left, b, b_left, paired):  # broken: the seeds' spread dropped
+        return jackknife_estimate(float(np.mean(a) - np.mean(b)), (a_left - b_left).mean(0), "prompts only")
+
+    case = DistinctCase("seeds dominate", seeds=3, seed_sd=0.03, interaction_sd=0.08)
+    assert seeded_coverage(case, 120, 400, seed=4).covered >= 0.88  # measured: 0.925
+    assert seeded_coverage(case, 120, 400, seed=4, method=prompts_only).covered < 0.75  # measured: 0.39
+
+
 def test_kish():
     assert kish([1, 1, 1, 1]) == 4 and kish([10, 0, 0]) == 1
     # one document of 26% of the tokens among 22 equal ones: about 12 effective documents

@@ -16,11 +16,12 @@ their n-grams, so its replicates sit below the sample's value and the interval m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from evals.compare.stats import jackknife_estimate, prompt_bootstrap
+from evals.compare.stats import Estimate, jackknife_estimate, prompt_bootstrap, seeds_jackknife
 from evals.generation_metrics import distinct_n, distinct_n_left_out
 
 
@@ -36,6 +37,12 @@ class DistinctCase:
     """The Zipf exponents of model A and model B."""
     topic_share: float = 0.3
     topic_words: int = 12
+    seeds: int = 1
+    """Runs per model, seed i of A paired with seed i of B (``seeds_jackknife``)."""
+    seed_sd: float = 0.0
+    """The sd of a seed's shift of both models' Zipf exponents (what a seed's data order does to both)."""
+    interaction_sd: float = 0.0
+    """The sd of each run's own further shift (what the seed does to one model and not the other)."""
 
 
 DISTINCT_CASES = (
@@ -47,11 +54,14 @@ DISTINCT_CASES = (
 )
 
 
-def draw(case: DistinctCase, rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """One study: model A's and model B's reply to each prompt."""
+def draw(case: DistinctCase, rng: np.random.Generator, topics: np.ndarray | None = None,
+         shifts: tuple[float, float] = (0.0, 0.0)) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Model A's and model B's reply to each prompt (``topics`` [P, K] each prompt's own words: new prompts when
+    None), their exponents shifted by ``shifts``."""
     ranks = np.arange(1, case.vocab + 1, dtype=np.float64)
-    laws = [ranks**-a / (ranks**-a).sum() for a in case.exponents]
-    topics = rng.integers(0, case.vocab, (case.prompts, case.topic_words))  # [P, K] each prompt's own words
+    laws = [ranks ** -(a + s) / (ranks ** -(a + s)).sum() for a, s in zip(case.exponents, shifts, strict=True)]
+    if topics is None:
+        topics = rng.integers(0, case.vocab, (case.prompts, case.topic_words))
     replies: tuple[list[str], list[str]] = ([], [])
     for law, out in zip(laws, replies, strict=True):
         lengths = 1 + rng.poisson(case.mean_words - 1, case.prompts)  # [P]
@@ -107,3 +117,47 @@ def distinct_coverage(case: DistinctCase, studies: int = 1000, truth_studies: in
         out.append(DistinctCoverage(case, method, target, c, 1.96 * math.sqrt(c * (1 - c) / len(rows)),
                                     float(np.mean([w for _, w in rows])), len(rows)))  # fmt: skip
     return out
+
+
+SEEDED_CASES = (
+    DistinctCase("240 prompts, distinct-1, 3 seeds", seeds=3, seed_sd=0.03, interaction_sd=0.01),
+    DistinctCase("240 prompts, distinct-2, 3 seeds", n=2, seeds=3, seed_sd=0.03, interaction_sd=0.01),
+    DistinctCase("240 prompts, distinct-1, 3 seeds, seed spread dominates", seeds=3, seed_sd=0.03, interaction_sd=0.04),
+    DistinctCase("60 prompts, distinct-1, 3 seeds, prompts dominate", prompts=60, seeds=3, seed_sd=0.01),
+)
+
+
+def seeded_study(case: DistinctCase, rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]]]:
+    """``case.seeds`` runs of each model on the same prompts: each seed shifts both models' exponents alike
+    (``seed_sd``) and each run its own (``interaction_sd``)."""
+    topics = rng.integers(0, case.vocab, (case.prompts, case.topic_words))  # [P, K] shared by every run
+    runs_a, runs_b = [], []
+    for _ in range(case.seeds):
+        shared = rng.normal(0.0, case.seed_sd)
+        own = rng.normal(0.0, case.interaction_sd, 2)
+        a, b = draw(case, rng, topics, (shared + own[0], shared + own[1]))
+        runs_a.append(a)
+        runs_b.append(b)
+    return runs_a, runs_b
+
+
+def seeded_coverage(case: DistinctCase, studies: int = 1000, truth_studies: int = 2000, seed: int = 0,
+                    method: Callable[..., Estimate] = seeds_jackknife) -> DistinctCoverage:  # fmt: skip
+    """Coverage of ``method`` (``seeds_jackknife``'s arguments) for the difference of the two models' seed-mean
+    distinct-n (paired seeds); the truth is its expectation over seeds, prompts and replies."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(truth_studies):
+        a, b = draw(case, rng, None, tuple(rng.normal(0.0, case.seed_sd) + rng.normal(0.0, case.interaction_sd, 2)))
+        diffs.append(distinct_n(a, case.n) - distinct_n(b, case.n))
+    true = float(np.mean(diffs))
+    hits = []
+    for _ in range(studies):
+        runs_a, runs_b = seeded_study(case, rng)
+        values = [[distinct_n(r, case.n) for r in runs] for runs in (runs_a, runs_b)]
+        left = [np.array([distinct_n_left_out(r, case.n) for r in runs]) for runs in (runs_a, runs_b)]
+        e = method(values[0], left[0], values[1], left[1], paired=True)
+        hits.append((e.lo <= true <= e.hi, e.half_width))
+    c = float(np.mean([h for h, _ in hits]))
+    name, error = getattr(method, "__name__", "method"), 1.96 * math.sqrt(c * (1 - c) / studies)
+    return DistinctCoverage(case, name, "difference", c, error, float(np.mean([w for _, w in hits])), studies)

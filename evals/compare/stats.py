@@ -277,6 +277,19 @@ def seeds_t(data: Paired, n_boot: int = N_BOOT, seed: int = 0, cluster: bool = F
     # simulation (docs/statistics.md): with n_eff instead, 23 lopsided documents cover 91% where the documents
     # dominate
     doc_df = max(1.0, strata - 1.0) if cluster and strata > 1 else max(1.0, kish(data.den**2) - strata)
+    if max(ka, kb) == 1:
+        method = f"document bootstrap over {n} documents (one seed each: no seed spread)"
+    else:
+        seeds = f"{ka} paired seeds" if data.paired else f"{ka} vs {kb} seeds (Welch)"
+        method = f"t over {seeds} + document bootstrap over {n} documents"
+    return _seeds_and_documents(diff, (seed_var, seed_df), (doc_var, doc_df), method, n, n_eff, (ka, kb), data.paired)
+
+
+def _seeds_and_documents(diff: float, seed: tuple[float, float], doc: tuple[float, float], method: str, n: int,
+                         n_eff: float, seeds: tuple[int, int], paired: bool) -> Estimate:  # fmt: skip
+    """The t interval of ``diff`` from a seed part and a document part, each (variance, degrees of freedom), with
+    Satterthwaite's degrees of freedom for their sum."""
+    (seed_var, seed_df), (doc_var, doc_df) = seed, doc
     var = seed_var + doc_var
     se = math.sqrt(var)
     if var > 0:
@@ -286,13 +299,42 @@ def seeds_t(data: Paired, n_boot: int = N_BOOT, seed: int = 0, cluster: bool = F
         df = math.inf
     half, half90 = _t(1 - ALPHA / 2, df) * se, _t(1 - ALPHA, df) * se
     p = 2 * (1 - _t_cdf(abs(diff) / se, df)) if se > 0 else math.nan
-    if max(ka, kb) == 1:
-        method = f"document bootstrap over {n} documents (one seed each: no seed spread)"
-    else:
-        seeds = f"{ka} paired seeds" if data.paired else f"{ka} vs {kb} seeds (Welch)"
-        method = f"t over {seeds} + document bootstrap over {n} documents"
     return Estimate(diff, se, df, diff - half, diff + half, diff - half90, diff + half90, p, method, n, n_eff,
-                    (ka, kb), data.paired, seed_var, doc_var)  # fmt: skip
+                    seeds, paired, seed_var, doc_var)  # fmt: skip
+
+
+def _jackknife_var(left_out: np.ndarray) -> float:
+    """The delete-1 jackknife variance from the replicates ``left_out`` [n] (or [..., n], each row apart)."""
+    n = left_out.shape[-1]
+    return (n - 1) / n * ((left_out - left_out.mean(-1, keepdims=True)) ** 2).sum(-1)
+
+
+def seeds_jackknife(a: Sequence[float], a_left: np.ndarray, b: Sequence[float], b_left: np.ndarray, *,
+                    paired: bool = False) -> Estimate:  # fmt: skip
+    """``seeds_t`` for a statistic of the prompts that only the jackknife resamples faithfully (distinct-n): ``a``
+    [ka] and ``b`` [kb] each run's value, ``a_left`` [ka, n] and ``b_left`` [kb, n] its values with each prompt
+    left out. The seeds through t (paired per-seed differences, or Welch), the prompts through the jackknife,
+    nothing counted twice: ``V_doc = V_mean - V_int / k`` as in ``seeds_t``, with the jackknife's variances of
+    the seed-mean difference and of one seed's deviation from it in place of the bootstrap's."""
+    a_, b_ = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    al, bl = np.atleast_2d(np.asarray(a_left, dtype=np.float64)), np.atleast_2d(np.asarray(b_left, dtype=np.float64))
+    (ka, kb), n = (len(a_), len(b_)), al.shape[1]
+
+    def interaction(rows: np.ndarray) -> float:  # [k, n] -> one run's deviation from the mean, per run
+        k = len(rows)
+        return float(_jackknife_var(rows - rows.mean(0)).mean() * k / (k - 1)) if k > 1 else 0.0
+
+    if paired:
+        d = al - bl  # [k, n]
+        v_mean, v_int = float(_jackknife_var(d.mean(0))), interaction(d) / ka
+    else:
+        v_mean = float(_jackknife_var(al.mean(0) - bl.mean(0)))
+        v_int = interaction(al) / ka + interaction(bl) / kb
+    seed_part = _seed_part(a_, b_, paired)
+    how = f"{ka} paired seeds" if paired else f"{ka} vs {kb} seeds (Welch)"
+    method = f"t over {how} + prompt jackknife over {n} prompts"
+    return _seeds_and_documents(float(a_.mean() - b_.mean()), seed_part, (max(0.0, v_mean - v_int), n - 1.0),
+                                method, n, float(n), (ka, kb), paired)  # fmt: skip
 
 
 def two_level(data: Paired, n_boot: int = N_BOOT, seed: int = 0, cluster: bool = False) -> Estimate:
