@@ -76,10 +76,16 @@ def distinct_table(results: list[DistinctCoverage], command: str) -> str:
     return "\n".join(lines)
 
 
-def replace_between(path: Path, begin: str, end: str, text: str) -> None:
-    head, rest = path.read_text().split(begin, 1)
+def publish(text: str, out: Path | None, begin: str, end: str) -> int:
+    """Print the table (``out`` None), or write it into ``out`` between its markers."""
+    if out is None:
+        print(text)
+        return 0
+    head, rest = out.read_text().split(begin, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+    out.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+    print(f"wrote the table into {out} ({begin})")
+    return 0
 
 
 def distinct_main(args: argparse.Namespace, out: Path) -> int:
@@ -97,12 +103,7 @@ def distinct_main(args: argparse.Namespace, out: Path) -> int:
              f"--boot-studies {args.boot_studies}" if args.boot_studies != 200 else "",
              f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
     text = distinct_table(results, " ".join(["python scripts/coverage_sim.py --distinct", *(f for f in flags if f)]))
-    if args.print:
-        print(text)
-        return 0
-    replace_between(out, DISTINCT_BEGIN, DISTINCT_END, text)
-    print(f"wrote the distinct-n coverage table into {out}")
-    return 0
+    return publish(text, None if args.print else out, DISTINCT_BEGIN, DISTINCT_END)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,19 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             log.info(f"[{i + 1}/{len(CASES)}] {case.name:55s} {name:10s} {r.covered:.3f} ± {r.error:.3f} "
                      f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
-    for i, case in enumerate(SEEDED_CASES):
-        results.append(seeded_coverage(case, studies=max(10, args.studies // 2), seed=args.seed))
-        log.info(f"[{i + 1}/{len(SEEDED_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
     flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
              else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
     command = " ".join(["python scripts/coverage_sim.py", *(f for f in flags if f)])
-    text = table(results, args.studies, args.boot, command)
-    if args.print:
-        print(text)
-        return 0
-    replace_between(out, BEGIN, END, text)
-    print(f"wrote the coverage table into {out}")
-    return 0
+    return publish(table(results, args.studies, args.boot, command), None if args.print else out, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,29 @@ def test_the_seeded_distinct_n_check_passes_seeds_jackknife_and_fails_the_prompt
     assert seeded_coverage(case, 120, 400, seed=4, method=prompts_only).covered < 0.75  # measured: 0.39
 
 
+def test_the_coverage_script_rewrites_only_its_table(tmp_path):
+    """``scripts/coverage_sim.py`` at a toy size into a copy of docs/statistics.md: every case a row, the text
+    around the markers and the distinct-n table untouched."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evals.compare.coverage import CASES
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = tmp_path / "statistics.md"
+    doc.write_text((repo / "docs/statistics.md").read_text())
+    before = doc.read_text()
+    proc = subprocess.run([sys.executable, "scripts/coverage_sim.py", "--studies", "10", "--boot", "50", "--out",
+                           str(doc)], cwd=repo, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    begin, end = "<!-- coverage table: scripts/coverage_sim.py -->", "<!-- end of coverage table -->"
+    after = doc.read_text()
+    assert after.split(begin)[0] == before.split(begin)[0] and after.split(end)[1] == before.split(end)[1]
+    table = after.split(begin)[1].split(end)[0]
+    assert "--studies 10 --boot 50" in table and all(f"| {case.name} |" in table for case in CASES)
+
+
 def test_kish():
     assert kish([1, 1, 1, 1]) == 4 and kish([10, 0, 0]) == 1
     # one document of 26% of the tokens among 22 equal ones: about 12 effective documents
