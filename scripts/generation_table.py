@@ -216,38 +216,69 @@ def per_run(row: Row, rarity: tuple[Any, Any]) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list[str]:
-    """Each loss setting's seed mean against the reference row's (runs named ``GROUP-sSEED``, seeds paired by
-    number): per-prompt means through ``seeds_t`` (the seeds through t, the prompts through the bootstrap),
-    corpus-level numbers through ``seeds_jackknife`` (the prompts through the jackknife); the model before
-    fine-tuning, one model and no seed, against the same seeds. Holm over the table. Empty unless some setting
-    has two seeds or more."""
-    from evals.compare.stats import Paired, holm, seeds_jackknife, seeds_t, verdict
-
+def settings(rows: list[Row], reference: str) -> tuple[dict[str, dict[int, Row]], str] | None:
+    """The rows by loss setting (runs named ``GROUP-sSEED``; another row is a setting of its own with seed -1)
+    and the reference row's setting; None unless that setting has two seeds or more."""
     groups: dict[str, dict[int, Row]] = {}
     for r in rows:
         m = SEEDED.fullmatch(r.name)
         groups.setdefault(m["group"] if m else r.name, {})[int(m["seed"]) if m else -1] = r
-    ref_match = SEEDED.fullmatch(reference)
-    ref_group = ref_match["group"] if ref_match else reference
-    if max(len(g) for g in groups.values()) < 2 or len(groups[ref_group]) < 2:
+    m = SEEDED.fullmatch(reference)
+    ref_group = m["group"] if m else reference
+    return (groups, ref_group) if len(groups[ref_group]) >= 2 else None
+
+
+def pairing(seeds: list[int], ref_seeds: list[int]) -> tuple[list[int], list[int], bool, str]:
+    """Which runs of a setting and of the reference setting to compare: the seeds both have, paired; a setting
+    of one model and no seed (the model before fine-tuning) against every reference seed, paired; else all of
+    each, unpaired (Welch). Also the seeds column's text."""
+    if seeds == [-1]:
+        return [-1] * len(ref_seeds), sorted(ref_seeds), True, "1 (no seed)"
+    both = sorted(set(seeds) & set(ref_seeds))
+    if both:
+        return both, both, True, str(len(both))
+    return sorted(seeds), sorted(ref_seeds), False, f"{len(seeds)} vs {len(ref_seeds)}"
+
+
+def _verdict_rows(found: list[tuple[str, str, str, Any]], lower_is_better: dict[str, bool],
+                  show: Callable[[Any], tuple[str, str]]) -> list[str]:  # fmt: skip
+    """One table row per (setting, seeds, metric, estimate), Holm-adjusted over them; ``show`` renders Δ and its
+    interval. A comparison with one seed a side gets no verdict: its interval holds the prompts' spread alone."""
+    from evals.compare.stats import holm, verdict
+
+    out = []
+    for (name, k, c, e), p in zip(found, holm([e.p for *_, e in found]), strict=True):
+        word = verdict(e, 0.0, lower_is_better=lower_is_better[c], p=p).word if c in lower_is_better else "—"
+        if max(e.seeds) < 2:  # one seed cannot show the seeds' spread (docs/statistics.md)
+            word = "— (one seed a side)"
+        pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
+        delta, interval = show(e)
+        out.append(f"| {name} | {k} | {c} | {delta} | {interval} | {pv} | {p:.3f} | {word} |")
+    return out
+
+
+def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list[str]:
+    """Each loss setting's seed mean against the reference row's setting (``settings``, ``pairing``): per-prompt
+    means through ``seeds_t`` (the seeds through t, the prompts through the bootstrap), corpus-level numbers
+    through ``seeds_jackknife`` (the prompts through the jackknife). Holm over the table. Empty unless the
+    reference setting has two seeds or more."""
+    from evals.compare.stats import Paired, seeds_jackknife, seeds_t
+
+    grouped = settings(rows, reference)
+    if grouped is None:
         return []
+    groups, ref_group = grouped
     values = {name: {seed: per_run(r, rarity) for seed, r in g.items()} for name, g in groups.items()}
+    ref_runs = values[ref_group]
     found = []
     for name, runs in values.items():
         if name == ref_group:
             continue
-        ref_runs = values[ref_group]
-        single = list(runs) == [-1]  # one model, no seed (the model before fine-tuning): against every seed
-        seeds = sorted(ref_runs) if single else sorted(set(runs) & set(ref_runs))
-        paired = bool(seeds)
-        a_seeds = [-1] * len(seeds) if single else (seeds or sorted(runs))
-        b_seeds = seeds or sorted(ref_runs)
+        a_seeds, b_seeds, paired, k = pairing(sorted(runs), sorted(ref_runs))
         for c in COLUMNS:
             if not all(c in runs[s] for s in a_seeds) or not all(c in ref_runs[s] for s in b_seeds):
                 continue
-            kind = ref_runs[b_seeds[0]][c][0]
-            if kind == "prompts":
+            if ref_runs[b_seeds[0]][c][0] == "prompts":
                 a = np.stack([runs[s][c][1] for s in a_seeds])  # [ka, n]
                 b = np.stack([ref_runs[s][c][1] for s in b_seeds])
                 e = seeds_t(Paired.of(a, b, paired=paired))
@@ -255,23 +286,63 @@ def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list
                 a, a_left = zip(*(runs[s][c][1] for s in a_seeds), strict=True)
                 b, b_left = zip(*(ref_runs[s][c][1] for s in b_seeds), strict=True)
                 e = seeds_jackknife(a, np.stack(a_left), b, np.stack(b_left), paired=paired)
-            found.append((name, "1 (no seed)" if single else str(len(a_seeds)), c, e))
+            found.append((name, k, c, e))
     if not found:
         return []
-    adjusted = holm([e.p for *_, e in found])
-    out = ["", f"**Loss settings** (runs `SETTING-sSEED`): the mean over each setting's seeds minus `{ref_group}`'s, "
-           "seeds paired by number; the interval takes the seeds' spread through t and the prompts' through the "
-           "bootstrap (means over prompts) or the jackknife (distinct-n, rarity); p-values Holm-adjusted over the "
-           f"{len(found)} differences of this table:", "",
-           "| setting | seeds | metric | Δ | 95% interval | p | p (Holm) | verdict |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (name, k, c, e), p in zip(found, adjusted, strict=True):
-        word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word if c in DIRECTION else "—"
-        if max(e.seeds) < 2:  # the prompts' spread alone: one seed cannot show the seeds' (docs/statistics.md)
-            word = "— (one seed a side)"
-        pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
-        out.append(f"| {name} | {k} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
-    return out
+    head = ["", f"**Loss settings** (runs `SETTING-sSEED`): the mean over each setting's seeds minus `{ref_group}`'s, "
+            "seeds paired by number; the interval takes the seeds' spread through t and the prompts' through the "
+            "bootstrap (means over prompts) or the jackknife (distinct-n, rarity); p-values Holm-adjusted over the "
+            f"{len(found)} differences of this table:", "",
+            "| setting | seeds | metric | Δ | 95% interval | p | p (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lower = {c: d < 0 for c, d in DIRECTION.items()}
+    return head + _verdict_rows(found, lower, lambda e: (f"{e.diff:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]"))
+
+
+def bucket_loss_table(rows: list[Row], reference: str) -> list[str]:
+    """The held-out response loss by frequency bucket, setting by setting (``settings``, ``pairing``): each
+    setting's seed mean against the reference setting's through ``seeds_t`` (seeds through t, records through
+    the bootstrap), shown as the change of the perplexity; Holm over the table. Empty unless every run scored
+    the same records with the same token counts."""
+    from evals.compare.stats import Paired, seeds_t
+
+    grouped = settings([r for r in rows if r.held_out is not None and "loss" in r.held_out], reference)
+    if grouped is None:
+        return []
+    groups, ref_group = grouped
+    ref_runs = groups[ref_group]
+    first = next(iter(ref_runs.values())).held_out
+    same = all(r.held_out.get("sha", r.held_out["doc_id"]) == first.get("sha", first["doc_id"])
+               and all(r.held_out[c.replace("loss", "tokens")] == first[c.replace("loss", "tokens")]
+                       for c in BUCKET_COLUMNS) for g in groups.values() for r in g.values())  # fmt: skip
+    if not same:
+        return []
+    found = []
+    for name, runs in groups.items():
+        if name == ref_group:
+            continue
+        a_seeds, b_seeds, paired, k = pairing(sorted(runs), sorted(ref_runs))
+        for c in BUCKET_COLUMNS:
+            den = np.asarray(first[c.replace("loss", "tokens")], dtype=np.float64)
+            if not den.sum():
+                continue
+            a = np.stack([np.asarray(runs[s].held_out[c], dtype=np.float64) for s in a_seeds])  # [ka, n]
+            b = np.stack([np.asarray(ref_runs[s].held_out[c], dtype=np.float64) for s in b_seeds])
+            found.append((name, k, c.replace("loss", "ppl"), seeds_t(Paired.of(a, b, den, paired=paired))))
+    if not found:
+        return []
+    head = ["", f"Held-out perplexity by bucket, **setting by setting**: the change of each setting's perplexity "
+            f"(from the mean over its seeds of the loss, nats/token) against `{ref_group}`'s, seeds paired by "
+            "number, the interval taking the seeds' spread through t and the records' through the bootstrap; "
+            f"p-values Holm-adjusted over the {len(found)} differences of this table:", "",
+            "| setting | seeds | bucket | Δ ppl | 95% interval | p | p (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def pct(x: float) -> str:
+        return f"{100 * math.expm1(x):+.2f}%"
+
+    lower = {c.replace("loss", "ppl"): True for c in BUCKET_COLUMNS}
+    return head + _verdict_rows(found, lower, lambda e: (pct(e.diff), f"[{pct(e.lo)}, {pct(e.hi)}]"))
 
 
 BUCKET_COLUMNS = ("loss", "high_loss", "medium_loss", "low_loss")
@@ -355,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         if reference not in names:
             return fail(f"--reference {reference!r} is not one of the rows {names}")
         lines = table(rows, reference, args.task)
-        buckets = [] if args.no_buckets else bucket_table(rows, reference)
+        buckets = [] if args.no_buckets else bucket_table(rows, reference) + bucket_loss_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         return fail(e)
     sources = ["", "Evaluations (CKPT/evals/...): " + "; ".join(f"{r.name}: `{r.evaluation}`" for r in rows)]

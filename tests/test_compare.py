@@ -219,6 +219,16 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     assert float(row[3]) == pytest.approx(np.mean(base["rouge1"]) - ce.mean(), abs=6e-5)
     # MiLe has one seed: a number, the prompts' spread alone, and no verdict
     assert rows[("mile", "1", "rouge1")][-1].strip(" |") == "— (one seed a side)"
+    # the held-out perplexity setting by setting: the token-weighted loss of the seeds' mean, as a change
+    by_setting = proc.stdout.split("**setting by setting**")[1].split("Evaluations (CKPT")[0]
+    row = next(
+        x.split(" | ") for x in by_setting.splitlines() if x.startswith("| before fine-tuning | 1 (no seed) | ppl")
+    )
+    held = {k: latest(runs[i] / ckpt).json(HELD_OUT_FILE) for i, k in ((0, "ce-s0"), (1, "ce-s1"))}
+    before_held = latest(before).json(HELD_OUT_FILE)
+    loss = {k: np.sum(h["loss"]) / np.sum(h["tokens"]) for k, h in held.items()}
+    expected = np.expm1(np.sum(before_held["loss"]) / np.sum(before_held["tokens"]) - np.mean(list(loss.values())))
+    assert float(row[3].rstrip("%")) == pytest.approx(100 * expected, abs=6e-3)
     bucket_rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.split("Held-out perplexity")[1]
                    .splitlines() if line.startswith("| ") and not line.startswith("| run")}  # fmt: skip
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
