@@ -38,6 +38,9 @@ COUNTS_FILE = "token_counts.safetensors"
 PORTABLE_FILE = "optimizer_full.safetensors"
 DIGESTS = "digests"
 """meta.json: {file: its ``DIGEST``}, for every file listed under ``files``."""
+PUBLISHED_RECORD = "published_record.json"
+"""In a run directory restored from a published record (``evals/published_runs.py``): its checkpoints hold their
+evaluations, configs, tokenizer and counts, not their weights or training state."""
 SEAL = "meta_digest"
 """meta.json: the ``DIGEST`` of meta.json's other keys (``seal``), so an edited or damaged meta.json is caught too."""
 
@@ -93,7 +96,7 @@ def file_problems(ckpt: Path, meta: dict[str, Any], names: list[str] | None = No
     for name in listed if names is None else [n for n in names if n in listed]:
         path = ckpt / name
         if not path.is_file():
-            problems.append(f"{path}: missing (the checkpoint was written with it)")
+            problems.append(f"{path}: missing ({_why_missing(ckpt)})")
         elif path.stat().st_size != listed[name]:
             problems.append(
                 f"{path}: {path.stat().st_size} bytes, but it was written with {listed[name]} (truncated or replaced)"
@@ -113,6 +116,15 @@ def file_problems(ckpt: Path, meta: dict[str, Any], names: list[str] | None = No
                     f"{found}, written {digests[name]})"
                 )
     return problems
+
+
+def _why_missing(ckpt: Path) -> str:
+    if (ckpt.parent.parent / PUBLISHED_RECORD).is_file():
+        return (
+            f"the run was restored from a published record ({PUBLISHED_RECORD}), which keeps its evaluations, not its "
+            "weights or training state: train the run again to have them"
+        )
+    return "the checkpoint was written with it"
 
 
 def verified(meta: dict[str, Any]) -> bool:

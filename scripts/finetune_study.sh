@@ -11,19 +11,29 @@
 # where it stopped: run the same command again (finished runs are skipped, interrupted ones continue from their
 # last checkpoint; exit 75 means "not finished yet").
 #
-#   bash scripts/finetune_study.sh [--publish] [-- key=value ...]
+# Published runs: the finished runs are kept in the repository without their weights (docs/results/finetune/runs,
+# scripts/publish_runs.py: configs, run records, token counts, every evaluation's per-prompt replies and scores).
+# A run missing here whose record is published is restored from it instead of trained again, so the report can be
+# recomputed from a clone without training, and a grid longer than one sitting keeps what it finished. --publish
+# writes the records of every finished run (also when the grid stops early) and the report into docs/results/finetune;
+# --retrain ignores the published records and trains every run here; so do key=value overrides other than those
+# the records were made with (FINETUNE_STUDY_OUT: another folder than docs/results/finetune for them and the report).
+#
+#   bash scripts/finetune_study.sh [--publish] [--retrain] [-- key=value ...]
 #
 # key=value ...   overrides for every run (a toy run: -- train.max_steps=2 eval.limit=4 eval.val_tokens=500 ...)
 # Environment: RUNS (runs), STUDY_DATA (corpus: where the model and the records go), FINETUNE_STUDY_SEEDS
 # ("0 1 2"), FINETUNE_STUDY_JOBS (runs side by side, one thread each; default: the cores, at most one per 6 GiB of
-# free memory), LOSSLAB_NO_SETUP=1 (the environment is managed otherwise: skip scripts/setup.sh).
+# free memory), FINETUNE_STUDY_OUT (docs/results/finetune: where --publish writes), LOSSLAB_NO_SETUP=1 (the environment is managed otherwise: skip scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMMAND="bash scripts/finetune_study.sh $*"
 publish=0
+retrain=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --publish) publish=1 ;;
+    --retrain) retrain=1 ;;
     --) shift; break ;;
     *) echo "finetune_study.sh: unknown argument '$1' (overrides come after --; see the header of this script)" >&2
        exit 2 ;;
@@ -42,10 +52,45 @@ read -r -a seeds <<< "${FINETUNE_STUDY_SEEDS:-0 1 2}"
 grid=finetune_study
 model=$DATA/smollm2-135m-instruct
 records=$DATA/dialogue_study
+# the finished runs without their weights (scripts/publish_runs.py), and the key=value overrides they were made with
+# (OVERRIDES: none for the study itself; a toy run's, say): records are restored only into a grid asked for with the
+# same overrides, and publishing with other overrides replaces them all rather than mixing two experiments
+publish_to=${FINETUNE_STUDY_OUT:-docs/results/finetune}  # --publish: the report, and the runs in runs/
+published=$publish_to/runs
+overrides=$(printf '%s\n' "$@")
+published_overrides() { cat "$published/OVERRIDES" 2>/dev/null || true; }
+names=()
+for cfg in "configs/experiments/$grid"/*.yaml; do
+  for seed in "${seeds[@]}"; do names+=("$(basename "$cfg" .yaml)-s$seed"); done
+done
+names+=(base)  # the model before fine-tuning (step 3)
+publish_records() {  # every finished run (and the model before fine-tuning once evaluated) into $published
+  local have=()
+  for n in "${names[@]}"; do [ ! -d "$RUNS/$grid/$n" ] || have+=("$RUNS/$grid/$n"); done
+  [ ${#have[@]} != 0 ] || return 0
+  if [ -d "$published" ] && [ "$(published_overrides)" != "$overrides" ]; then
+    echo "finetune_study.sh: replacing the runs published in $published (made with other overrides)" >&2
+    rm -rf "$published"
+  fi
+  "$PY" scripts/publish_runs.py pack --finished --out "$published" "${have[@]}"
+  if [ -n "$overrides" ]; then printf '%s\n' "$overrides" > "$published/OVERRIDES"; else rm -f "$published/OVERRIDES"; fi
+}
 
 # 1. the model and the records (each idempotent)
 "$PY" scripts/fetch_smollm2.py --out "$model"
 "$PY" scripts/build_dialogue_data.py --out "$records" --task-docs 240
+
+# published runs missing here: restored (checked against their sha256s), not trained again — unless asked for with
+# other overrides than they were made with
+if [ $retrain = 0 ] && [ -d "$published" ] && [ "$(published_overrides)" != "$overrides" ]; then
+  echo "finetune_study.sh: the runs published in $published were made with other overrides: not restored" >&2
+elif [ $retrain = 0 ]; then
+  restorable=()
+  for n in "${names[@]}"; do
+    [ -d "$RUNS/$grid/$n" ] || [ ! -f "$published/$n/published_record.json" ] || restorable+=("$published/$n")
+  done
+  [ ${#restorable[@]} = 0 ] || "$PY" scripts/publish_runs.py restore --runs "$RUNS/$grid" "${restorable[@]}"
+fi
 
 # 2. the grid (run_grid.sh: finished runs skipped, the others resumed). JOBS runs side by side, one thread each,
 # the runs dealt out among them (run_grid.sh SHARD=i/JOBS): as many as there are cores and 6 GiB of free memory for
@@ -63,6 +108,7 @@ for ((i = 0; i < JOBS; i++)); do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+[ $publish = 0 ] || publish_records  # what finished is kept, also when the grid stopped early
 [ $status = 0 ] || exit $status
 
 # 3. the model before fine-tuning: its weights as a checkpoint, the training counts of the runs (the same data and
@@ -93,12 +139,11 @@ fi
 
 # 4. the report: the one place the comparison is called, then the provenance
 out=$RUNS/$grid/report
-[ $publish = 0 ] || out=docs/results/finetune
+[ $publish = 0 ] || out=$publish_to
 mkdir -p "$out"
+[ $publish = 0 ] || publish_records
 runs=()
-for cfg in "configs/experiments/$grid"/*.yaml; do
-  for seed in "${seeds[@]}"; do runs+=("$RUNS/$grid/$(basename "$cfg" .yaml)-s$seed"); done
-done
+for n in "${names[@]}"; do [ "$n" = base ] || runs+=("$RUNS/$grid/$n"); done
 # the model before fine-tuning is the first row (--baseline); differences are against the first CE run
 {
   echo "## Greedy replies (shakespeare_dialogue)"; echo
@@ -106,7 +151,7 @@ done
   echo "## Sampled replies (shakespeare_dialogue_sampled)"; echo
   "$PY" scripts/generation_table.py "${runs[@]}" --baseline "$base" --task shakespeare_dialogue_sampled --no-buckets
 } > "$out/summary.md"
-"$PY" scripts/study_record.py --out "$out" --data "$records/manifest.json" "$model/losslab_fetch.json" \
+"$PY" scripts/study_record.py --out "$out" --published "$published" --data "$records/manifest.json" "$model/losslab_fetch.json" \
   --command "$COMMAND" \
   --command "python scripts/generation_table.py ${runs[*]} --baseline $base --task TASK [--no-buckets]" \
   "$base" "${runs[@]}"

@@ -11,6 +11,18 @@ quiet_pip() {  # pip, without the noise of this machine's unused local index loc
   "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
 }
 
+# A new environment takes about 3.1 GiB (torch 0.8, Triton 1.0, the rest lm-eval's, DeepSpeed's and W&B's
+# dependencies; docs/benchmarks.md): on a disk without that room pip dies half-way with "No space left on device",
+# so say it first, in one line
+need_kib=$((3584 * 1024))
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+    echo "setup: $((free_kib / 1024)) MiB free on the disk of $(pwd); a new .venv needs about $((need_kib / 1024)) MiB" \
+      "(torch, Triton, DeepSpeed, lm-eval and their dependencies): free some space and run it again" >&2
+    exit 2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi

@@ -22,6 +22,7 @@ import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 
 from data.files import file_sha256, git_commit, write_atomic
 from losslab.log import fail
+from models.checkpoint import PUBLISHED_RECORD
 
 
 def _json(path: Path) -> dict:
@@ -61,6 +62,8 @@ def collect(args: argparse.Namespace) -> dict:
                 "complete": result.get("complete"),
                 "steps": result.get("steps"),
                 "git_sha": info.get("git_sha"),
+                # trained by an earlier invocation and published without weights (scripts/publish_runs.py)
+                "from_published_record": (Path(run) / PUBLISHED_RECORD).is_file(),
             }
         )
     corpus = _json(Path(args.corpus)) if args.corpus else {}
@@ -78,6 +81,7 @@ def collect(args: argparse.Namespace) -> dict:
         "corpus": corpus,
         "data_files": {_shown(f): file_sha256(f) for f in args.data},
         "runs": runs,
+        "published": _shown(args.published) if args.published else "",
     }
 
 
@@ -124,7 +128,16 @@ def markdown(rec: dict) -> str:
         lines += ["", "Other inputs:", ""] + [f"- `{f}` sha256 `{h}`" for f, h in rec["data_files"].items()]
     unfinished = [r["run"] for r in rec["runs"] if r["trained"] and not r["complete"]]
     state = f"; **not complete: {', '.join(unfinished)}**" if unfinished else ", all complete"
-    lines += ["", f"Runs: {len(rec['runs'])}{state}.", ""]
+    lines += ["", f"Runs: {len(rec['runs'])}{state}."]
+    restored = [r["run"] for r in rec["runs"] if r.get("from_published_record")]
+    if restored:
+        lines += [
+            "",
+            "Read from their published records (the runs' files without weights, in "
+            f"`{rec.get('published') or '?'}`; trained earlier, at the commits above, and not trained again for this "
+            "report): " + ", ".join(restored) + ".",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", action="append", default=[], help="a command of the study (repeatable)")
     parser.add_argument("--corpus", help="the corpus builder's manifest.json")
     parser.add_argument("--data", nargs="*", default=[], help="other input files to hash")
+    parser.add_argument("--published", default="", help="where runs restored from published records came from")
     parser.add_argument("runs", nargs="*")
     args = parser.parse_args(argv)
     # a provenance that quietly leaves out an input or a run would say less than it seems to

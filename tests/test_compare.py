@@ -234,6 +234,96 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
 
 
+def test_published_runs_give_the_same_reports_without_weights_and_stay_finished(study, tmp_path):
+    """Runs published without their weights (scripts/publish_runs.py, as the fine-tuning study keeps its finished
+    runs in the repository) and restored elsewhere give byte-for-byte the reports the runs gave; a restored run
+    is a finished run to train.py, a reader of its weights is told why they are absent, and a damaged record is
+    one line that restores nothing."""
+    _, runs, _ = study
+
+    def cmd(*args: str, script: str = "publish_runs.py") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, env=clean_env(),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    pub, pub2, restored = tmp_path / "pub", tmp_path / "pub2", tmp_path / "restored"
+    for out in (pub, pub2):  # twice: the same runs give the same bytes (no timestamps; a republished run is no diff)
+        assert cmd("pack", *map(str, runs), "--out", str(out)).returncode == 0
+    files = {p.relative_to(pub): p.read_bytes() for p in sorted(pub.rglob("*")) if p.is_file()}
+    assert files == {p.relative_to(pub2): p.read_bytes() for p in sorted(pub2.rglob("*")) if p.is_file()}
+    names = {p.name for p in files}
+    assert "model.safetensors" not in names and not any(n.endswith(".pt") or n == "wandb_id" for n in names)
+    assert not any(p.parts[1] == "wandb" for p in files if len(p.parts) > 1)
+    proc = cmd("restore", *(str(pub / r.name) for r in runs), "--runs", str(restored))
+    assert proc.returncode == 0 and proc.stdout.count("restored from the published record") == 3, proc.stderr
+    # ... and the restored runs published again are the same record (what was left out still said)
+    assert cmd("pack", *(str(restored / r.name) for r in runs), "--out", str(tmp_path / "pub4")).returncode == 0
+    assert files == {p.relative_to(tmp_path / "pub4"): p.read_bytes() for p in sorted((tmp_path / "pub4").rglob("*"))
+                     if p.is_file()}  # fmt: skip
+
+    # the same reports: the generation table (the baseline an earlier checkpoint) and the comparison of the runs
+    def table(root: Path) -> str:
+        rs = [root / r.name for r in runs]
+        proc = cmd(*map(str, rs), "--task", "toy_gen", "--baseline", str(rs[0] / "checkpoints/step_0000004"),
+                   script="generation_table.py")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    assert table(restored) == table(runs[0].parent)
+    for root, out in ((runs[0].parent, tmp_path / "report-runs"), (restored, tmp_path / "report-restored")):
+        assert _compare([root / r.name for r in runs], out).returncode == 0
+    # every number and word the same; only the runs' paths (relative to each report) differ
+    summaries = []
+    for out in ("report-runs", "report-restored"):
+        with open(tmp_path / out / "summary.csv") as fh:
+            summaries.append([{k: v for k, v in row.items() if k != "run"} for row in csv.DictReader(fh)])
+    assert summaries[0] == summaries[1] and len(summaries[0]) > 50
+
+    # the study's provenance says which runs were read from records rather than trained for the report
+    out = tmp_path / "provenance"
+    proc = cmd("--out", str(out), "--published", str(pub), "--command", "x", str(restored / runs[0].name),
+               str(runs[1]), script="study_record.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((out / "provenance.json").read_text())
+    assert [r["from_published_record"] for r in rec["runs"]] == [True, False]
+    assert f"in `{pub}`; trained earlier" in (out / "provenance.md").read_text()
+
+    # a restored run is finished: relaunched with its own config it does nothing
+    run = restored / runs[0].name
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
+    proc = cmd(str(run / "config.yaml"), f"run.dir={run}", "train.resume=auto", script="train.py")
+    assert proc.returncode == 0 and "holds a finished run" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    # ... and whoever reads its weights is told why they are not there
+    proc = cmd("--checkpoint", str(run), "--tasks", "toy_gen", "--task-dir", str(runs[0].parent / "tasks"),
+               script="evaluate.py")  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "model.safetensors: missing" in lines[-1] and "published record" in lines[-1]
+
+    # large files are kept gzipped, once (a run holding a 300 KB log here); a damaged record — a file or a blob —
+    # is one line naming it, and restores nothing, not even half a run
+    big = tmp_path / "big" / runs[0].name
+    shutil.copytree(runs[0], big)
+    log = "".join(f"step {i} loss {np.sin(i):.6f}\n" for i in range(12_000)).encode()  # ~300 KB
+    (big / "train.log").write_bytes(log)
+    assert cmd("pack", str(big), "--out", str(tmp_path / "pub3")).returncode == 0
+    (blob,) = (tmp_path / "pub3/_blobs").glob("*.gz")
+    assert blob.stat().st_size < len(log) / 2 and not (tmp_path / "pub3" / big.name / "train.log").exists()
+    proc = cmd("restore", str(tmp_path / "pub3" / big.name), "--runs", str(tmp_path / "big3"))
+    assert proc.returncode == 0 and (tmp_path / "big3" / big.name / "train.log").read_bytes() == log
+    samples = next((pub / runs[1].name).rglob("eval_samples.json"))
+    for damaged in (blob, samples):
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        damaged.write_bytes(bytes(data))
+    again = tmp_path / "again"
+    for record in (tmp_path / "pub3" / big.name, pub / runs[1].name):
+        damaged = blob if record.parent.name == "pub3" else samples
+        proc = cmd("restore", str(record), "--runs", str(again))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert str(damaged) in proc.stderr
+        assert not again.exists() or not any(again.iterdir())
+
+
 def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, corpus, tmp_path):
     """The model before fine-tuning (here: a copy of an early checkpoint, outside any run) is scored on a run's
     held-out set by copying the run's held_out_set.json beside it, not on a set of its own."""

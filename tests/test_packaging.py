@@ -263,3 +263,26 @@ def test_setup_leaves_deepspeeds_cpu_adam_compiled_so_that_no_run_compiles_it(tm
     proc = run([sys.executable, "-c", load], REPO, TORCH_EXTENSIONS_DIR=str(ext))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not ext.exists(), sorted(ext.rglob("*"))
+
+
+def test_setup_on_a_disk_too_small_for_the_environment_says_so_before_installing(tmp_path):
+    """A checkout on a disk with no room for the environment (a CI machine once had 287 MB free, and pip died
+    half-way with "No space left on device"): one line saying how much is free and needed, exit 2, no .venv begun.
+    The small disk is a real 64 MiB tmpfs, mounted in a mount namespace of the test's own."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.decode().strip()}")
+    small = tmp_path / "small"
+    small.mkdir()
+    shell = (
+        f"mount -t tmpfs -o size=64m tmpfs {small} && mkdir -p {small}/repo/scripts && "
+        f"cp {REPO}/scripts/setup.sh {small}/repo/scripts/ && cp {REPO}/pyproject.toml {small}/repo/ && "
+        f"bash {small}/repo/scripts/setup.sh; echo rc=$?; ls -A {small}/repo"
+    )
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", shell], env=clean_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "rc=2" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "MiB free on the disk of" in proc.stderr and "needs about" in proc.stderr
+    assert ".venv" not in proc.stdout.split("rc=2")[1]  # nothing installed
