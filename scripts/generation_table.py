@@ -6,7 +6,9 @@ directory that ``scripts/finetune_demo.sh --out OUT_DIR`` wrote).
 Reads each run's (or checkpoint's) newest complete evaluation that scored the task (``CKPT/evals/<settings>/``:
 the in-loop evaluation or ``scripts/evaluate.py``; ``evals/results_store.py``), and the held-out losses of the
 same evaluation (else of the newest one that has them); the table names the evaluation each row comes from.
-``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated with
+``--primary METRIC --margin M``: the study's declared primary metric, whose setting-by-setting verdicts come first,
+with the equivalence test against ±M and no multiplicity adjustment; the other metrics are Holm-corrected among
+themselves. ``--baseline``: the model before fine-tuning (e.g. the imported HF checkpoint, evaluated with
 ``scripts/evaluate.py`` on the same task) as the first row. Every metric gets a 95% interval from resampling
 the prompts (2,000 times; ROUGE, length and the degenerate fraction are means over prompts, rarity a pooled ratio,
 recomputed on each resample) — except distinct-n, which a resample with replacement distorts (a prompt drawn twice
@@ -125,8 +127,10 @@ def jackknifed(row: Row) -> dict[str, tuple[float, np.ndarray]]:
     return {c: (distinct_n(outputs, n_of[c]), np.asarray(distinct_n_left_out(outputs, n_of[c]))) for c in JACKKNIFED}
 
 
-def table(rows: list[Row], reference: str, task: str) -> list[str]:
-    """The value of each metric per row with its 95% interval, then each row minus the reference row."""
+def table(rows: list[Row], reference: str, task: str, primary: str = "", margin: float = 0.0) -> list[str]:
+    """The value of each metric per row with its 95% interval, then each row minus the reference row, then each
+    loss setting minus the reference setting; with a declared ``primary`` metric (and its equivalence ``margin``)
+    its setting-by-setting verdicts come first."""
     from evals.compare.stats import holm, jackknife_estimate, percentile_estimate, prompt_bootstrap, verdict
     from models.checkpoint import COUNTS_FILE, checkpoint_tokenizer, saved_model_config
     from models.checkpoint_files import load_safetensors
@@ -195,7 +199,8 @@ def table(rows: list[Row], reference: str, task: str) -> list[str]:
             word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word
         pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         lines.append(f"| {name} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
-    return lines + loss_table(rows, reference, (tokenizer, counts))
+    first, secondary = loss_table(rows, reference, (tokenizer, counts), primary, margin)
+    return first + ([""] if first else []) + lines + secondary
 
 
 SEEDED = re.compile(r"(?P<group>.+)-s(?P<seed>\d+)")
@@ -257,16 +262,21 @@ def _verdict_rows(found: list[tuple[str, str, str, Any]], lower_is_better: dict[
     return out
 
 
-def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list[str]:
+def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any], primary: str = "",
+               margin: float = 0.0) -> tuple[list[str], list[str]]:  # fmt: skip
     """Each loss setting's seed mean against the reference row's setting (``settings``, ``pairing``): per-prompt
     means through ``seeds_t`` (the seeds through t, the prompts through the bootstrap), corpus-level numbers
-    through ``seeds_jackknife`` (the prompts through the jackknife). Holm over the table. Empty unless the
-    reference setting has two seeds or more."""
+    through ``seeds_jackknife`` (the prompts through the jackknife). Returns (the declared ``primary`` metric's
+    table, with TOST against ``margin`` and no adjustment; the other metrics' table, Holm over it). Both empty
+    unless the reference setting has two seeds or more."""
     from evals.compare.stats import Paired, seeds_jackknife, seeds_t
 
     grouped = settings(rows, reference)
     if grouped is None:
-        return []
+        none = ["", f"**Primary metric: `{primary}`** (equivalence margin ±{margin:g}): no verdict — the reference "
+                "setting has fewer than two seeds, so no interval can hold the seeds' spread; the run-by-run "
+                "differences below describe single runs."]  # fmt: skip
+        return (none if primary else []), []
     groups, ref_group = grouped
     values = {name: {seed: per_run(r, rarity) for seed, r in g.items()} for name, g in groups.items()}
     ref_runs = values[ref_group]
@@ -287,16 +297,43 @@ def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> list
                 b, b_left = zip(*(ref_runs[s][c][1] for s in b_seeds), strict=True)
                 e = seeds_jackknife(a, np.stack(a_left), b, np.stack(b_left), paired=paired)
             found.append((name, k, c, e))
+    first = primary_table([f for f in found if f[2] == primary], ref_group, primary, margin) if primary else []
+    found = [f for f in found if f[2] != primary]
     if not found:
-        return []
-    head = ["", f"**Loss settings** (runs `SETTING-sSEED`): the mean over each setting's seeds minus `{ref_group}`'s, "
-            "seeds paired by number; the interval takes the seeds' spread through t and the prompts' through the "
-            "bootstrap (means over prompts) or the jackknife (distinct-n, rarity); p-values Holm-adjusted over the "
-            f"{len(found)} differences of this table:", "",
+        return first, []
+    what = "the other metrics (secondary)" if primary else "every metric"
+    head = ["", f"**Loss settings** (runs `SETTING-sSEED`), {what}: the mean over each setting's seeds minus "
+            f"`{ref_group}`'s, seeds paired by number; the interval takes the seeds' spread through t and the prompts' "
+            "through the bootstrap (means over prompts) or the jackknife (distinct-n, rarity); p-values Holm-adjusted "
+            f"over the {len(found)} differences of this table:", "",
             "| setting | seeds | metric | Δ | 95% interval | p | p (Holm) | verdict |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lower = {c: d < 0 for c, d in DIRECTION.items()}
-    return head + _verdict_rows(found, lower, lambda e: (f"{e.diff:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]"))
+    return first, head + _verdict_rows(found, lower, lambda e: (f"{e.diff:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]"))
+
+
+def primary_table(found: list[tuple[str, str, str, Any]], ref_group: str, primary: str, margin: float) -> list[str]:
+    """The declared primary metric, setting by setting against the reference setting: the 95% interval, the 90%
+    one of the equivalence test (TOST against ±``margin``) and the verdict at the estimate's own p — the one
+    declared metric is not adjusted for multiplicity (docs/statistics.md)."""
+    from evals.compare.stats import verdict
+
+    lines = ["", f"**Primary metric: `{primary}`**, declared before the comparison with its equivalence margin "
+             f"±{margin:g}: the mean over each setting's seeds minus `{ref_group}`'s, seeds paired by number (the "
+             "seeds' spread through t, the prompts' through the bootstrap or the jackknife); *equivalent* when the "
+             "90% interval lies inside the margin, *better*/*worse* when the 95% one excludes 0, else "
+             "*inconclusive*; not adjusted for multiplicity (the one declared metric).", "",
+             "| setting | seeds | Δ | 95% interval | 90% interval | p | p (TOST) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, k, _, e in found:
+        v = verdict(e, margin, lower_is_better=DIRECTION[primary] < 0)
+        word = "— (one seed a side)" if max(e.seeds) < 2 else v.word
+        p = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
+        lines.append(f"| {name} | {k} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | [{e.lo90:+.4f}, {e.hi90:+.4f}] "
+                     f"| {p} | {v.p_tost:.3f} | **{word}** |")  # fmt: skip
+    if not found:
+        lines.append(f"| — | — | no setting besides `{ref_group}` has `{primary}` | | | | | |")
+    return lines
 
 
 def bucket_loss_table(rows: list[Row], reference: str) -> list[str]:
@@ -412,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="", help="the model before fine-tuning (a checkpoint or run), first row")
     parser.add_argument("--reference", default="", help="the row the differences are against (default: first run)")
     parser.add_argument("--no-buckets", action="store_true", help="leave out the held-out perplexity bucket table")
+    parser.add_argument("--primary", default="", choices=["", *DIRECTION],
+                        help="the study's declared primary metric: its setting-by-setting verdicts first, unadjusted; "
+                        "the other metrics Holm-corrected apart")  # fmt: skip
+    parser.add_argument("--margin", type=float, default=0.0, help="with --primary: its equivalence margin (> 0)")
     args = parser.parse_args(argv)
+    if args.primary and not args.margin > 0:
+        return fail(f"--primary {args.primary} needs its equivalence margin: --margin M with M > 0")
     from models.checkpoint_files import CheckpointError
 
     try:
@@ -425,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = args.reference or Path(runs[0]).name
         if reference not in names:
             return fail(f"--reference {reference!r} is not one of the rows {names}")
-        lines = table(rows, reference, args.task)
+        lines = table(rows, reference, args.task, args.primary, args.margin)
         buckets = [] if args.no_buckets else bucket_table(rows, reference) + bucket_loss_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         return fail(e)

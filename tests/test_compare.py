@@ -234,6 +234,57 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
 
 
+def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_its_margin(study):
+    """--primary/--margin (the fine-tuning study declares greedy ROUGE-L): its setting-by-setting verdicts first,
+    with the TOST interval and no Holm; the same estimates as without the declaration; the other metrics Holm-
+    corrected among themselves only; a primary metric without a margin is refused in one line."""
+    _, runs, _ = study
+    before = runs[0] / "checkpoints/step_0000004"
+
+    def gen(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/generation_table.py", *map(str, runs), "--task", "toy_gen",
+                               "--baseline", str(before), *extra], cwd=REPO, env=clean_env(), capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    plain, declared = gen(), gen("--primary", "rougeL", "--margin", "0.05")
+    assert plain.returncode == 0 and declared.returncode == 0, declared.stderr[-2000:]
+    out = declared.stdout
+    assert out.lstrip().startswith("**Primary metric: `rougeL`**") and out.index("| run | loss |") > 0
+    primary = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+               out.split("**Primary metric")[1].split("| run | loss |")[0].splitlines() if line.startswith("| ")
+               and not line.startswith(("| setting", "|---"))}  # fmt: skip
+    assert set(primary) == {"before fine-tuning", "mile"}
+
+    def settings_rows(text: str) -> dict[tuple[str, str], list[str]]:
+        part = text.split("**Loss settings**")[1].split("Held-out perplexity")[0]
+        return {(x.split(" | ")[0].strip("| "), x.split(" | ")[2]): x.split(" | ") for x in part.splitlines()
+                if x.startswith("| ") and not x.startswith(("| setting", "|---"))}  # fmt: skip
+
+    old, new = settings_rows(plain.stdout), settings_rows(out)
+    # the same estimate, now in the primary table: Δ and 95% interval unchanged
+    for name in primary:
+        assert primary[name][2:4] == old[(name, "rougeL")][3:5]
+    # the secondary table: every other metric, Holm over fewer tests (adjusted p never above the plain one's)
+    assert set(new) == {k for k in old if k[1] != "rougeL"}
+    for key, row in new.items():
+        a, b = float(row[6]), float(old[key][6])
+        assert a <= b + 1e-12 or (np.isnan(a) and np.isnan(b))
+    # the verdict is the margin's: recomputed from the printed intervals for the setting with seeds on both sides
+    row = primary["before fine-tuning"]
+    lo, hi = (float(x) for x in row[3].strip("[]").split(", "))
+    lo90, hi90 = (float(x) for x in row[4].strip("[]").split(", "))
+    word = row[7].strip(" |*")
+    if lo90 > -0.05 and hi90 < 0.05:
+        assert word.startswith("equivalent") or "within ±0.05" in word
+    elif lo > 0 or hi < 0:
+        assert word in ("better", "worse")
+    else:
+        assert word == "inconclusive"
+    assert primary["mile"][7].strip(" |*") == "— (one seed a side)"
+    refused = gen("--primary", "rougeL")
+    assert refused.returncode == 2 and "--margin" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_published_runs_give_the_same_reports_without_weights_and_stay_finished(study, tmp_path):
     """Runs published without their weights (scripts/publish_runs.py, as the fine-tuning study keeps its finished
     runs in the repository) and restored elsewhere give byte-for-byte the reports the runs gave; a restored run
