@@ -322,17 +322,20 @@ def primary_table(found: list[tuple[str, str, str, Any]], ref_group: str, primar
              f"±{margin:g}: the mean over each setting's seeds minus `{ref_group}`'s, seeds paired by number (the "
              "seeds' spread through t, the prompts' through the bootstrap or the jackknife); *equivalent* when the "
              "90% interval lies inside the margin, *better*/*worse* when the 95% one excludes 0, else "
-             "*inconclusive*; not adjusted for multiplicity (the one declared metric).", "",
-             "| setting | seeds | Δ | 95% interval | 90% interval | p | p (TOST) | verdict |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "*inconclusive*; not adjusted for multiplicity (the one declared metric). MDE: the smallest true "
+             "difference this comparison finds significant with 80% probability; power: its probability of finding "
+             "a true difference as large as the margin.", "",
+             "| setting | seeds | Δ | 95% interval | 90% interval | p | p (TOST) | MDE (80%) | power at the margin "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, k, _, e in found:
         v = verdict(e, margin, lower_is_better=DIRECTION[primary] < 0)
         word = "— (one seed a side)" if max(e.seeds) < 2 else v.word
         p = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         lines.append(f"| {name} | {k} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | [{e.lo90:+.4f}, {e.hi90:+.4f}] "
-                     f"| {p} | {v.p_tost:.3f} | **{word}** |")  # fmt: skip
+                     f"| {p} | {v.p_tost:.3f} | {e.mde():.4f} | {e.power(margin):.2f} | **{word}** |")  # fmt: skip
     if not found:
-        lines.append(f"| — | — | no setting besides `{ref_group}` has `{primary}` | | | | | |")
+        lines.append(f"| — | — | no setting besides `{ref_group}` has `{primary}` | | | | | | | |")
     return lines
 
 

@@ -273,14 +273,18 @@ def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_i
     row = primary["before fine-tuning"]
     lo, hi = (float(x) for x in row[3].strip("[]").split(", "))
     lo90, hi90 = (float(x) for x in row[4].strip("[]").split(", "))
-    word = row[7].strip(" |*")
+    word = row[9].strip(" |*")
+    # the power columns: the estimate's own MDE and its power at the margin (both from its SE and df)
+    mde, power = float(row[7]), float(row[8])
+    assert mde > 0 and 0 <= power <= 1
+    assert (power <= 0.85 or mde < 0.05) and (power >= 0.75 or mde > 0.05)  # 80% power at the MDE, by definition
     if lo90 > -0.05 and hi90 < 0.05:
         assert word.startswith("equivalent") or "within ±0.05" in word
     elif lo > 0 or hi < 0:
         assert word in ("better", "worse")
     else:
         assert word == "inconclusive"
-    assert primary["mile"][7].strip(" |*") == "— (one seed a side)"
+    assert primary["mile"][9].strip(" |*") == "— (one seed a side)"
     refused = gen("--primary", "rougeL")
     assert refused.returncode == 2 and "--margin" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
