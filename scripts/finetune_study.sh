@@ -82,9 +82,16 @@ publish_records() {  # every finished run (and the model before fine-tuning once
 
 # published runs missing here: restored (checked against their sha256s), not trained again — unless asked for with
 # other overrides than they were made with
-if [ $retrain = 0 ] && [ -d "$published" ] && [ "$(published_overrides)" != "$overrides" ]; then
+if [ $retrain = 1 ]; then  # runs an earlier invocation restored here hold no weights: trained again from step 1
+  for n in "${names[@]}"; do
+    if [ -f "$RUNS/$grid/$n/published_record.json" ]; then
+      echo "finetune_study.sh: --retrain: $RUNS/$grid/$n was restored from its published record; training it again"
+      rm -rf "${RUNS:?}/$grid/$n"
+    fi
+  done
+elif [ -d "$published" ] && [ "$(published_overrides)" != "$overrides" ]; then
   echo "finetune_study.sh: the runs published in $published were made with other overrides: not restored" >&2
-elif [ $retrain = 0 ]; then
+else
   restorable=()
   for n in "${names[@]}"; do
     [ -d "$RUNS/$grid/$n" ] || [ ! -f "$published/$n/published_record.json" ] || restorable+=("$published/$n")

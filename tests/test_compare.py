@@ -354,6 +354,14 @@ def test_published_runs_give_the_same_reports_without_weights_and_stay_finished(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "model.safetensors: missing" in lines[-1] and "published record" in lines[-1]
 
+    # trained again from step 1 over the restored run: a run of its own again, with its weights, no longer marked
+    proc = cmd(str(run / "config.yaml"), f"run.dir={run}", "train.resume=none", "run.overwrite=true", script="train.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (run / "published_record.json").exists()
+    assert (run / "checkpoints/step_0000008/model.safetensors").is_file()
+    assert cmd("pack", str(run), "--out", str(tmp_path / "pub5")).returncode == 0
+    assert "weights" in json.loads((tmp_path / "pub5" / run.name / "published_record.json").read_text())["left_out"]
+
     # large files are kept gzipped, once (a run holding a 300 KB log here); a damaged record — a file or a blob —
     # is one line naming it, and restores nothing, not even half a run
     big = tmp_path / "big" / runs[0].name

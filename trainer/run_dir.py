@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from data.files import write_atomic
-from models.checkpoint import CHECKPOINTS
+from models.checkpoint import CHECKPOINTS, PUBLISHED_RECORD
 from trainer.config import RunConfig
 
 METRICS = "metrics.jsonl"
@@ -18,8 +18,9 @@ RESULT = "result.json"
 pre-empted one (both exit 0), so a driver such as ``scripts/run_grid.sh`` skips finished runs and resumes the
 others."""
 
-# What a run leaves in its directory; a run started again from its first step replaces all of it.
-RUN_FILES = (METRICS, CHECKPOINTS, RESULT, "wandb_id")
+# What a run leaves in its directory; a run started again from its first step replaces all of it (and the mark of a
+# run restored from a published record: the new run has its weights)
+RUN_FILES = (METRICS, CHECKPOINTS, RESULT, "wandb_id", PUBLISHED_RECORD)
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume_ckpt: Path | None) -> None:
