@@ -160,9 +160,12 @@ for n in "${names[@]}"; do [ "$n" = base ] || runs+=("$RUNS/$grid/$n"); done
 {
   echo "## Greedy replies (shakespeare_dialogue)"; echo
   "$PY" scripts/generation_table.py "${runs[@]}" --baseline "$base" --task shakespeare_dialogue \
-    --primary "$PRIMARY" --margin "$MARGIN"; echo
+    --primary "$PRIMARY" --margin "$MARGIN" --plot "$out/settings_greedy.png"; echo
+  [ ! -f "$out/settings_greedy.png" ] || { echo "![each setting minus CE, greedy replies](settings_greedy.png)"; echo; }
   echo "## Sampled replies (shakespeare_dialogue_sampled)"; echo
-  "$PY" scripts/generation_table.py "${runs[@]}" --baseline "$base" --task shakespeare_dialogue_sampled --no-buckets
+  "$PY" scripts/generation_table.py "${runs[@]}" --baseline "$base" --task shakespeare_dialogue_sampled --no-buckets \
+    --plot "$out/settings_sampled.png"; echo
+  [ ! -f "$out/settings_sampled.png" ] || echo "![each setting minus CE, sampled replies](settings_sampled.png)"
 } > "$out/summary.md"
 "$PY" scripts/study_record.py --out "$out" --published "$published" \
   --data "$records/manifest.json" "$model/losslab_fetch.json" --command "$COMMAND" \

@@ -39,7 +39,7 @@ from typing import Any
 import _bootstrap  # noqa: F401  (this checkout first on sys.path)
 import numpy as np
 
-from losslab.log import fail
+from losslab.log import fail, get_logger
 
 COLUMNS = ("rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "rarity", "length", "degenerate")
 DIRECTION = {"rouge1": 1, "rouge2": 1, "rougeL": 1, "distinct1": 1, "distinct2": 1, "degenerate": -1}
@@ -58,6 +58,11 @@ class Row:
     held_out: dict[str, Any] | None
     evaluation: str = ""
     """The settings key(s) of the evaluation(s) the row comes from."""
+
+
+SettingDiffs = tuple[list[tuple[str, str, str, Any]], str]
+"""(setting, seeds column, metric, Estimate) for each setting and metric against the reference setting; and the
+reference setting's name."""
 
 
 def load_row(path: str, task: str, name: str = "") -> Row:
@@ -127,7 +132,8 @@ def jackknifed(row: Row) -> dict[str, tuple[float, np.ndarray]]:
     return {c: (distinct_n(outputs, n_of[c]), np.asarray(distinct_n_left_out(outputs, n_of[c]))) for c in JACKKNIFED}
 
 
-def table(rows: list[Row], reference: str, task: str, primary: str = "", margin: float = 0.0) -> list[str]:
+def table(rows: list[Row], reference: str, task: str, primary: str = "",
+          margin: float = 0.0) -> tuple[list[str], SettingDiffs | None]:  # fmt: skip
     """The value of each metric per row with its 95% interval, then each row minus the reference row, then each
     loss setting minus the reference setting; with a declared ``primary`` metric (and its equivalence ``margin``)
     its setting-by-setting verdicts come first."""
@@ -175,7 +181,7 @@ def table(rows: list[Row], reference: str, task: str, primary: str = "", margin:
     if not paired or (boot is None and not jack[ref.name]):
         lines.append("\nNo paired differences: the rows were not scored on the same prompts, or saved no per-prompt "
                      "values.")  # fmt: skip
-        return lines
+        return lines, None
     found = []
     for r in rows:
         if r.name == ref.name:
@@ -199,8 +205,9 @@ def table(rows: list[Row], reference: str, task: str, primary: str = "", margin:
             word = verdict(e, 0.0, lower_is_better=DIRECTION[c] < 0, p=p).word
         pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         lines.append(f"| {name} | {c} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | {pv} | {p:.3f} | {word} |")
-    first, secondary = loss_table(rows, reference, (tokenizer, counts), primary, margin)
-    return first + ([""] if first else []) + lines + secondary
+    diffs = setting_differences(rows, reference, (tokenizer, counts))
+    first, secondary = loss_table(diffs, primary, margin)
+    return first + ([""] if first else []) + lines + secondary, diffs
 
 
 SEEDED = re.compile(r"(?P<group>.+)-s(?P<seed>\d+)")
@@ -262,21 +269,16 @@ def _verdict_rows(found: list[tuple[str, str, str, Any]], lower_is_better: dict[
     return out
 
 
-def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any], primary: str = "",
-               margin: float = 0.0) -> tuple[list[str], list[str]]:  # fmt: skip
+def setting_differences(rows: list[Row], reference: str, rarity: tuple[Any, Any]) -> SettingDiffs | None:
     """Each loss setting's seed mean against the reference row's setting (``settings``, ``pairing``): per-prompt
     means through ``seeds_t`` (the seeds through t, the prompts through the bootstrap), corpus-level numbers
-    through ``seeds_jackknife`` (the prompts through the jackknife). Returns (the declared ``primary`` metric's
-    table, with TOST against ``margin`` and no adjustment; the other metrics' table, Holm over it). Both empty
-    unless the reference setting has two seeds or more."""
+    through ``seeds_jackknife`` (the prompts through the jackknife). None unless the reference setting has two
+    seeds or more."""
     from evals.compare.stats import Paired, seeds_jackknife, seeds_t
 
     grouped = settings(rows, reference)
     if grouped is None:
-        none = ["", f"**Primary metric: `{primary}`** (equivalence margin ±{margin:g}): no verdict — the reference "
-                "setting has fewer than two seeds, so no interval can hold the seeds' spread; the run-by-run "
-                "differences below describe single runs."]  # fmt: skip
-        return (none if primary else []), []
+        return None
     groups, ref_group = grouped
     values = {name: {seed: per_run(r, rarity) for seed, r in g.items()} for name, g in groups.items()}
     ref_runs = values[ref_group]
@@ -297,6 +299,18 @@ def loss_table(rows: list[Row], reference: str, rarity: tuple[Any, Any], primary
                 b, b_left = zip(*(ref_runs[s][c][1] for s in b_seeds), strict=True)
                 e = seeds_jackknife(a, np.stack(a_left), b, np.stack(b_left), paired=paired)
             found.append((name, k, c, e))
+    return found, ref_group
+
+
+def loss_table(diffs: SettingDiffs | None, primary: str = "", margin: float = 0.0) -> tuple[list[str], list[str]]:
+    """The settings' differences (``setting_differences``) as tables: (the declared ``primary`` metric's, with TOST
+    against ``margin`` and no adjustment; the other metrics', Holm over it)."""
+    if diffs is None:
+        none = ["", f"**Primary metric: `{primary}`** (equivalence margin ±{margin:g}): no verdict — the reference "
+                "setting has fewer than two seeds, so no interval can hold the seeds' spread; the run-by-run "
+                "differences below describe single runs."]  # fmt: skip
+        return (none if primary else []), []
+    found, ref_group = diffs
     first = primary_table([f for f in found if f[2] == primary], ref_group, primary, margin) if primary else []
     found = [f for f in found if f[2] != primary]
     if not found:
@@ -456,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the study's declared primary metric: its setting-by-setting verdicts first, unadjusted; "
                         "the other metrics Holm-corrected apart")  # fmt: skip
     parser.add_argument("--margin", type=float, default=0.0, help="with --primary: its equivalence margin (> 0)")
+    parser.add_argument("--plot", type=Path, help="a PNG of the loss settings' differences, a panel per metric")
     args = parser.parse_args(argv)
     if args.primary and not args.margin > 0:
         return fail(f"--primary {args.primary} needs its equivalence margin: --margin M with M > 0")
@@ -471,10 +486,19 @@ def main(argv: list[str] | None = None) -> int:
         reference = args.reference or Path(runs[0]).name
         if reference not in names:
             return fail(f"--reference {reference!r} is not one of the rows {names}")
-        lines = table(rows, reference, args.task, args.primary, args.margin)
+        lines, diffs = table(rows, reference, args.task, args.primary, args.margin)
         buckets = [] if args.no_buckets else bucket_table(rows, reference) + bucket_loss_table(rows, reference)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         return fail(e)
+    if args.plot:
+        from evals.compare.generation_plot import plot_settings
+
+        losses = {(m["group"] if (m := SEEDED.fullmatch(r.name)) else r.name): r.loss for r in rows}
+        drawn = diffs is not None and plot_settings(*diffs, losses, DIRECTION, args.plot, f"{args.task}",
+                                                    args.primary, args.margin)  # fmt: skip
+        if not drawn:
+            args.plot.unlink(missing_ok=True)  # an old figure would not be this table's
+            get_logger("scripts").warning(f"no figure: {args.plot} needs two seeds or more of the reference setting")
     sources = ["", "Evaluations (CKPT/evals/...): " + "; ".join(f"{r.name}: `{r.evaluation}`" for r in rows)]
     print("\n".join(lines + (["", *buckets] if buckets else []) + sources))
     return 0

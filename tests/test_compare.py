@@ -234,7 +234,7 @@ def test_generation_table_has_per_prompt_intervals_and_the_model_before_fine_tun
     assert bucket_rows["ce-s0"].endswith("| — | — | — | — |") and "%" in bucket_rows["mile-s0"]
 
 
-def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_its_margin(study):
+def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_its_margin(study, tmp_path):
     """--primary/--margin (the fine-tuning study declares greedy ROUGE-L): its setting-by-setting verdicts first,
     with the TOST interval and no Holm; the same estimates as without the declaration; the other metrics Holm-
     corrected among themselves only; a primary metric without a margin is refused in one line."""
@@ -246,7 +246,8 @@ def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_i
                                "--baseline", str(before), *extra], cwd=REPO, env=clean_env(), capture_output=True,
                               text=True, timeout=300)  # fmt: skip
 
-    plain, declared = gen(), gen("--primary", "rougeL", "--margin", "0.05")
+    png = tmp_path / "settings.png"
+    plain, declared = gen(), gen("--primary", "rougeL", "--margin", "0.05", "--plot", str(png))
     assert plain.returncode == 0 and declared.returncode == 0, declared.stderr[-2000:]
     out = declared.stdout
     assert out.lstrip().startswith("**Primary metric: `rougeL`**") and out.index("| run | loss |") > 0
@@ -285,6 +286,8 @@ def test_a_declared_primary_metric_leads_the_generation_report_unadjusted_with_i
     else:
         assert word == "inconclusive"
     assert primary["mile"][9].strip(" |*") == "— (one seed a side)"
+    # the figure: a PNG, a panel per metric of the settings table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     refused = gen("--primary", "rougeL")
     assert refused.returncode == 2 and "--margin" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
