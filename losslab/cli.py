@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("import_hf", "import a Hugging Face GPTNeoX / Llama folder as a losslab checkpoint"),
     "prepare": ("prepare_data", "pre-tokenise shards into memory-mapped files"),
     "compare": ("compare_runs", "compare run directories: plots, markdown and CSV"),
+    "publish": ("publish_runs", "publish finished runs without their weights (pack), or rebuild them (restore)"),
     "wandb-report": ("wandb_report", "build a W&B comparison report of a study"),
     "tokenizer": ("train_tokenizer", "train a sentencepiece tokenizer from shards"),
     "fetch-eval-data": ("fetch_eval_data", "build local lm-eval tasks for offline machines"),
