@@ -79,3 +79,15 @@ def test_a_report_published_into_docs_results_does_not_count_as_uncommitted_code
     assert recorded() == head
     (clone / "trainer/loop.py").write_text("# changed code\n")
     assert recorded() == head + "-dirty"
+
+
+def test_what_the_studies_publish_is_tracked_by_git():
+    """The published runs (docs/results/finetune/runs/) and every other report file are files git keeps: a
+    pattern for the working runs/ folder once swallowed them, and a commit of them committed nothing."""
+    for path in ("docs/results/finetune/runs/ce-s0/result.json", "docs/results/finetune/runs/_blobs/x.gz",
+                 "docs/results/cpu-study/summary.csv", "docs/results/finetune/settings_greedy.png"):  # fmt: skip
+        proc = subprocess.run(["git", "check-ignore", "-v", path], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 1, f"{path} is ignored by {proc.stdout.strip()}"
+    # ... while the working folders stay out of it
+    for path in ("runs/finetune_study/ce-s0/result.json", "corpus/study/manifest.json", ".venv/bin/python"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
