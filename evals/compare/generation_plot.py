@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from evals.compare.plots import LOSS_COLOURS, OTHERS
 from evals.compare.stats import holm, verdict
@@ -80,6 +81,7 @@ def plot_settings(found: list[tuple[str, str, str, Any]], ref_group: str, losses
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.15)
         ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # a narrow panel's labels must not run into each other
     for j in range(len(metrics), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
     shaded = f"; shaded: ±{margin:g} (the primary metric's equivalence margin)" if primary and margin > 0 else ""
