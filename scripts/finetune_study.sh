@@ -138,7 +138,9 @@ c = OmegaConf.load(os.environ['FIRST'] + '/config.yaml')
 e = c.eval
 print(resolve_checkpoint(os.environ['FIRST']), ','.join(e.tasks), e.task_dir, e.limit, e.batch_size, e.val_tokens,
       c.data.val_files[0])")
-  cp "$final/token_counts.safetensors" "$base/.tmp-import/"
+  # the runs' training counts (rarity, buckets) and their held-out set (held_out_set.json beside the checkpoint:
+  # evaluate.py scores that set, not one it would sample itself), so every row is scored on the same records
+  cp "$final/token_counts.safetensors" "$first/held_out_set.json" "$base/.tmp-import/"
   mkdir -p "$base/checkpoints" && mv "$base/.tmp-import" "$ckpt"
   "$PY" scripts/evaluate.py --checkpoint "$ckpt" --tasks "$tasks" --task-dir "$task_dir" --limit "$limit" \
     --batch-size "$batch" --val-files "$val" --val-records --val-tokens "$val_tokens" > "$base/evaluate.log"

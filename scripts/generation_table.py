@@ -366,14 +366,23 @@ def bucket_loss_table(rows: list[Row], reference: str) -> list[str]:
     groups, ref_group = grouped
     ref_runs = groups[ref_group]
     first = next(iter(ref_runs.values())).held_out
-    same = all(r.held_out.get("sha", r.held_out["doc_id"]) == first.get("sha", first["doc_id"])
-               and all(r.held_out[c.replace("loss", "tokens")] == first[c.replace("loss", "tokens")]
-                       for c in BUCKET_COLUMNS) for g in groups.values() for r in g.values())  # fmt: skip
-    if not same:
-        return []
+
+    def same(r: Row) -> bool:  # the reference's records, with the same tokens in each bucket
+        return r.held_out.get("sha", r.held_out["doc_id"]) == first.get("sha", first["doc_id"]) and all(
+            r.held_out[c.replace("loss", "tokens")] == first[c.replace("loss", "tokens")] for c in BUCKET_COLUMNS
+        )
+
+    # a setting scored on other records (or with other counts) cannot be paired with the reference: it is named and
+    # left out, never dropped silently (the model before fine-tuning once was, scored on a held-out set of its own)
+    apart = [name for name, g in groups.items() if not all(same(r) for r in g.values())]
+    note = [] if not apart else ["", "Left out of the setting-by-setting perplexity table, scored on other held-out "
+                                 f"records (or counts) than `{ref_group}`: " + ", ".join(f"`{n}`" for n in apart)
+                                 + "."]  # fmt: skip
+    if ref_group in apart:
+        return note
     found = []
     for name, runs in groups.items():
-        if name == ref_group:
+        if name == ref_group or name in apart:
             continue
         a_seeds, b_seeds, paired, k = pairing(sorted(runs), sorted(ref_runs))
         for c in BUCKET_COLUMNS:
@@ -384,7 +393,7 @@ def bucket_loss_table(rows: list[Row], reference: str) -> list[str]:
             b = np.stack([np.asarray(ref_runs[s].held_out[c], dtype=np.float64) for s in b_seeds])
             found.append((name, k, c.replace("loss", "ppl"), seeds_t(Paired.of(a, b, den, paired=paired))))
     if not found:
-        return []
+        return note
     head = ["", f"Held-out perplexity by bucket, **setting by setting**: the change of each setting's perplexity "
             f"(from the mean over its seeds of the loss, nats/token) against `{ref_group}`'s, seeds paired by "
             "number, the interval taking the seeds' spread through t and the records' through the bootstrap; "
@@ -396,7 +405,7 @@ def bucket_loss_table(rows: list[Row], reference: str) -> list[str]:
         return f"{100 * math.expm1(x):+.2f}%"
 
     lower = {c.replace("loss", "ppl"): True for c in BUCKET_COLUMNS}
-    return head + _verdict_rows(found, lower, lambda e: (pct(e.diff), f"[{pct(e.lo)}, {pct(e.hi)}]"))
+    return head + _verdict_rows(found, lower, lambda e: (pct(e.diff), f"[{pct(e.lo)}, {pct(e.hi)}]")) + note
 
 
 BUCKET_COLUMNS = ("loss", "high_loss", "medium_loss", "low_loss")

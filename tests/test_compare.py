@@ -419,6 +419,33 @@ def test_another_model_scores_a_runs_held_out_set_beside_its_checkpoint(study, c
     assert second.json(HELD_OUT_FILE)["buckets"] == second.settings.buckets and first.complete
 
 
+def test_a_baseline_scored_on_other_held_out_records_is_named_not_silently_dropped(study, corpus, tmp_path):
+    """The model before fine-tuning scored on a held-out set of its own (no held_out_set.json beside it) cannot be
+    paired with the runs record by record: the setting-by-setting perplexity table names it as left out and still
+    compares the runs; scored on the runs' set, it is a row of that table."""
+    _, runs, _ = study
+    rows = {}
+    for name, with_set in (("own", False), ("runs_set", True)):
+        other = tmp_path / name
+        shutil.copytree(runs[0] / "checkpoints/step_0000004", other)
+        shutil.rmtree(other / "evals")
+        if with_set:
+            shutil.copy(runs[0] / "held_out_set.json", other / "held_out_set.json")
+        proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(other), "--val-files",
+                               corpus["val"], "--val-tokens", "900"], cwd=REPO, env=clean_env(), capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = subprocess.run([sys.executable, "scripts/generation_table.py", *map(str, runs), "--task", "toy_gen",
+                               "--baseline", str(other)], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = proc.stdout.split("**setting by setting**")[1]
+    assert "Left out of the setting-by-setting perplexity table" in rows["own"]
+    assert "`before fine-tuning`" in rows["own"].split("Left out")[1]
+    assert "| mile | 1 | ppl |" in rows["own"]  # the runs are still compared
+    assert "Left out" not in rows["runs_set"] and "| before fine-tuning | 1 (no seed) | ppl |" in rows["runs_set"]
+
+
 def test_runs_made_before_the_stratified_set_compare_with_a_note(study, tmp_path):
     """An older run's per-document file (documents read in file order: no set, no domains) still compares, and so
     does the layout before evaluations were keyed by their settings (one eval_results.json beside the checkpoint,
