@@ -95,14 +95,12 @@ def finished(run_dir: Path) -> bool:
     """A trained run whose ``result.json`` says it completed, or a model evaluated and not trained here (no
     ``result.json``; the model before fine-tuning) whose checkpoint holds a complete evaluation."""
     from evals.results_store import find_results
+    from evals.watch import RESULT
+    from evals.watch import finished as trained
     from models.checkpoint import latest_checkpoint
 
-    result = run_dir / "result.json"
-    if result.is_file():
-        try:
-            return bool(json.loads(result.read_text()).get("complete"))
-        except (ValueError, AttributeError):
-            return False
+    if (run_dir / RESULT).is_file():
+        return trained(run_dir)
     ckpt = latest_checkpoint(run_dir)
     return ckpt is not None and any(s.complete for s in find_results(ckpt))
 

@@ -252,17 +252,46 @@ def pairing(seeds: list[int], ref_seeds: list[int]) -> tuple[list[int], list[int
     return sorted(seeds), sorted(ref_seeds), False, f"{len(seeds)} vs {len(ref_seeds)}"
 
 
-def _verdict_rows(found: list[tuple[str, str, str, Any]], lower_is_better: dict[str, bool],
-                  show: Callable[[Any], tuple[str, str]]) -> list[str]:  # fmt: skip
-    """One table row per (setting, seeds, metric, estimate), Holm-adjusted over them; ``show`` renders Δ and its
-    interval. A comparison with one seed a side gets no verdict: its interval holds the prompts' spread alone."""
+ONE_SEED = "— (one seed a side)"
+
+
+def _judged(found: list[tuple[str, str, str, Any]], lower_is_better: dict[str, bool]) -> list[tuple[float, str]]:
+    """(Holm-adjusted p, verdict word) of each (setting, seeds, metric, estimate), Holm over them all; "—" for a
+    metric without a better direction. A comparison with one seed a side gets no verdict: its interval holds the
+    prompts' spread alone (docs/statistics.md)."""
     from evals.compare.stats import holm, verdict
 
     out = []
-    for (name, k, c, e), p in zip(found, holm([e.p for *_, e in found]), strict=True):
+    for (_, _, c, e), p in zip(found, holm([e.p for *_, e in found]), strict=True):
         word = verdict(e, 0.0, lower_is_better=lower_is_better[c], p=p).word if c in lower_is_better else "—"
-        if max(e.seeds) < 2:  # one seed cannot show the seeds' spread (docs/statistics.md)
-            word = "— (one seed a side)"
+        out.append((p, ONE_SEED if max(e.seeds) < 2 else word))
+    return out
+
+
+def _primary_judged(e: Any, primary: str, margin: float) -> tuple[Any, str]:
+    """The primary metric's verdict (TOST against ±``margin``, at the estimate's own p) and its word."""
+    from evals.compare.stats import verdict
+
+    v = verdict(e, margin, lower_is_better=DIRECTION[primary] < 0)
+    return v, ONE_SEED if max(e.seeds) < 2 else v.word
+
+
+def decided(diffs: SettingDiffs, primary: str = "", margin: float = 0.0) -> set[tuple[str, str]]:
+    """The (setting, metric) pairs the settings' tables call better or worse (``loss_table``)."""
+    found = diffs[0]
+    secondary = [f for f in found if f[2] != primary]
+    words = {(n, c): _primary_judged(e, primary, margin)[1] for n, _, c, e in found if c == primary}
+    lower = {c: d < 0 for c, d in DIRECTION.items()}
+    words |= {(n, c): w for (n, _, c, _), (_, w) in zip(secondary, _judged(secondary, lower), strict=True)}
+    return {k for k, w in words.items() if w.startswith(("better", "worse"))}
+
+
+def _verdict_rows(found: list[tuple[str, str, str, Any]], lower_is_better: dict[str, bool],
+                  show: Callable[[Any], tuple[str, str]]) -> list[str]:  # fmt: skip
+    """One table row per (setting, seeds, metric, estimate), Holm-adjusted over them (``_judged``); ``show``
+    renders Δ and its interval."""
+    out = []
+    for (name, k, c, e), (p, word) in zip(found, _judged(found, lower_is_better), strict=True):
         pv = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         delta, interval = show(e)
         out.append(f"| {name} | {k} | {c} | {delta} | {interval} | {pv} | {p:.3f} | {word} |")
@@ -330,8 +359,6 @@ def primary_table(found: list[tuple[str, str, str, Any]], ref_group: str, primar
     """The declared primary metric, setting by setting against the reference setting: the 95% interval, the 90%
     one of the equivalence test (TOST against ±``margin``) and the verdict at the estimate's own p — the one
     declared metric is not adjusted for multiplicity (docs/statistics.md)."""
-    from evals.compare.stats import verdict
-
     lines = ["", f"**Primary metric: `{primary}`**, declared before the comparison with its equivalence margin "
              f"±{margin:g}: the mean over each setting's seeds minus `{ref_group}`'s, seeds paired by number (the "
              "seeds' spread through t, the prompts' through the bootstrap or the jackknife); *equivalent* when the "
@@ -343,8 +370,7 @@ def primary_table(found: list[tuple[str, str, str, Any]], ref_group: str, primar
              "| verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, k, _, e in found:
-        v = verdict(e, margin, lower_is_better=DIRECTION[primary] < 0)
-        word = "— (one seed a side)" if max(e.seeds) < 2 else v.word
+        v, word = _primary_judged(e, primary, margin)
         p = "< 0.001" if e.p < 0.001 else f"{e.p:.3f}"
         lines.append(f"| {name} | {k} | {e.diff:+.4f} | [{e.lo:+.4f}, {e.hi:+.4f}] | [{e.lo90:+.4f}, {e.hi90:+.4f}] "
                      f"| {p} | {v.p_tost:.3f} | {e.mde():.4f} | {e.power(margin):.2f} | **{word}** |")  # fmt: skip
@@ -503,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         from evals.compare.generation_plot import plot_settings
 
         losses = {(m["group"] if (m := SEEDED.fullmatch(r.name)) else r.name): r.loss for r in rows}
-        drawn = diffs is not None and plot_settings(*diffs, losses, DIRECTION, args.plot, f"{args.task}",
-                                                    args.primary, args.margin)  # fmt: skip
+        drawn = diffs is not None and plot_settings(
+            *diffs, losses, DIRECTION, decided(diffs, args.primary, args.margin), args.plot, args.task, args.primary,
+            args.margin)  # fmt: skip
         if not drawn:
             args.plot.unlink(missing_ok=True)  # an old figure would not be this table's
             get_logger("scripts").warning(f"no figure: {args.plot} needs two seeds or more of the reference setting")

@@ -17,8 +17,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from evals.compare.plots import LOSS_COLOURS, OTHERS
-from evals.compare.stats import holm, verdict
+from evals.compare.plots import LOSS_COLOURS, OTHERS, draw_interval
 
 BEFORE = "#7f7f7f"
 """The model before fine-tuning (a setting with no loss)."""
@@ -32,19 +31,18 @@ def _colour(loss: str) -> str:
 
 
 def plot_settings(found: list[tuple[str, str, str, Any]], ref_group: str, losses: dict[str, str],
-                  direction: dict[str, int], out: Path, title: str, primary: str = "",
+                  direction: dict[str, int], decided: set[tuple[str, str]], out: Path, title: str, primary: str = "",
                   margin: float = 0.0) -> bool:  # fmt: skip
     """Write ``out`` (PNG): ``found`` is (setting, seeds, metric, Estimate) as ``generation_table.py`` computes them;
-    ``losses`` each setting's loss name (its colour), ``direction`` +1/-1 where a metric has a better direction.
-    False when there is nothing to draw."""
+    ``losses`` each setting's loss name (its colour), ``direction`` +1/-1 where a metric has a better direction,
+    ``decided`` the (setting, metric) pairs whose verdict in the report's tables is better or worse. False when
+    there is nothing to draw."""
     if not found:
         return False
     metrics = list(dict.fromkeys(c for _, _, c, _ in found))
     if primary in metrics:
         metrics.remove(primary)
         metrics.insert(0, primary)
-    secondary = [f for f in found if f[2] != primary]
-    adjusted = dict(zip([(n, c) for n, _, c, _ in secondary], holm([e.p for *_, e in secondary]), strict=True))
     setting_names = list(dict.fromkeys(n for n, *_ in found))
     cols = min(4, len(metrics))
     rows = math.ceil(len(metrics) / cols)
@@ -56,18 +54,7 @@ def plot_settings(found: list[tuple[str, str, str, Any]], ref_group: str, losses
             hit = [e for n, _, c, e in found if n == name and c == metric]
             if not hit:
                 continue
-            e, colour = hit[0], _colour(losses.get(name, name))
-            if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
-                ax.plot([e.diff], [y], marker="x", color=colour)
-                continue
-            decided = False
-            if metric in direction and max(e.seeds) >= 2:
-                p = e.p if metric == primary else adjusted[(name, metric)]
-                m = margin if metric == primary else 0.0
-                decided = verdict(e, m, lower_is_better=direction[metric] < 0, p=p).word.startswith(("better", "worse"))
-            ax.plot([e.lo, e.hi], [y, y], color=colour, linewidth=1.2)
-            ax.plot([e.lo90, e.hi90], [y, y], color=colour, linewidth=3.5, alpha=0.6)
-            ax.plot([e.diff], [y], marker="o", color=colour, mfc=colour if decided else "white", markersize=6)
+            draw_interval(ax, hit[0], y, _colour(losses.get(name, name)), (name, metric) in decided)
         if metric == primary and margin > 0:
             ax.axvspan(-margin, margin, color="#2ca02c", alpha=0.1, linewidth=0)
         ax.axvline(0, color="black", linewidth=0.8)

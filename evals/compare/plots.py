@@ -140,17 +140,22 @@ def plot_curves(groups: dict[str, list[Run]], base: str | None, notes: dict[str,
     return True
 
 
+def draw_interval(ax: Any, e: Any, y: float, colour: str, decided: bool) -> None:
+    """One difference of a forest plot at height ``y``: its 95% interval (thin), its 90% one (thick: the equivalence
+    test's) and the estimate, filled where the verdict is better or worse; an x where there is no interval."""
+    if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
+        ax.plot([e.diff], [y], marker="x", color=colour)
+        return
+    ax.plot([e.lo, e.hi], [y, y], color=colour, linewidth=1.2)
+    ax.plot([e.lo90, e.hi90], [y, y], color=colour, linewidth=3.5, alpha=0.6)
+    ax.plot([e.diff], [y], marker="o", color=colour, mfc=colour if decided else "white", markersize=6)
+
+
 def _forest(ax: Any, rows: list[Contrast], colour_of: str) -> None:
     names = [c.metric.name + (" (primary)" if c.metric.primary else "") for c in rows]
     for y, c in enumerate(rows):
-        e = c.est
-        if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
-            ax.plot([e.diff], [y], marker="x", color=colour_of)
-            continue
         decided = c.verdict is not None and c.verdict.word.startswith(("better", "worse"))
-        ax.plot([e.lo, e.hi], [y, y], color=colour_of, linewidth=1.2)
-        ax.plot([e.lo90, e.hi90], [y, y], color=colour_of, linewidth=3.5, alpha=0.6)
-        ax.plot([e.diff], [y], marker="o", color=colour_of, mfc=colour_of if decided else "white", markersize=6)
+        draw_interval(ax, c.est, y, colour_of, decided)
     margin = rows[0].margin if rows else 0.0
     if margin > 0:
         ax.axvspan(-margin, margin, color="#2ca02c", alpha=0.08, linewidth=0)
