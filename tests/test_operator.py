@@ -128,12 +128,16 @@ def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(moment, reference
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("moment", ["final", "mid-run"])
-def test_a_checkpoints_evaluation_cut_short_by_a_kill_is_made_by_the_relaunch(moment, reference, corpus, tmp_path):
+def test_a_checkpoints_evaluation_cut_short_is_made_by_the_relaunch(sig, moment, reference, corpus, tmp_path):
     """SIGKILL after a checkpoint is written, while its evaluation runs (a job's time running out, the machine
-    taken away). The same command again makes that evaluation before anything else: from the final checkpoint it
-    trains no step and ends the run (it used to stop with "nothing left to train", the run's final evaluation
-    never made); from an earlier one (``eval.every_checkpoint``) it then trains on. Each evaluation once."""
+    taken away), or SIGTERM to the job's process group (a scheduler's pre-emption notice). The same command again
+    makes that evaluation before anything else: from the final checkpoint it trains no step and ends the run (it
+    used to stop with "nothing left to train", the run's final evaluation never made); from an earlier one
+    (``eval.every_checkpoint``) it then trains on. Each evaluation once. SIGTERM stops the evaluation at once
+    with the run's record written (it used to be deferred until the evaluation ended, which can outlast the
+    notice: the trainer said "finishing the step" and evaluated on for half an hour)."""
     docs = [{"context": "The king loves", "choices": [" the crown", " zzz qqq"], "label": 0} for _ in range(8)]
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     run_dir = tmp_path / "run"
@@ -144,11 +148,22 @@ def test_a_checkpoints_evaluation_cut_short_by_a_kill_is_made_by_the_relaunch(mo
     proc = start(overrides(corpus, run_dir, **extra), log=tmp_path / "killed")
     line = f"checkpoint step {step}{' (final)' if moment == 'final' else ''}:"
     wait_for(lambda: line in (tmp_path / "killed.out").read_text(), proc)  # lm-eval's set-up takes seconds
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
     ckpt = run_dir / "checkpoints" / f"step_{step:07d}"
+    if sig == signal.SIGKILL:
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert not (run_dir / "result.json").exists()
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, output(tmp_path / "killed")[1][-3000:]  # a pre-emption, not a failure
+        out, err = output(tmp_path / "killed")
+        assert f"pre-empted during the evaluation of {ckpt}: the relaunch (train.resume=auto) makes it" in err
+        assert f"pre-empted after step {step}; resume with train.resume=auto" in out
+        assert not lines(out, "eval ")  # no evaluation reported
+        result = json.loads((run_dir / "result.json").read_text())
+        assert (result["complete"], result["steps"], result["checkpoint"]) == (False, step, str(ckpt))
     assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name
-    assert not (run_dir / "result.json").exists() and not any(e.complete for e in find_results(ckpt))
+    assert not any(e.complete for e in find_results(ckpt))
 
     log = tmp_path / "relaunched"
     assert run(overrides(corpus, run_dir, **{**extra, "train.resume": "auto"}), log) == 0, output(log)[1][-3000:]

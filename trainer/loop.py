@@ -27,6 +27,7 @@ from trainer.perf import memory_metrics
 from trainer.run import STEP_METRICS, Run, build_run
 from trainer.run_dir import METRICS, RESULT
 from trainer.run_record import last_logged_loss
+from trainer.signals import Preempted
 
 log = get_logger(__name__)
 
@@ -67,8 +68,9 @@ def _train(cfg: RunConfig) -> TrainResult:
     clock = _Clock(run.shape.tokens_per_step * step)
     try:
         if ckpt is not None:
-            _evaluate_if_owed(run, step, ckpt, final=step == cfg.train.max_steps)
-        for step in range(run.start_step, cfg.train.max_steps + 1):
+            preempted = not _evaluate_if_owed(run, step, ckpt, final=step == cfg.train.max_steps)
+        steps = range(run.start_step, cfg.train.max_steps + 1) if not preempted else range(0)  # pre-empted: none
+        for step in steps:
             for cb in run.callbacks:
                 cb.pre_step(step)
             _train_step(run, step)
@@ -87,9 +89,8 @@ def _train(cfg: RunConfig) -> TrainResult:
             if run.held_out is not None and (save or step % cfg.eval.val_every == 0):
                 _validate(run, step)
             if save:
-                ckpt = _checkpoint(run, step)
-                for cb in run.callbacks:  # after ckpt is set: a failing evaluation still reports the checkpoint
-                    cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
+                ckpt = _checkpoint(run, step)  # set first: a failing evaluation still reports the checkpoint
+                preempted = not _on_checkpoint(run, step, ckpt, final=final, preempted=preempted)
             if preempted:
                 log.warning(f"pre-empted: stopped after step {step}, checkpoint {ckpt}")
                 break
@@ -112,16 +113,43 @@ def _train(cfg: RunConfig) -> TrainResult:
     )
 
 
-def _evaluate_if_owed(run: Run, step: int, ckpt: Path, *, final: bool) -> None:
+def _on_checkpoint(run: Run, step: int, ckpt: Path, *, final: bool, preempted: bool) -> bool:
+    """Every callback's ``on_checkpoint``, the evaluation's interruptible (``_evaluate``); False when a pre-emption
+    signal, received during the step (``preempted``) or during the evaluation, left the evaluation undone."""
+    evaluated = True
+    for cb in run.callbacks:
+        if isinstance(cb, EvalCallback):
+            evaluated = not preempted and _evaluate(run, cb, step, ckpt, final=final)
+        else:
+            cb.on_checkpoint(step, ckpt, final=final, emit=run.emit)
+    return evaluated
+
+
+def _evaluate(run: Run, evaluation: EvalCallback, step: int, ckpt: Path, *, final: bool) -> bool:
+    """The evaluation of checkpoint ``ckpt``, stopped at once by a pre-emption signal (False then): it can outlast
+    any notice a scheduler gives, and the relaunch makes it before anything else (``_evaluate_if_owed``), from
+    the checkpoint already on disk. (Several ranks evaluating together each get the signal; one waiting in a
+    collective for a rank that stopped is released by that rank's exit or by the launcher.)"""
+    try:
+        with run.preemption.interruptible(f"the evaluation of {ckpt}"):
+            evaluation.on_checkpoint(step, ckpt, final=final, emit=run.emit)
+    except Preempted:
+        log.warning(f"pre-empted during the evaluation of {ckpt}: the relaunch (train.resume=auto) makes it")
+        return False
+    return True
+
+
+def _evaluate_if_owed(run: Run, step: int, ckpt: Path, *, final: bool) -> bool:
     """The in-loop evaluation of the checkpoint this launch resumed from, where the launch that wrote it stopped
-    before that evaluation ended (killed while it ran): made now, before any step, so that no evaluation the
-    run's settings ask for is silently missing. From the run's final checkpoint (``trainer/resume_check.py``)
-    this is all a relaunch does before the run ends."""
+    before that evaluation ended (killed or pre-empted while it ran): made now, before any step, so that no
+    evaluation the run's settings ask for is silently missing. From the run's final checkpoint
+    (``trainer/resume_check.py``) this is all a relaunch does before the run ends. False when pre-empted again."""
     evaluation = next(cb for cb in run.callbacks if isinstance(cb, EvalCallback))
-    if evaluation.owed(ckpt, final=final):
-        if torch.distributed.get_rank() == 0:
-            print(f"evaluating {ckpt}: its evaluation did not finish before the last launch stopped", flush=True)
-        evaluation.on_checkpoint(step, ckpt, final=final, emit=run.emit)
+    if not evaluation.owed(ckpt, final=final):
+        return True
+    if torch.distributed.get_rank() == 0:
+        print(f"evaluating {ckpt}: its evaluation did not finish before the last launch stopped", flush=True)
+    return _evaluate(run, evaluation, step, ckpt, final=final)
 
 
 def _write_result(
