@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from data.files import write_atomic
+from data.files import git_commit, write_atomic
 from evals.buckets import bucket_metrics, document_losses, frequency_buckets, per_token_loss
 from evals.generation import rarity_metrics
 from evals.heldout import (
@@ -253,7 +253,8 @@ def evaluate_checkpoint(
         "checkpoint": str(ckpt),
         "step": meta.get("step"),
         "tokens": meta.get("tokens"),
-        "git_sha": meta.get("git_sha"),
+        "git_sha": meta.get("git_sha"),  # the commit that trained the checkpoint
+        "evaluated_at": git_commit(),  # the commit of the code evaluating it (a relaunch's may differ)
         "tasks": list(tasks),
         "num_fewshot": shots,
         "limit": limit,

@@ -49,6 +49,27 @@ def _shown(path: str) -> str:
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
 
 
+COMMIT_KEYS = ("trained_at", "other_launches_at", "evaluated_at")
+
+
+def _distinct(shas) -> list[str]:
+    return list(dict.fromkeys(s for s in shas if s))
+
+
+def _commits(run: Path, info: dict) -> dict[str, list[str]]:
+    """The commits of the code that made a run: the launches that trained its steps, the launches that trained
+    none (a relaunch finishing the final evaluation), and the evaluations of its checkpoints (the code that
+    evaluated; absent from evaluations made before it was recorded)."""
+    launches = info.get("launches") or []
+    trained = [x for x in launches if x.get("start_step", 1) <= x.get("max_steps", 0)]
+    evaluations = [_json(f) for f in sorted(run.glob("checkpoints/*/evals/*/eval_results.json"))]
+    return {
+        "trained_at": _distinct(x.get("git_sha") for x in trained) or _distinct([info.get("git_sha")]),
+        "other_launches_at": _distinct(x.get("git_sha") for x in launches if x not in trained),
+        "evaluated_at": _distinct(e.get("evaluated_at") for e in evaluations),
+    }
+
+
 def collect(args: argparse.Namespace) -> dict:
     import torch
 
@@ -61,7 +82,7 @@ def collect(args: argparse.Namespace) -> dict:
                 "trained": bool(result),  # False: a model evaluated, not trained here (the model before fine-tuning)
                 "complete": result.get("complete"),
                 "steps": result.get("steps"),
-                "git_sha": info.get("git_sha"),
+                **_commits(Path(run), info),
                 # trained by an earlier invocation and published without weights (scripts/publish_runs.py)
                 "from_published_record": (Path(run) / PUBLISHED_RECORD).is_file(),
             }
@@ -70,7 +91,7 @@ def collect(args: argparse.Namespace) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "report_commit": git_commit(),
-        "run_commits": sorted({r["git_sha"] for r in runs if r["git_sha"]}),
+        "run_commits": sorted({c for r in runs for k in COMMIT_KEYS for c in r[k]}),
         "commands": args.command,
         "machine": {
             "cpu": _cpu(),
@@ -89,9 +110,9 @@ def markdown(rec: dict) -> str:
     lines = [
         "# Provenance",
         "",
-        f"Made {rec['date']} by the code at commit `{rec['report_commit']}`; the runs recorded "
-        + (", ".join(f"`{c}`" for c in rec["run_commits"]) or "no commit")
-        + ".",
+        f"Made {rec['date']} by the code at commit `{rec['report_commit']}`; the runs were made at "
+        + (", ".join(f"`{c}`" for c in rec["run_commits"]) or "no recorded commit")
+        + " (run by run below).",
         "",
         "Commands:",
         "",
@@ -128,7 +149,12 @@ def markdown(rec: dict) -> str:
         lines += ["", "Other inputs:", ""] + [f"- `{f}` sha256 `{h}`" for f, h in rec["data_files"].items()]
     unfinished = [r["run"] for r in rec["runs"] if r["trained"] and not r["complete"]]
     state = f"; **not complete: {', '.join(unfinished)}**" if unfinished else ", all complete"
-    lines += ["", f"Runs: {len(rec['runs'])}{state}."]
+    lines += ["", f'Runs: {len(rec["runs"])}{state}. The commits of the code that made each ("—": not recorded):']
+    lines += ["", "| run | steps | trained at | later launches at (no step trained) | evaluated at |"]
+    lines.append("|---|---|---|---|---|")
+    for r in rec["runs"]:
+        shown = [", ".join(f"`{c[:9]}`" for c in r[k]) or "—" for k in COMMIT_KEYS]
+        lines.append(f"| {r['run']} | {r['steps'] if r['trained'] else '(not trained)'} | " + " | ".join(shown) + " |")
     restored = [r["run"] for r in rec["runs"] if r.get("from_published_record")]
     if restored:
         lines += [

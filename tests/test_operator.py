@@ -20,6 +20,7 @@ import pytest
 import zstandard
 from safetensors.torch import load_file
 
+from data.files import git_commit
 from evals.results_store import find_results
 from evals.tasks import write_multiple_choice_task
 from tests.conftest import debug_overrides, flip
@@ -178,7 +179,9 @@ def test_a_checkpoints_evaluation_cut_short_is_made_by_the_relaunch(sig, moment,
     evaluated = [step, STEPS] if moment == "mid-run" else [STEPS]
     for s in evaluated:
         done = find_results(run_dir / "checkpoints" / f"step_{s:07d}")
-        assert [(e.complete, e.summary["source"]) for e in done] == [(True, "training")], s
+        # made by the relaunch, whose code's commit it records (beside the commit that trained the checkpoint)
+        assert [(e.complete, e.summary["source"], e.summary["evaluated_at"]) for e in done] == [
+            (True, "training", git_commit())], s  # fmt: skip
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/toy_mc/acc" in r] == evaluated  # each once, in order
     assert_same_run(run_dir, reference)  # every step once, the same losses and weights, result.json complete

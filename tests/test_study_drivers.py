@@ -34,6 +34,13 @@ def test_the_provenance_names_every_input_and_refuses_a_missing_one(tmp_path):
     run = tmp_path / "ce-s0"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"complete": True, "steps": 30}))
+    # trained at one commit, its final evaluation finished by a relaunch at another, which trained no step
+    launches = [{"git_sha": "a" * 40, "start_step": 1, "max_steps": 30},
+                {"git_sha": "b" * 40, "start_step": 31, "max_steps": 30}]  # fmt: skip
+    (run / "run_info.json").write_text(json.dumps({"git_sha": "b" * 40, "launches": launches}))
+    evals = run / "checkpoints/step_0000030/evals/tasks0"
+    evals.mkdir(parents=True)
+    (evals / "eval_results.json").write_text(json.dumps({"git_sha": "a" * 40, "evaluated_at": "b" * 40}))
     out = tmp_path / "report"
     cmd = [sys.executable, "scripts/study_record.py", "--out", str(out), "--command", "bash scripts/cpu_study.sh"]
     for args, named in (([str(data), str(tmp_path / "tok.model")], "tok.model"), ([str(data)], "ce-s1")):
@@ -47,7 +54,11 @@ def test_the_provenance_names_every_input_and_refuses_a_missing_one(tmp_path):
     rec = json.loads((out / "provenance.json").read_text())
     assert rec["data_files"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
     assert [(r["complete"], r["steps"]) for r in rec["runs"]] == [(True, 30)]
-    assert "bash scripts/cpu_study.sh" in (out / "provenance.md").read_text()
+    commits = {k: rec["runs"][0][k] for k in ("trained_at", "other_launches_at", "evaluated_at")}
+    assert commits == {"trained_at": ["a" * 40], "other_launches_at": ["b" * 40], "evaluated_at": ["b" * 40]}
+    assert rec["run_commits"] == ["a" * 40, "b" * 40]
+    text = (out / "provenance.md").read_text()
+    assert "bash scripts/cpu_study.sh" in text and f"| ce-s0 | 30 | `{'a' * 9}` | `{'b' * 9}` | `{'b' * 9}` |" in text
 
 
 def test_a_report_published_into_docs_results_does_not_count_as_uncommitted_code(tmp_path):
