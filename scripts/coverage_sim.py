@@ -5,7 +5,9 @@ About 20 minutes on one core at the defaults; ``--studies 200`` for a quick look
 ``--distinct``: the distinct-n intervals of ``scripts/generation_table.py`` instead (``evals/compare/
 coverage_distinct.py``; ``--studies`` for the jackknife, ``--boot-studies`` for the percentile bootstrap it
 replaced, at 200 replicates; and ``seeds_jackknife``, the loss-level interval of 3 paired seeds, at half
-``--studies``), between the distinct-n markers; about 15 minutes at the defaults."""
+``--studies``), between the distinct-n markers; about 15 minutes at the defaults. ``--scores``: ``seeds_t`` for a
+mean over prompts of a ROUGE-like score (``evals/compare/coverage_scores.py``), between the score markers; about
+4 minutes at the defaults."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from evals.compare.coverage_distinct import (
     distinct_coverage,
     seeded_coverage,
 )
-from evals.compare.stats import METHODS
+from evals.compare.coverage_scores import SCORE_CASES, ScoreCoverage, score_coverage, truth
+from evals.compare.stats import METHODS, seeds_t
 from losslab.log import fail, get_logger
 
 log = get_logger(__name__)
@@ -32,6 +35,8 @@ log = get_logger(__name__)
 BEGIN, END = "<!-- coverage table: scripts/coverage_sim.py -->", "<!-- end of coverage table -->"
 DISTINCT_BEGIN = "<!-- distinct-n coverage table: scripts/coverage_sim.py --distinct -->"
 DISTINCT_END = "<!-- end of distinct-n coverage table -->"
+SCORES_BEGIN = "<!-- score coverage table: scripts/coverage_sim.py --scores -->"
+SCORES_END = "<!-- end of score coverage table -->"
 DISTINCT_BOOT = 200
 """Replicates of the distinct-n bootstrap (the interval replaced): each costs a distinct-n count per model, and
 its failure (every replicate below the value) is far beyond what more replicates would change."""
@@ -76,6 +81,37 @@ def distinct_table(results: list[DistinctCoverage], command: str) -> str:
     return "\n".join(lines)
 
 
+def scores_table(results: list[ScoreCoverage], studies: int, boot: int, command: str) -> str:
+    lines = [
+        f"Simulated studies per case: {studies}, bootstrap replicates per interval: {boot}; ± is the Monte-Carlo error "
+        f"(95%) of the coverage. Command: `{command}`.",
+        "",
+        "| case | prompts x seeds | B's prompts at zero | true difference | `seeds_t` 95% | 90% (TOST) | half-width "
+        "| widening to hold 95% | widening to hold 90% |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.case
+        lines.append(f"| {c.name} | {c.prompts} x {c.seeds} | {r.zero_share:.2f} | {truth(c):+.4f} | "
+                     f"{r.covered:.3f} ± {r.error(r.covered):.3f} | {r.covered90:.3f} ± {r.error(r.covered90):.3f} | "
+                     f"{r.mean_half_width:.4f} | {r.widen95:.2f} | {r.widen90:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def scores_main(args: argparse.Namespace, out: Path) -> int:
+    results: list[ScoreCoverage] = []
+    start = time.perf_counter()
+    for i, case in enumerate(SCORE_CASES):
+        results.append(score_coverage(case, seeds_t, studies=args.studies, n_boot=args.boot, seed=args.seed))
+        log.info(f"[{i + 1}/{len(SCORE_CASES)}] {case.name:55s} {results[-1].covered:.3f} "
+                 f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
+             else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
+    command = " ".join(["python scripts/coverage_sim.py --scores", *(f for f in flags if f)])
+    text = scores_table(results, args.studies, args.boot, command)
+    return publish(text, None if args.print else out, SCORES_BEGIN, SCORES_END)
+
+
 def publish(text: str, out: Path | None, begin: str, end: str) -> int:
     """Print the table (``out`` None), or write it into ``out`` between its markers."""
     if out is None:
@@ -115,15 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distinct", action="store_true", help="the distinct-n intervals' coverage instead")
     parser.add_argument("--boot-studies", type=int, default=200, help="--distinct: studies for the bootstrap")
+    parser.add_argument("--scores", action="store_true", help="seeds_t's coverage for a ROUGE-like score instead")
     args = parser.parse_args(argv)
     if args.studies < 10 or args.boot < 50:
         return fail("--studies must be >= 10 and --boot >= 50")
     out = Path(args.out)
-    begin, end = (DISTINCT_BEGIN, DISTINCT_END) if args.distinct else (BEGIN, END)
+    if args.distinct and args.scores:
+        return fail("--distinct and --scores: one table at a time")
+    begin, end = (DISTINCT_BEGIN, DISTINCT_END) if args.distinct else (SCORES_BEGIN, SCORES_END) if args.scores else (
+        BEGIN, END)  # fmt: skip
     if not args.print and (not out.is_file() or begin not in out.read_text() or end not in out.read_text()):
         return fail(f"{out} has no coverage table markers ({begin} ... {end})")
     if args.distinct:
         return distinct_main(args, out)
+    if args.scores:
+        return scores_main(args, out)
     results = []
     start = time.perf_counter()
     for i, case in enumerate(CASES):

@@ -252,6 +252,29 @@ def test_the_seeded_distinct_n_check_passes_seeds_jackknife_and_fails_the_prompt
     assert seeded_coverage(case, 120, 400, seed=4, method=prompts_only).covered < 0.75  # measured: 0.39
 
 
+def test_the_expected_clipped_score_is_the_simulated_mean():
+    """The ROUGE-like simulation's true difference (closed form) against a float64 Monte-Carlo mean."""
+    from evals.compare.coverage_scores import expected_score
+
+    rng = np.random.default_rng(0)
+    for m, s in ((0.046, 0.15), (-0.3, 0.2), (0.9, 0.3), (0.5, 0.01)):
+        x = np.clip(rng.normal(m, s, 2_000_000), 0, 1)
+        assert expected_score(m, s) == pytest.approx(x.mean(), abs=4 * x.std() / np.sqrt(x.size) + 1e-12)
+
+
+def test_the_rouge_like_coverage_check_passes_seeds_t_and_fails_the_prompts_alone():
+    """The fine-tuning study's primary metric (a mean over prompts of a score clipped at zero), 3 paired seeds
+    whose own effect on the difference dominates: the seeds' spread must be in the interval. 200 studies
+    (Monte-Carlo error about ±0.03 near 0.95); ``scripts/coverage_sim.py --scores`` runs 2,000 a case."""
+    from evals.compare.coverage_scores import ScoreCase, score_coverage, truth
+
+    case = ScoreCase("seed spread dominates", diff_seed_sd=0.012)
+    got = score_coverage(case, seeds_t, studies=200, n_boot=200, seed=3)
+    assert got.covered >= 0.88 and 0.3 < got.zero_share < 0.45 and abs(truth(case)) < 0.001
+    broken = score_coverage(case, _documents_only, studies=200, n_boot=200, seed=3)
+    assert broken.covered < 0.75 and broken.widen95 > 1.5  # the prompts' spread alone is far too narrow
+
+
 def test_the_coverage_script_rewrites_only_its_table(tmp_path):
     """``scripts/coverage_sim.py`` at a toy size into a copy of docs/statistics.md: every case a row, the text
     around the markers and the distinct-n table untouched."""
@@ -273,6 +296,20 @@ def test_the_coverage_script_rewrites_only_its_table(tmp_path):
     assert after.split(begin)[0] == before.split(begin)[0] and after.split(end)[1] == before.split(end)[1]
     table = after.split(begin)[1].split(end)[0]
     assert "--studies 10 --boot 50" in table and all(f"| {case.name} |" in table for case in CASES)
+    # --scores: its own table, the others untouched
+    from evals.compare.coverage_scores import SCORE_CASES
+
+    proc = subprocess.run([sys.executable, "scripts/coverage_sim.py", "--scores", "--studies", "10", "--boot", "50",
+                           "--out", str(doc)], cwd=repo, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    begin2, end2 = (
+        "<!-- score coverage table: scripts/coverage_sim.py --scores -->",
+        "<!-- end of score coverage table -->",
+    )
+    scores = doc.read_text()
+    assert scores.split(begin)[1].split(end)[0] == table and scores.split(end2)[1] == after.split(end2)[1]
+    table2 = scores.split(begin2)[1].split(end2)[0]
+    assert "--scores --studies 10 --boot 50" in table2 and all(f"| {c.name} |" in table2 for c in SCORE_CASES)
 
 
 def test_kish():
