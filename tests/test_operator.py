@@ -242,6 +242,46 @@ def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exact
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_deepspeed_job_during_its_shared_evaluation_stops_it_and_the_relaunch_makes_it(corpus, tmp_path):
+    """Two ranks scoring the final checkpoint together (ZeRO-3: each holds a shard of the weights, every forward
+    gathers them) when the job's process group gets SIGTERM: each rank stops its part of the evaluation at once (a
+    rank waiting in a collective for the other is released by its exit, within the launcher's 30 s), rank 0 writes
+    result.json, no traceback; the same command with resume=auto makes the evaluation and ends the run."""
+    docs = [
+        {"context": f"The king loves {i}", "choices": [" the crown", " zzz qqq", " of the realm"], "label": i % 3}
+        for i in range(400)
+    ]  # about 7 s of scoring on two ranks: the signal comes in the middle
+    write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    extra = {"distributed.zero_stage": 3, "train.micro_batch_size": 4, "checkpoint.every": 0, "train.max_steps": 4,
+             "eval.tasks": "[toy_mc]", "eval.task_dir": str(tmp_path / "tasks"), "eval.batch_size": 2}  # fmt: skip
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "step_0000004"
+    job = start(overrides(corpus, run_dir, **extra), launcher=launcher, log=tmp_path / "job")
+    wait_for(lambda: "checkpoint step 4 (final)" in (tmp_path / "job.out").read_text(), job, poll=0.01)
+    os.killpg(job.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _group_alive(job.pid) and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.2)
+    assert not _group_alive(job.pid), "ranks still running a minute after SIGTERM"
+    out, err = output(tmp_path / "job")
+    assert "Traceback" not in err + out, err[-3000:]
+    assert f"pre-empted during the evaluation of {ckpt}" in err
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["complete"], result["steps"]) == (False, 4) and not any(e.complete for e in find_results(ckpt))
+
+    launcher[-1] = str(free_port())
+    again = start(overrides(corpus, run_dir, **extra, **{"train.resume": "auto"}), launcher=launcher,
+                  log=tmp_path / "again")  # fmt: skip
+    assert again.wait(timeout=600) == 0, (tmp_path / "again.err").read_text()[-3000:]
+    out = (tmp_path / "again.out").read_text()
+    assert f"evaluating {ckpt}: its evaluation did not finish" in out and "eval toy_mc/acc:" in out
+    assert [(e.complete, e.summary["source"]) for e in find_results(ckpt)] == [(True, "training")]
+    assert json.loads((run_dir / "result.json").read_text())["complete"]
+
+
 # --- integrity: damaged checkpoints, a second launch, a full disk, data changed under a run ------------------
 
 

@@ -128,8 +128,9 @@ def _on_checkpoint(run: Run, step: int, ckpt: Path, *, final: bool, preempted: b
 def _evaluate(run: Run, evaluation: EvalCallback, step: int, ckpt: Path, *, final: bool) -> bool:
     """The evaluation of checkpoint ``ckpt``, stopped at once by a pre-emption signal (False then): it can outlast
     any notice a scheduler gives, and the relaunch makes it before anything else (``_evaluate_if_owed``), from
-    the checkpoint already on disk. (Several ranks evaluating together each get the signal; one waiting in a
-    collective for a rank that stopped is released by that rank's exit or by the launcher.)"""
+    the checkpoint already on disk. Ranks evaluating together each get the signal (a job's process group, or the
+    launcher forwarding it); one waiting in a collective for a rank that stopped is released by that rank's exit
+    (tests/test_operator.py: two ZeRO-3 ranks under the deepspeed launcher end within seconds)."""
     try:
         with run.preemption.interruptible(f"the evaluation of {ckpt}"):
             evaluation.on_checkpoint(step, ckpt, final=final, emit=run.emit)
