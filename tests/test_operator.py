@@ -5,6 +5,7 @@ progress, a full disk, and data changed under a run. No injected faults (``tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -156,6 +157,9 @@ def test_a_checkpoints_evaluation_cut_short_is_made_by_the_relaunch(sig, moment,
         assert not (run_dir / "result.json").exists()
     else:
         os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)  # and again, as a launcher forwards it: the same request, inside the 10 s grace
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, output(tmp_path / "killed")[1][-3000:]  # a pre-emption, not a failure
         out, err = output(tmp_path / "killed")
         assert f"pre-empted during the evaluation of {ckpt}: the relaunch (train.resume=auto) makes it" in err
@@ -250,8 +254,8 @@ def test_sigterm_to_a_deepspeed_job_during_its_shared_evaluation_stops_it_and_th
     result.json, no traceback; the same command with resume=auto makes the evaluation and ends the run."""
     docs = [
         {"context": f"The king loves {i}", "choices": [" the crown", " zzz qqq", " of the realm"], "label": i % 3}
-        for i in range(400)
-    ]  # about 7 s of scoring on two ranks: the signal comes in the middle
+        for i in range(160)
+    ]  # seconds of set-up and scoring on two ranks: the signal comes in the middle
     write_multiple_choice_task(tmp_path / "tasks", "toy_mc", docs)
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     extra = {"distributed.zero_stage": 3, "train.micro_batch_size": 4, "checkpoint.every": 0, "train.max_steps": 4,
@@ -280,6 +284,38 @@ def test_sigterm_to_a_deepspeed_job_during_its_shared_evaluation_stops_it_and_th
     assert f"evaluating {ckpt}: its evaluation did not finish" in out and "eval toy_mc/acc:" in out
     assert [(e.complete, e.summary["source"]) for e in find_results(ckpt)] == [(True, "training")]
     assert json.loads((run_dir / "result.json").read_text())["complete"]
+
+
+PREEMPTED_WORK = """
+import sys, time
+from trainer.signals import Preempted, Preemption
+p = Preemption()
+print("ready", flush=True)
+try:
+    with p.interruptible("the work"):
+        time.sleep(60)
+except Preempted:
+    print("stopped", flush=True)
+p.restore()  # the run is over; result.json would be written now
+print("restored", flush=True)
+time.sleep(2)
+print("exiting", flush=True)
+"""
+
+
+def test_a_launchers_duplicate_signal_after_a_stopped_evaluation_is_still_the_same_request():
+    """SIGTERM stops interruptible work at once; the copy a launcher sends a moment later (deepspeed's launch.py
+    terminates its ranks the instant it is signalled itself) must not kill the process while it writes its
+    record. It did, about one time in seven with two ranks: the handlers were put back as soon as the loop ended,
+    and a duplicate landing after that took the default action, before result.json was written."""
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED_WORK], cwd=REPO, env=clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "stopped\n" and proc.stdout.readline() == "restored\n"
+    proc.send_signal(signal.SIGTERM)  # the duplicate, well inside the 10 s grace
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "exiting\n", err[-2000:]
 
 
 # --- integrity: damaged checkpoints, a second launch, a full disk, data changed under a run ------------------

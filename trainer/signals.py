@@ -74,7 +74,7 @@ class Preemption:
         if self.received is not None:
             if now - self._first_at < GRACE_S:
                 return  # the same request, delivered twice
-            self.restore()
+            self._put_back()
             log.warning(f"received {signal.Signals(signum).name} again: exiting now")
             sys.exit(128 + signum)
         self.received, self._first_at = signum, now
@@ -95,5 +95,13 @@ class Preemption:
         return bool(flag.item())
 
     def restore(self) -> None:
+        """Puts back the handlers found at start, once the run is over — unless a signal was received: that process
+        is on its way out, and the duplicate a launcher sends within ``GRACE_S`` (deepspeed's launch.py terminating
+        its ranks the moment it is signalled itself) must still be ignored, not kill it before it has written
+        ``result.json`` (a pre-empted evaluation stops in milliseconds, well inside that window)."""
+        if self.received is None:
+            self._put_back()
+
+    def _put_back(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
