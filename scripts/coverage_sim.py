@@ -105,11 +105,20 @@ def scores_main(args: argparse.Namespace, out: Path) -> int:
         results.append(score_coverage(case, seeds_t, studies=args.studies, n_boot=args.boot, seed=args.seed))
         log.info(f"[{i + 1}/{len(SCORE_CASES)}] {case.name:55s} {results[-1].covered:.3f} "
                  f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
-    flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
-             else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
-    command = " ".join(["python scripts/coverage_sim.py --scores", *(f for f in flags if f)])
-    text = scores_table(results, args.studies, args.boot, command)
+    text = scores_table(results, args.studies, args.boot, command(args, "--scores"))
     return publish(text, None if args.print else out, SCORES_BEGIN, SCORES_END)
+
+
+def command(args: argparse.Namespace, table_flag: str = "") -> str:
+    """The command that wrote a table: its flag (``--distinct``, ``--scores``) and the options that differ from their
+    defaults (``--distinct`` uses ``--boot-studies``, the others ``--boot``)."""
+    if table_flag == "--distinct":
+        boot = f"--boot-studies {args.boot_studies}" if args.boot_studies != 200 else ""
+    else:
+        boot = f"--boot {args.boot}" if args.boot != 1000 else ""
+    flags = [table_flag, f"--studies {args.studies}" if args.studies != 2000 else "", boot,
+             f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
+    return " ".join(["python scripts/coverage_sim.py", *(f for f in flags if f)])
 
 
 def publish(text: str, out: Path | None, begin: str, end: str) -> int:
@@ -135,10 +144,7 @@ def distinct_main(args: argparse.Namespace, out: Path) -> int:
     for i, case in enumerate(SEEDED_CASES):
         results.append(seeded_coverage(case, studies=max(10, args.studies // 2), seed=args.seed))
         log.info(f"[{i + 1}/{len(SEEDED_CASES)}] {case.name} ({time.perf_counter() - start:.0f} s)")
-    flags = [f"--studies {args.studies}" if args.studies != 2000 else "",
-             f"--boot-studies {args.boot_studies}" if args.boot_studies != 200 else "",
-             f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
-    text = distinct_table(results, " ".join(["python scripts/coverage_sim.py --distinct", *(f for f in flags if f)]))
+    text = distinct_table(results, command(args, "--distinct"))
     return publish(text, None if args.print else out, DISTINCT_BEGIN, DISTINCT_END)
 
 
@@ -174,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             log.info(f"[{i + 1}/{len(CASES)}] {case.name:55s} {name:10s} {r.covered:.3f} ± {r.error:.3f} "
                      f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
-    flags = [f"--studies {args.studies}" if args.studies != 2000 else "", f"--boot {args.boot}" if args.boot != 1000
-             else "", f"--seed {args.seed}" if args.seed else ""]  # fmt: skip
-    command = " ".join(["python scripts/coverage_sim.py", *(f for f in flags if f)])
-    return publish(table(results, args.studies, args.boot, command), None if args.print else out, BEGIN, END)
+    return publish(table(results, args.studies, args.boot, command(args)), None if args.print else out, BEGIN, END)
 
 
 if __name__ == "__main__":

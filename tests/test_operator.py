@@ -213,6 +213,15 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _group_ends(job: subprocess.Popen, seconds: float) -> bool:
+    """Whether every process of ``job``'s process group has ended within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while _group_alive(job.pid) and time.monotonic() < deadline:
+        job.poll()  # reap the launcher once it exits (a zombie still counts as a member of the group)
+        time.sleep(0.2)
+    return not _group_alive(job.pid)
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exactly(corpus, tmp_path):
     """What Slurm and Kubernetes do: SIGTERM to every process of the job. Under the deepspeed launcher each rank
@@ -227,11 +236,7 @@ def test_sigterm_to_a_deepspeed_jobs_process_group_checkpoints_and_resumes_exact
     job = start(overrides(corpus, run_dir, **two_ranks), launcher=launcher, log=tmp_path / "job")
     wait_for(lambda: logged_steps(run_dir) >= 8, job, poll=0.01)
     os.killpg(job.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 120
-    while _group_alive(job.pid) and time.monotonic() < deadline:
-        job.poll()  # reap the launcher once it exits (a zombie still counts as a member of the group)
-        time.sleep(0.2)
-    assert not _group_alive(job.pid), "ranks still running two minutes after SIGTERM"
+    assert _group_ends(job, 120), "ranks still running two minutes after SIGTERM"
     err = (tmp_path / "job.err").read_text() + (tmp_path / "job.out").read_text()
     assert "Traceback" not in err and "Connection reset" not in err, err[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
@@ -265,11 +270,7 @@ def test_sigterm_to_a_deepspeed_job_during_its_shared_evaluation_stops_it_and_th
     job = start(overrides(corpus, run_dir, **extra), launcher=launcher, log=tmp_path / "job")
     wait_for(lambda: "checkpoint step 4 (final)" in (tmp_path / "job.out").read_text(), job, poll=0.01)
     os.killpg(job.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while _group_alive(job.pid) and time.monotonic() < deadline:
-        job.poll()
-        time.sleep(0.2)
-    assert not _group_alive(job.pid), "ranks still running a minute after SIGTERM"
+    assert _group_ends(job, 60), "ranks still running a minute after SIGTERM"
     out, err = output(tmp_path / "job")
     assert "Traceback" not in err + out, err[-3000:]
     assert f"pre-empted during the evaluation of {ckpt}" in err

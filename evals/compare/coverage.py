@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,12 @@ class Coverage:
     @property
     def error(self) -> float:
         """Monte-Carlo error (95%) of ``covered``."""
-        return 1.96 * math.sqrt(max(self.covered * (1 - self.covered), 1e-12) / self.studies)
+        return mc_error(self.covered, self.studies)
+
+
+def mc_error(covered: float, studies: int) -> float:
+    """The Monte-Carlo error (95%) of a coverage measured on ``studies`` simulated studies."""
+    return 1.96 * math.sqrt(max(covered * (1 - covered), 1e-12) / studies)
 
 
 def coverage(case: Case, method, studies: int = 2000, n_boot: int = 1000, seed: int = 0, name: str = "",
@@ -128,6 +134,7 @@ def coverage(case: Case, method, studies: int = 2000, n_boot: int = 1000, seed: 
                     float(np.mean(widths)), float(np.mean(n_effs)))  # fmt: skip
 
 
-def hash_case(case: Case) -> int:
-    """A stable integer per case (the simulation's seed does not depend on Python's string hashing)."""
+def hash_case(case: Any) -> int:
+    """A stable integer per case, from its ``name`` (the simulation's seed does not depend on Python's string
+    hashing)."""
     return sum((i + 1) * ord(c) for i, c in enumerate(case.name)) % (2**31)

@@ -15,12 +15,12 @@ their n-grams, so its replicates sit below the sample's value and the interval m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from evals.compare.coverage import mc_error
 from evals.compare.stats import Estimate, jackknife_estimate, prompt_bootstrap, seeds_jackknife
 from evals.generation_metrics import distinct_n, distinct_n_left_out
 
@@ -114,7 +114,7 @@ def distinct_coverage(case: DistinctCase, studies: int = 1000, truth_studies: in
     out = []
     for (method, target), rows in hits.items():
         c = float(np.mean([h for h, _ in rows]))
-        out.append(DistinctCoverage(case, method, target, c, 1.96 * math.sqrt(c * (1 - c) / len(rows)),
+        out.append(DistinctCoverage(case, method, target, c, mc_error(c, len(rows)),
                                     float(np.mean([w for _, w in rows])), len(rows)))  # fmt: skip
     return out
 
@@ -159,5 +159,5 @@ def seeded_coverage(case: DistinctCase, studies: int = 1000, truth_studies: int 
         e = method(values[0], left[0], values[1], left[1], paired=True)
         hits.append((e.lo <= true <= e.hi, e.half_width))
     c = float(np.mean([h for h, _ in hits]))
-    name, error = getattr(method, "__name__", "method"), 1.96 * math.sqrt(c * (1 - c) / studies)
+    name, error = getattr(method, "__name__", "method"), mc_error(c, studies)
     return DistinctCoverage(case, name, "difference", c, error, float(np.mean([w for _, w in hits])), studies)

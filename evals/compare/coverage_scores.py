@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evals.compare.coverage import hash_case
+from evals.compare.coverage import hash_case, mc_error
 from evals.compare.stats import Estimate, Paired
 
 
@@ -109,8 +109,8 @@ class ScoreCoverage:
     """The same for the 90% interval at 90%."""
 
     def error(self, covered: float) -> float:
-        """Monte-Carlo error (95%) of a coverage."""
-        return 1.96 * math.sqrt(max(covered * (1 - covered), 1e-12) / self.studies)
+        """Monte-Carlo error (95%) of ``covered`` or ``covered90``."""
+        return mc_error(covered, self.studies)
 
 
 def score_coverage(case: ScoreCase, method, studies: int = 2000, n_boot: int = 1000, seed: int = 0) -> ScoreCoverage:

@@ -17,17 +17,16 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from evals.compare.plots import LOSS_COLOURS, OTHERS, draw_interval
+from evals.compare.plots import draw_interval, tag_colour
 
 BEFORE = "#7f7f7f"
 """The model before fine-tuning (a setting with no loss)."""
 
 
 def _colour(loss: str) -> str:
+    """``generation_table.py``'s loss column (``pdl (alpha 0.5)``; ``—`` for the model before fine-tuning)."""
     name = loss.split(" ")[0]
-    if name in LOSS_COLOURS:
-        return LOSS_COLOURS[name]
-    return BEFORE if name in ("—", "") else OTHERS[sum(map(ord, name)) % len(OTHERS)]
+    return BEFORE if name in ("—", "") else tag_colour(name)
 
 
 def plot_settings(found: list[tuple[str, str, str, Any]], ref_group: str, losses: dict[str, str],

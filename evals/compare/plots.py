@@ -37,9 +37,13 @@ def _variant(tag: str) -> str:
 
 
 def colour(label: str, runs: list[Run]) -> str:
-    """A group's colour from its loss tag (stable across reports); a loss not in the table gets one by a hash of
-    its tag."""
-    tag = loss_tag(runs[0].cfg.loss)
+    """A group's colour from its loss tag (``tag_colour``)."""
+    return tag_colour(loss_tag(runs[0].cfg.loss))
+
+
+def tag_colour(tag: str) -> str:
+    """A loss's colour from its tag (``mile-g1``, ``ce-ls0.1``; a bare loss name too), the same in every report; a
+    loss not in the table gets one by a hash of its tag."""
     key = _variant(tag)
     if key in MODIFIER_COLOURS:
         return MODIFIER_COLOURS[key]
